@@ -1,0 +1,164 @@
+"""Command-line entry points: ``llmzoo-train``, ``llmzoo-generate`` and ``llmzoo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, open_dict
+
+from .config import CONF_PACKAGE, ConfigError, list_options, validate_config
+from .plugins import get_plugin_manager
+
+log = logging.getLogger("llmzoo")
+CONF = f"pkg://{CONF_PACKAGE}"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    logging.getLogger("llmzoo").setLevel(logging.INFO)
+    logging.getLogger("llmzoo_plugins").setLevel(logging.INFO)
+
+
+def _is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode.name == "MULTIRUN"
+    except ValueError:
+        return False
+
+
+@hydra.main(config_path=CONF, config_name="train", version_base="1.3")
+def _train_app(cfg: DictConfig) -> dict[str, Any]:
+    from .train import train
+
+    _quiet_libraries()
+    with open_dict(cfg):
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        validate_config(cfg)
+        summary = train(cfg)
+    except Exception as e:
+        if not _is_multirun():
+            if isinstance(e, ConfigError):
+                print(str(e), file=sys.stderr)
+                sys.exit(2)
+            raise
+        # In a sweep one failing job must not stop the others: record it and go on.
+        (Path(cfg.run_dir) / "FAILED").write_text(traceback.format_exc())
+        log.error("job in %s failed: %s: %s", cfg.run_dir, type(e).__name__, e)
+        return {"status": "failed", "run_dir": cfg.run_dir, "error": f"{type(e).__name__}: {e}"}
+    return {"status": "ok", **{k: v for k, v in summary.items() if k != "samples"}}
+
+
+class SweepSummary(HydraCallback):
+    """Hydra callback: writes ``summary.json`` (one entry per job) into the sweep folder
+    and exits non-zero at the end if any job failed."""
+
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, Any]] = []
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        ret = job_return.return_value if job_return.status.name == "COMPLETED" else None
+        entry = {"overrides": list(job_return.overrides or []), **(ret if isinstance(ret, dict) else {})}
+        if job_return.status.name != "COMPLETED":
+            entry.update(status="failed", error=repr(job_return._return_value))
+        self.jobs.append(entry)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "summary.json").write_text(json.dumps(self.jobs, indent=2, default=str))
+        failed = [j for j in self.jobs if j.get("status") != "ok"]
+        print(f"sweep finished: {len(self.jobs) - len(failed)} ok, {len(failed)} failed; see {sweep_dir / 'summary.json'}")
+        for j in failed:
+            print(f"  FAILED {' '.join(j['overrides'])}: {j.get('error')}", file=sys.stderr)
+
+
+def train_main() -> None:
+    """llmzoo-train [overrides...]: train a model (``--help`` lists the config groups)."""
+    _train_app()
+
+
+@hydra.main(config_path=CONF, config_name="generate", version_base="1.3")
+def _generate_app(cfg: DictConfig) -> None:
+    import torch
+
+    from .api import build_decoder, load_run
+
+    _quiet_libraries()
+    if cfg.run_dir is None:
+        sys.exit("llmzoo-generate: give run_dir=<folder of a training run>")
+    model, tokenizer, run_cfg = load_run(cfg.run_dir, cfg.checkpoint)
+    with open_dict(run_cfg):
+        run_cfg.decoder = cfg.decoder
+    try:
+        validate_config(run_cfg)
+    except ConfigError as e:
+        sys.exit(str(e))
+    decoder = build_decoder(run_cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    prompts = list(cfg.prompts) if cfg.prompts else [cfg.prompt]
+    ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+    t0 = time.perf_counter()
+    outs = decoder.generate(model, ids, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id)
+    dt = time.perf_counter() - t0
+    for p, o in zip(prompts, outs):
+        print(p + tokenizer.decode(o))
+    n = sum(len(o) for o in outs)
+    print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s]", file=sys.stderr)
+
+
+def generate_main() -> None:
+    """llmzoo-generate run_dir=<folder> prompt="..." max_new_tokens=N decoder=greedy|sample"""
+    _generate_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmzoo", description="llmzoo: combine plugins into LLMs. Training: llmzoo-train; "
+        "generation: llmzoo-generate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list every config option and the package that provides it")
+    p.add_argument("--group", help="only this config group")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    if args.command == "plugins":
+        return _plugins(args.group, args.json)
+    return 1
+
+
+def _plugins(group: str | None, as_json: bool) -> int:
+    pm = get_plugin_manager()
+    options = [o for o in list_options() if group in (None, o.group)]
+    if as_json:
+        print(json.dumps({"options": [o.__dict__ for o in options],
+                          "plugins": [i.__dict__ for i in pm.infos.values()],
+                          "errors": [e.__dict__ for e in pm.errors]}, indent=2))
+        return 1 if pm.errors else 0
+    width = max((len(o.group) + len(o.name) for o in options), default=10) + 3
+    current = None
+    for o in options:
+        if o.group != current:
+            print(f"\n{o.group}/")
+            current = o.group
+        print(f"  {o.group}={o.name}".ljust(width + 4), f"[{o.distribution}]")
+    print("\nplugins: " + ", ".join(f"{i.name} ({i.distribution})" for i in pm.infos.values()))
+    for e in pm.errors:
+        print(f"ERROR: {e}", file=sys.stderr)
+    return 1 if pm.errors else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Training data: local text / jsonl / parquet files -> Hugging Face ``datasets`` ->
+tokenized (cached ``map``) -> packed into fixed-length sequences -> train/val loaders.
+
+Bad input stops with the file and line at fault, or -- with ``skip_bad_records`` --
+the bad records are dropped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+log = logging.getLogger(__name__)
+
+FORMATS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file (and line)."""
+
+
+# ----------------------------------------------------------------------------- finding files
+def resolve_files(path: str | os.PathLike, fmt: str | None) -> tuple[list[str], str]:
+    """A file, a folder (searched recursively) or a glob -> (sorted files, format)."""
+    p = str(path)
+    if any(c in p for c in "*?["):
+        files = sorted(f for f in globlib.glob(p, recursive=True) if os.path.isfile(f))
+    elif os.path.isdir(p):
+        files = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and not f.name.startswith("."))
+    elif os.path.isfile(p):
+        files = [p]
+    else:
+        raise DataError(f"data.path={p!r}: no such file or folder")
+    if fmt in (None, "auto"):
+        found = {name for f in files for name, exts in FORMATS.items() if f.endswith(exts)}
+        if len(found) != 1:
+            raise DataError(f"data.path={p!r}: cannot tell the format from the file names (found {sorted(found) or 'none'}); "
+                            f"set data.format to one of {list(FORMATS)}")
+        fmt = found.pop()
+    if fmt not in FORMATS:
+        raise DataError(f"data.format={fmt!r} is not one of {list(FORMATS)}")
+    if os.path.isdir(p):  # a folder may hold other files: keep the ones of this format
+        files = [f for f in files if f.endswith(FORMATS[fmt])]
+    if not files:
+        raise DataError(f"data.path={p!r}: no {fmt} files found")
+    return files, fmt
+
+
+# ----------------------------------------------------------------------------- checking records
+@dataclass
+class ScanReport:
+    records: int = 0
+    bad: list[str] = field(default_factory=list)  # "file:line: reason"
+
+
+def _scan_lines(file: str, fmt: str, text_field: str, report: ScanReport, keep: list[str] | None) -> None:
+    with open(file, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.bad.append(f"{file}:{n}: bytes are not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if fmt == "jsonl":
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    report.bad.append(f"{file}:{n}: not valid JSON ({e.msg})")
+                    continue
+                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                    report.bad.append(f"{file}:{n}: record has no string field {text_field!r} (set data.text_field)")
+                    continue
+            report.records += 1
+            if keep is not None:
+                keep.append(line)
+
+
+def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, clean_dir: Path) -> list[str]:
+    """Validate every record; return the files to load (cleaned copies if records were skipped)."""
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DataError(f"{f}: file is empty")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        for f in files:
+            schema = pq.read_schema(f)
+            if text_field not in schema.names:
+                raise DataError(f"{f}: no column {text_field!r} (columns: {schema.names}); set data.text_field")
+        return files
+    out = []
+    for i, f in enumerate(files):
+        report = ScanReport()
+        keep: list[str] | None = [] if skip_bad else None
+        _scan_lines(f, fmt, text_field, report, keep)
+        if report.bad and not skip_bad:
+            more = f" (and {len(report.bad) - 5} more)" if len(report.bad) > 5 else ""
+            raise DataError("bad input records:\n  " + "\n  ".join(report.bad[:5]) + more
+                            + "\nfix them, or set data.skip_bad_records=true to drop them")
+        if report.bad:
+            log.warning("skipped %d bad records in %s: %s", len(report.bad), f, "; ".join(report.bad[:10]))
+            clean_dir.mkdir(parents=True, exist_ok=True)
+            clean = clean_dir / f"{i:04d}_{Path(f).name}"
+            clean.write_text("".join(keep or []), encoding="utf-8")
+            f = str(clean)
+        if report.records == 0:
+            raise DataError(f"{f}: no usable records")
+        out.append(f)
+    return out
+
+
+# ----------------------------------------------------------------------------- sampling
+class ResumableSampler(Sampler[int]):
+    """Shuffles with seed + epoch, splits across ranks, and can start mid-epoch.
+
+    Each epoch uses the same number of samples on every rank (a whole number of
+    global batches); ``start_batch`` skips the batches a resumed run already saw.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        self.per_rank = (n // (batch_size * world_size)) * batch_size
+        if self.per_rank == 0:
+            raise DataError(f"only {n} sequences: fewer than one global batch of "
+                            f"{batch_size} x {world_size} processes; lower data.batch_size or data.seq_len")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        mine = order[: self.per_rank * self.world_size][self.rank:: self.world_size]
+        start, self.start_batch = self.start_batch * self.batch_size, 0
+        return iter(mine[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+# ----------------------------------------------------------------------------- the data module
+class TextDataModule(L.LightningDataModule):
+    """Tokenized, packed language-modelling data. Batches are dicts with ``input_ids``
+    and ``labels`` (B, seq_len); documents are joined with the tokenizer's eos."""
+
+    def __init__(self, tokenizer: Any, *, path: str, format: str | None = "auto", text_field: str = "text",
+                 seq_len: int = 128, batch_size: int = 16, val_fraction: float = 0.05, max_val_sequences: int = 256,
+                 num_workers: int = 0, skip_bad_records: bool = False, cache_dir: str | None = None,
+                 sample_by: str = "line", seed: int = 0, work_dir: str | None = None, **_: Any):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.path, self.format, self.text_field, self.seq_len = path, format, text_field, seq_len
+        self.batch_size, self.val_fraction, self.max_val_sequences = batch_size, val_fraction, max_val_sequences
+        self.num_workers, self.skip_bad_records, self.cache_dir = num_workers, skip_bad_records, cache_dir
+        self.sample_by, self.seed = sample_by, seed
+        self.work_dir = Path(work_dir or ".")
+        self.train_ds = self.val_ds = None
+        self.train_sampler: ResumableSampler | None = None
+
+    # raw records -------------------------------------------------------------
+    def load_raw(self):
+        import datasets
+
+        files, fmt = resolve_files(self.path, self.format)
+        files = check_files(files, fmt, self.text_field, self.skip_bad_records, self.work_dir / "clean_data")
+        datasets.disable_progress_bars() if os.environ.get("CI") else None
+        if fmt == "text":
+            ds = datasets.load_dataset("text", data_files=files, split="train", cache_dir=self.cache_dir,
+                                       sample_by=self.sample_by)
+            field_ = "text"
+        else:
+            ds = datasets.load_dataset("json" if fmt == "jsonl" else "parquet", data_files=files, split="train",
+                                       cache_dir=self.cache_dir)
+            field_ = self.text_field
+        ds = ds.select_columns([field_]).rename_column(field_, "text") if field_ != "text" else ds.select_columns(["text"])
+        ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, desc="dropping empty records")
+        if len(ds) == 0:
+            raise DataError(f"data.path={self.path!r}: every record is empty")
+        return ds
+
+    def prepare_data(self) -> None:  # called on rank 0 only: fills the datasets cache
+        if self.train_ds is None:
+            self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_ds is None:
+            self._build()
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.train_sampler = ResumableSampler(len(self.train_ds), self.batch_size, seed=self.seed,
+                                              rank=rank, world_size=world)
+
+    def _build(self) -> None:
+        raw = self.load_raw()
+        if getattr(self.tokenizer, "is_trained", True) is False:
+            log.info("training the tokenizer on %d records", len(raw))
+            self.tokenizer.fit(raw["text"])
+        n_val = 0 if self.val_fraction <= 0 or len(raw) < 2 else max(1, int(len(raw) * self.val_fraction))
+        split = raw.train_test_split(test_size=n_val, seed=self.seed, shuffle=True) if n_val else {"train": raw}
+        self.train_ds = self._pack(split["train"], "train")
+        self.val_ds = self._pack(split["test"], "val") if n_val else None
+        if self.val_ds is not None and len(self.val_ds) > self.max_val_sequences:
+            self.val_ds = self.val_ds.select(range(self.max_val_sequences))
+        if self.val_ds is not None and len(self.val_ds) == 0:
+            self.val_ds = None
+
+    def _pack(self, ds, name: str):
+        tok, eos, L_ = self.tokenizer, self.tokenizer.eos_id, self.seq_len
+        encode_batch = getattr(tok, "encode_batch", None) or (lambda texts: [tok.encode(t) for t in texts])
+
+        def tokenize(batch):
+            return {"ids": [ids + [eos] for ids in encode_batch(batch["text"])]}
+
+        def pack(batch):
+            flat = [i for ids in batch["ids"] for i in ids]
+            n = len(flat) // L_
+            return {"input_ids": [flat[k * L_:(k + 1) * L_] for k in range(n)]}
+
+        ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {name}")
+        ds = ds.map(pack, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"packing {name}")
+        if len(ds) == 0:
+            raise DataError(f"data.path={self.path!r}: the {name} split has fewer than data.seq_len={L_} tokens")
+        return ds.with_format("torch")
+
+    # loaders -------------------------------------------------------------------
+    @staticmethod
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        ids = torch.stack([r["input_ids"] for r in rows]).long()
+        return {"input_ids": ids, "labels": ids}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_ds, batch_size=self.batch_size, sampler=self.train_sampler,
+                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_ds is None:
+            return []
+        return DataLoader(self.val_ds, batch_size=self.batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)

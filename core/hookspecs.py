@@ -1,0 +1,46 @@
+"""The whole llmzoo plugin contract: a few typed, documented pluggy hooks.
+
+A plugin is a module (or object) with functions marked ``@llmzoo.hookimpl`` whose
+names are the hooks below. Built-in plugins (``llmzoo_plugins``) are registered
+exactly like third-party ones: through the ``llmzoo`` entry-point group::
+
+    [project.entry-points.llmzoo]
+    myplugin = "my_package.plugin"
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning.pytorch import Callback
+    from omegaconf import DictConfig
+
+PROJECT = "llmzoo"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def llmzoo_conf_path() -> str | None:
+    """Where this plugin's configs live: ``pkg://package.conf`` or a folder path.
+
+    Its sub-folders add options to config groups: ``block/my_block.yaml`` becomes
+    ``block=my_block``. Return None if the plugin adds no configs.
+    """
+
+
+@hookspec
+def llmzoo_validate(cfg: "DictConfig") -> list[str]:
+    """Problems with a composed config, as sentences naming the key at fault.
+
+    Called after composition and before anything is built or trained; every
+    plugin's problems are collected and reported together. Return [] if none.
+    """
+
+
+@hookspec
+def llmzoo_callbacks(cfg: "DictConfig") -> list["Callback"]:
+    """Extra Lightning callbacks for a training run configured by ``cfg``."""

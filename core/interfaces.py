@@ -1,0 +1,158 @@
+"""The five interfaces every llmzoo plugin implements, and the small records they exchange.
+
+Shapes use B = batch, T = time (tokens), D = model width, V = vocabulary size.
+These are structural ``Protocol``s: a plugin implements one by having the named
+members, it never needs to inherit from anything here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+# A batch is a plain dict of tensors: ``input_ids`` (B, T) long, ``labels`` (B, T) long
+# with -100 where no loss is taken, and whatever else an objective declares it needs
+# (``chosen_input_ids``, ``rejected_input_ids``, ...).
+Batch = dict[str, torch.Tensor]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    """What ``LanguageModel.forward`` returns.
+
+    logits: (B, T, V) next-token logits.
+    aux_loss: scalar sum of the blocks' auxiliary losses (MoE balance, ...) or None.
+    hidden: (B, T, D) final hidden states after the last norm (heads such as Medusa use them).
+    """
+
+    logits: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+@dataclass
+class Loss:
+    """What an objective returns: the scalar to minimise and detached metrics to log."""
+
+    value: torch.Tensor
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Text <-> token ids. Special ids are always inside ``range(vocab_size)``."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save(self, directory: str | Path) -> None:
+        """Write everything needed to rebuild this tokenizer into ``directory``."""
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        """Rebuild a tokenizer that ``save`` wrote."""
+
+
+class TrainableTokenizer(Tokenizer, Protocol):
+    """A tokenizer that must see the training text first (BPE). ``is_trained`` is
+    False until ``fit`` ran or a trained vocabulary was loaded."""
+
+    is_trained: bool
+
+    def fit(self, texts: Iterable[str]) -> None: ...
+
+
+@runtime_checkable
+class Block(Protocol):
+    """One layer of the stack; ``LanguageModel`` stacks ``n_layers`` of them.
+
+    ``forward(x, state=None)``: x is (B, T, D) and the result is (B, T, D).
+    When ``state`` (from ``init_state``) is given, the block reads and advances it so
+    that feeding a sequence in pieces (e.g. one token at a time) gives the same
+    outputs as one forward over the whole sequence. All rows of a batch share one
+    position: the state holds ``pos`` tokens for every row.
+    """
+
+    capabilities: frozenset[str]
+
+    def forward(self, x: torch.Tensor, *, state: Any = None) -> torch.Tensor: ...
+
+    def init_state(
+        self, batch_size: int, max_len: int, *, device: torch.device | None, dtype: torch.dtype | None
+    ) -> Any:
+        """Decode-time state for ``batch_size`` rows and up to ``max_len`` tokens, or None."""
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Auxiliary loss of the last forward (e.g. MoE load balance), or None."""
+
+
+# Capability names blocks declare and decoders / strategies check.
+KV_CACHE = "kv_cache"  # state is a key/value cache that grows with the context
+RECURRENT = "recurrent"  # state is fixed-size (conv + SSM state)
+TREE_MASK = "tree_mask"  # forward accepts an arbitrary attention mask (Medusa trees)
+STATEFUL = "stateful"  # any decode-time state: KV_CACHE or RECURRENT imply it
+
+
+@runtime_checkable
+class ParallelStrategy(Protocol):
+    """How the model is spread over processes and devices.
+
+    ``lightning_strategy()`` is what ``lightning.Trainer(strategy=...)`` receives.
+    ``parallelize(model, device_mesh)`` returns the distributed model (it may modify
+    ``model`` in place); strategies that leave the model alone return it unchanged.
+    ``requires`` lists the block capabilities the strategy needs.
+    """
+
+    requires: frozenset[str]
+
+    def lightning_strategy(self) -> Any: ...
+
+    def parallelize(self, model: nn.Module, device_mesh: Any) -> nn.Module: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A training loss. ``needs`` names the batch fields it reads.
+
+    An objective may hold extra modules (a value head, Medusa heads, a frozen
+    reference model); if it is an ``nn.Module`` its trainable parameters are
+    optimised together with the model's.
+    """
+
+    needs: frozenset[str]
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Loss: ...
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Text generation strategy.
+
+    ``generate(model, prompts, max_new_tokens=..., eos_id=...)`` takes a list of B
+    prompts (lists of ids, lengths may differ) and returns B lists of new ids, each
+    ending at (and including) ``eos_id`` if it was produced. ``requires`` names the
+    block capabilities it needs (checked at config time).
+    """
+
+    requires: frozenset[str]
+
+    def generate(
+        self,
+        model: nn.Module,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        eos_id: int | None = None,
+    ) -> list[list[int]]: ...

@@ -1,0 +1,78 @@
+"""Layers more than one plugin builds on: RMSNorm, the SwiGLU MLP and ResidualBlock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32. x: (..., D)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def swiglu_hidden(dim: int, hidden: int | None = None, multiple_of: int = 32) -> int:
+    """Llama's rule: 2/3 of 4*dim, rounded up to ``multiple_of``, unless given."""
+    if hidden:
+        return hidden
+    h = int(2 * 4 * dim / 3)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up share one matmul. (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.down.residual_out = True  # scaled at init, see LanguageModel.reset_parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class ResidualBlock(nn.Module):
+    """The standard pre-norm block: x + mixer(norm(x)), then x + ffn(norm(x)).
+
+    ``mixer`` mixes along time (attention, Mamba, ...) and owns the decode-time
+    state; ``ffn`` mixes channels (MLP, MoE) or is None. Capabilities and the
+    state come from the mixer, the auxiliary loss from the ffn.
+    """
+
+    def __init__(self, mixer: nn.Module, ffn: nn.Module | None, dim: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.mixer_norm = RMSNorm(dim, norm_eps)
+        self.mixer = mixer
+        self.ffn_norm = RMSNorm(dim, norm_eps) if ffn is not None else None
+        self.ffn = ffn
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset(getattr(self.mixer, "capabilities", frozenset()))
+
+    def forward(self, x: torch.Tensor, *, state: Any = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), state=state)
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> Any:
+        init = getattr(self.mixer, "init_state", None)
+        return init(batch_size, max_len, device=device, dtype=dtype) if init else None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        fn = getattr(self.ffn, "aux_loss", None)
+        return fn() if fn else None

@@ -1,0 +1,89 @@
+"""LanguageModel: token embedding -> blocks -> final norm -> vocabulary head."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .interfaces import ModelOutput
+from .layers import RMSNorm
+
+
+class LanguageModel(nn.Module):
+    """A decoder-only language model over any stack of blocks.
+
+    ``blocks`` is a sequence of modules implementing ``llmzoo.interfaces.Block``
+    (build them one per layer: a shared instance would share weights).
+    ``forward(input_ids (B, T), states=None) -> ModelOutput(logits (B, T, V), aux_loss)``.
+    With ``states`` from ``init_states`` the call advances them (incremental decoding).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        blocks: Sequence[nn.Module],
+        *,
+        max_seq_len: int,
+        tie_embeddings: bool = False,
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.vocab_size, self.dim, self.max_seq_len = vocab_size, dim, max_seq_len
+        self.init_std = init_std
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(dim, norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embedding.weight
+        self.reset_parameters()
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What every block can do (the intersection)."""
+        caps = [frozenset(getattr(b, "capabilities", frozenset())) for b in self.blocks]
+        return frozenset.intersection(*caps) if caps else frozenset()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, init_std); projections back into the residual
+        stream (marked ``residual_out``) scaled by 1/sqrt(2 * n_layers)."""
+        scaled = self.init_std / math.sqrt(2 * max(1, len(self.blocks)))
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, scaled if getattr(m, "residual_out", False) else self.init_std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif m is not self and hasattr(m, "reset_extra_parameters"):
+                m.reset_extra_parameters()
+
+    def forward(self, input_ids: torch.Tensor, *, states: list[Any] | None = None) -> ModelOutput:
+        x = self.embedding(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, state=None if states is None else states[i])
+        hidden = self.norm(x)
+        aux = [a for b in self.blocks if (a := _aux(b)) is not None]
+        return ModelOutput(self.head(hidden), sum(aux) if aux else None, hidden)
+
+    def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> list[Any]:
+        """One decode-time state per block, for ``batch_size`` rows and ``max_len`` tokens."""
+        if max_len > self.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.max_seq_len}")
+        p = self.embedding.weight
+        device = device or p.device
+        dtype = dtype or p.dtype
+        return [b.init_state(batch_size, max_len, device=device, dtype=dtype) for b in self.blocks]
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding.weight.numel() if exclude_embedding else n
+
+
+def _aux(block: nn.Module) -> torch.Tensor | None:
+    fn: Callable[[], Any] | None = getattr(block, "aux_loss", None)
+    return fn() if fn else None

@@ -1,0 +1,185 @@
+"""Training: one LightningModule (model + objective + AdamW/cosine) and ``train(cfg)``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .api import (CONFIG_FILE, TOKENIZER_DIR, build_decoder, build_model, build_objective, build_strategy,
+                  build_tokenizer, save_final, tokenizer_files)
+from .config import validate_config
+from .data import TextDataModule
+from .plugins import get_plugin_manager
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Matrices (dim >= 2: linear and embedding weights) decay; norms and biases do not."""
+    params = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LMModule(L.LightningModule):
+    """Model + objective + optimizer. ``run_info`` (resolved config, tokenizer files)
+    is stored in every checkpoint so that one ``.ckpt`` rebuilds the run."""
+
+    def __init__(self, model: nn.Module, objective: Any, optim: dict[str, Any], max_steps: int,
+                 run_info: dict[str, Any] | None = None):
+        super().__init__()
+        self.model, self.objective = model, objective
+        # An objective with its own parameters (value head, Medusa heads) trains with the model.
+        self.objective_module = objective if isinstance(objective, nn.Module) else None
+        self.optim, self.max_steps, self.run_info = optim, max_steps, run_info or {}
+        self._t0 = self._tokens = None
+
+    def training_step(self, batch, batch_idx):
+        loss = self.objective(self.model, batch)
+        sync = self.trainer.world_size > 1
+        self.log("train_loss", loss.value, prog_bar=True, sync_dist=sync)
+        for k, v in loss.metrics.items():
+            self.log(f"train/{k}", v, sync_dist=sync, reduce_fx="sum" if k == "tokens" else "mean")
+        self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * self.trainer.world_size
+        return loss.value
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._t0 is None:
+            self._t0, self._tokens = time.perf_counter(), 0
+        elif self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("tokens_per_s", self._tokens / (time.perf_counter() - self._t0))
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.objective(self.model, batch)
+        self.log("val_loss", loss.value, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+
+    def configure_optimizers(self):
+        o = self.optim
+        modules = [self.model] + ([self.objective_module] if self.objective_module is not None else [])
+        opt = torch.optim.AdamW(param_groups(modules, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]),
+                                eps=o["eps"], fused=False)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, o["warmup_steps"], self.max_steps, o["min_lr_ratio"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # Resume at the data position: skip the batches of this epoch that the run already saw.
+        dm = getattr(self.trainer, "datamodule", None)
+        sampler = getattr(dm, "train_sampler", None)
+        seen = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if sampler is not None and seen:
+            sampler.start_batch = seen
+            log.info("resuming at epoch %d, batch %d", self.current_epoch, seen)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["llmzoo"] = self.run_info
+
+
+class SaveOnCrash(Callback):
+    """Writes ``last.ckpt`` when training stops on an exception (Ctrl-C included), so
+    that ``ckpt_path=<run_dir>/checkpoints/last.ckpt`` resumes it. (Lightning's own
+    OnExceptionCheckpoint would also make every later fit resume silently.)"""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any) -> L.Trainer:
+    t = cfg.trainer
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=t.checkpoint_every,
+                        save_top_k=1, enable_version_counter=False),
+        SaveOnCrash(ckpt_dir / "last.ckpt"),
+    ]
+    if t.val_every:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min",
+                                         save_top_k=1, enable_version_counter=False))
+    for extra in get_plugin_manager().hook.llmzoo_callbacks(cfg=cfg):
+        callbacks.extend(extra or [])
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    if t.get("tensorboard", True):
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
+                                         default_hp_metric=False))
+    return L.Trainer(
+        max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.get("num_nodes", 1), precision=t.precision, strategy=strategy.lightning_strategy(),
+        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+        log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every or None,
+        check_val_every_n_epoch=None if t.val_every else 1, limit_val_batches=t.limit_val_batches if t.val_every else 0,
+        num_sanity_val_steps=0, enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers,
+        default_root_dir=str(run_dir), deterministic=t.get("deterministic", False),
+        use_distributed_sampler=False,  # our sampler splits the data across ranks itself
+        enable_model_summary=t.get("enable_model_summary", True),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; everything goes into ``cfg.run_dir``. Returns a summary dict."""
+    validate_config(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    tokenizer = build_tokenizer(cfg)
+    data = TextDataModule(tokenizer, seed=cfg.seed, work_dir=str(run_dir), **OmegaConf.to_container(cfg.data, resolve=True))
+    if getattr(tokenizer, "is_trained", True) is False:
+        data.prepare_data()  # trains the tokenizer; its vocabulary size sizes the model
+    tokenizer.save(run_dir / TOKENIZER_DIR)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    model = build_model(cfg, vocab_size=tokenizer.vocab_size)
+    strategy = build_strategy(cfg)
+    model = strategy.parallelize(model, None)
+    log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
+    run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
+                "vocab_size": model.vocab_size}
+    module = LMModule(model, build_objective(cfg), OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps, run_info)
+    trainer = build_trainer(cfg, run_dir, strategy)
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+
+    summary = {"run_dir": str(run_dir), "step": trainer.global_step,
+               **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
+    if trainer.is_global_zero:
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        save_final(run_dir, model)
+        if cfg.get("sample") and cfg.sample.get("prompts"):
+            summary["samples"] = sample_text(model, tokenizer, cfg)
+    return summary
+
+
+def sample_text(model: nn.Module, tokenizer: Any, cfg: DictConfig) -> list[str]:
+    """Continue each of ``cfg.sample.prompts`` with the configured decoder and print it."""
+    decoder = build_decoder(cfg)
+    model = model.eval()
+    prompts = [tokenizer.encode(p) or [tokenizer.bos_id] for p in cfg.sample.prompts]
+    room = model.max_seq_len - max(len(p) for p in prompts)
+    outs = decoder.generate(model, prompts, max_new_tokens=min(cfg.sample.max_new_tokens, room),
+                            eos_id=tokenizer.eos_id)
+    texts = [p + tokenizer.decode(o) for p, o in zip(cfg.sample.prompts, outs)]
+    for t in texts:
+        print(f"--- sample ---\n{t}")
+    return texts

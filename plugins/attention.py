@@ -1,0 +1,209 @@
+"""Dense transformer block: pre-norm RMSNorm, grouped-query causal self-attention
+with rotary embeddings, SwiGLU MLP, and a KV cache for decoding (``block=dense``).
+
+Attention backends (``backend:``):
+  reference  explicit softmax(QK^T / sqrt(d)) V in float32 -- the ground truth
+  sdpa       torch.nn.functional.scaled_dot_product_attention
+  flash      flash-attn's kernels (CUDA, fp16/bf16, flash-attn installed)
+  auto       flash when it can run on the input, else sdpa
+The weight layout matches Llama's, so Hugging Face ``LlamaForCausalLM`` weights map
+onto it one to one (tests/test_hf_parity.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from llmzoo import hookimpl
+from llmzoo.interfaces import KV_CACHE, STATEFUL, TREE_MASK
+from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "sdpa", "flash")
+
+
+# ----------------------------------------------------------------------------- rotary
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim) for Llama's rotate-half convention."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, hd); cos, sin: (T, hd). Rotates pairs (i, i + hd/2)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV cache
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far: k, v are (B, H_kv, max_len, hd);
+    the first ``pos`` positions are filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, hd) at the next positions; return all keys and values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise RuntimeError(f"KV cache full: {end} tokens > max_len {self.k.shape[2]}")
+        self.k[:, :, self.pos:end] = k
+        self.v[:, :, self.pos:end] = v
+        self.pos = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+# ----------------------------------------------------------------------------- attention kernels
+def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """(t_q, t_k) bool, True where query i (the last t_q of t_k positions) may see key j."""
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    return torch.arange(t_k, device=device)[None, :] <= q_pos
+
+
+def attention_reference(q, k, v):
+    """q: (B, H, Tq, hd), k, v: (B, H_kv, Tk, hd), the queries being the last Tq positions.
+    Explicit float32 softmax; key/value heads repeated for grouped-query attention."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def attention_sdpa(q, k, v):
+    t_q, t_k = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = None if t_q == 1 else causal_mask(t_q, t_k, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attention_flash(q, k, v):
+    from flash_attn import flash_attn_func  # CUDA-only; imported lazily
+
+    # flash-attn takes (B, T, H, hd) and aligns the causal mask to the bottom right.
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    return out.transpose(1, 2)
+
+
+def flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure (missing, no CUDA ext) means unavailable
+        return False
+    return torch.cuda.is_available()
+
+
+KERNELS = {"reference": attention_reference, "sdpa": attention_sdpa, "flash": attention_flash}
+
+
+def pick_backend(requested: str, x: torch.Tensor) -> str:
+    flash_ok = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and flash_available()
+    if requested == "auto":
+        return "flash" if flash_ok else "sdpa"
+    if requested == "flash" and not flash_ok:
+        raise RuntimeError(
+            "attention backend 'flash' needs flash-attn installed, a CUDA tensor and fp16/bf16 "
+            f"(got device={x.device}, dtype={x.dtype}); use backend=auto or sdpa"
+        )
+    return requested
+
+
+# ----------------------------------------------------------------------------- modules
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary positions. (B, T, D) -> (B, T, D)."""
+
+    capabilities = frozenset({KV_CACHE, STATEFUL})
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int,
+                 rope_theta: float = 10000.0, backend: str = "auto", layer_idx: int = 0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.backend, self.backend_used, self.layer_idx = backend, None, layer_idx
+        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.out.residual_out = True
+        self.rope_theta, self.max_seq_len = rope_theta, max_seq_len
+        cos, sin = rope_tables(self.head_dim, max_seq_len, rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def reset_extra_parameters(self) -> None:
+        # Buffers are not saved; rebuild them in float32 (e.g. after meta-device init).
+        cos, sin = rope_tables(self.head_dim, self.max_seq_len, self.rope_theta)
+        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+
+    def forward(self, x: torch.Tensor, *, state: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        start = state.pos if state is not None else 0
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        q = apply_rope(q.view(B, T, H, hd), cos, sin).transpose(1, 2)
+        k = apply_rope(k.view(B, T, Hkv, hd), cos, sin).transpose(1, 2)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)
+        if state is not None:
+            k, v = state.append(k, v)
+        if self.backend_used is None:
+            self.backend_used = pick_backend(self.backend, x)
+            if self.layer_idx == 0:
+                log.info("attention backend: %s (requested %s)", self.backend_used, self.backend)
+        y = KERNELS[self.backend_used](q, k, v)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * hd))
+
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class DenseBlock(ResidualBlock):
+    """Llama-style block: x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))."""
+
+    capabilities = Attention.capabilities
+
+    def __init__(self, dim: int, n_heads: int, max_seq_len: int, n_kv_heads: int | None = None,
+                 ffn_hidden: int | None = None, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
+                 backend: str = "auto", layer_idx: int = 0):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+        mixer = Attention(dim, n_heads, n_kv_heads or n_heads, max_seq_len, rope_theta, backend, layer_idx)
+        super().__init__(mixer, SwiGLU(dim, swiglu_hidden(dim, ffn_hidden)), dim, norm_eps)
+
+
+# ----------------------------------------------------------------------------- config checks
+@hookimpl
+def llmzoo_validate(cfg: DictConfig) -> list[str]:
+    block = cfg.get("block")
+    if not isinstance(block, DictConfig) or block.get("_target_") != f"{__name__}.DenseBlock":
+        return []
+    problems = []
+    dim, heads, kv = block.get("dim"), block.get("n_heads"), block.get("n_kv_heads") or block.get("n_heads")
+    if not (isinstance(heads, int) and heads > 0):
+        return [f"model.n_heads must be a positive integer, got {heads!r}"]
+    if dim % heads:
+        problems.append(f"model.n_heads={heads} does not divide model.dim={dim} "
+                        f"(allowed n_heads: {[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]})")
+    elif (dim // heads) % 2:
+        problems.append(f"head size model.dim/model.n_heads={dim // heads} must be even for rotary embeddings")
+    if not (isinstance(kv, int) and kv > 0 and heads % kv == 0):
+        problems.append(f"model.n_kv_heads={kv} must divide model.n_heads={heads} "
+                        f"(allowed: {[k for k in range(1, heads + 1) if heads % k == 0]})")
+    if block.get("backend") not in BACKENDS:
+        problems.append(f"block.backend={block.get('backend')!r} is not one of {list(BACKENDS)}")
+    return problems

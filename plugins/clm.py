@@ -1,0 +1,43 @@
+"""Causal language modelling objective (``objective=clm``): next-token cross-entropy
+with an ignore index, optional z-loss on the log-partition, plus the blocks' aux loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE of logits[:, t] against labels[:, t + 1] over labels != -100.
+    logits (B, T, V), labels (B, T). Returns (loss, number of counted tokens)."""
+    logits = logits[:, :-1].flatten(0, 1).float()
+    target = labels[:, 1:].flatten()
+    n = (target != IGNORE_INDEX).sum()
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX), n
+
+
+class CausalLM:
+    """loss = CE + z_loss * mean(logsumexp(logits)^2) + aux_loss_weight * aux_loss."""
+
+    needs = frozenset({"input_ids"})
+
+    def __init__(self, z_loss: float = 0.0, aux_loss_weight: float = 1.0):
+        self.z_loss, self.aux_loss_weight = z_loss, aux_loss_weight
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
+        out = model(batch["input_ids"])
+        labels = batch.get("labels", batch["input_ids"])
+        ce, n_tokens = next_token_loss(out.logits, labels)
+        loss, metrics = ce, {"ce": ce.detach(), "tokens": n_tokens}
+        if self.z_loss:
+            mask = labels[:, 1:] != IGNORE_INDEX
+            z = (out.logits[:, :-1].float().logsumexp(-1) ** 2)[mask].mean()
+            loss = loss + self.z_loss * z
+            metrics["z_loss"] = z.detach()
+        if out.aux_loss is not None:
+            loss = loss + self.aux_loss_weight * out.aux_loss
+            metrics["aux_loss"] = out.aux_loss.detach()
+        return Loss(loss, metrics)

@@ -1,0 +1,122 @@
+"""Tokenizers: ``tokenizer=byte`` (UTF-8 bytes, nothing to train), ``tokenizer=bpe``
+(byte-level BPE trained with Hugging Face ``tokenizers`` on the training text and
+saved in the run folder) and ``tokenizer=file`` (any local ``tokenizer.json``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+META = "llmzoo_tokenizer.json"
+
+
+class ByteTokenizer:
+    """Token i < 256 is byte i; then <bos>, <eos>, <pad>."""
+
+    vocab_size = 259
+    bos_id, eos_id, pad_id = 256, 257, 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / META).write_text(json.dumps({"kind": "byte"}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ByteTokenizer":
+        return cls()
+
+
+class JsonTokenizer:
+    """Any Hugging Face ``tokenizer.json``. ``path`` is the file or the folder holding it.
+    Special tokens are looked up by name; a missing <bos> or <pad> falls back to <eos>."""
+
+    def __init__(self, path: str | Path | None = None, bos_token: str = "<bos>",
+                 eos_token: str = "<eos>", pad_token: str = "<pad>"):
+        self.tokens = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+        self.tok: HFTokenizer | None = None
+        if path is not None:
+            file = Path(path)
+            file = file / "tokenizer.json" if file.is_dir() else file
+            if not file.is_file():
+                raise FileNotFoundError(f"tokenizer file not found: {file}")
+            self._set(HFTokenizer.from_file(str(file)))
+
+    @property
+    def is_trained(self) -> bool:
+        return self.tok is not None
+
+    def _set(self, tok: HFTokenizer) -> None:
+        self.tok = tok
+        eos = tok.token_to_id(self.tokens["eos"])
+        if eos is None:
+            raise ValueError(f"tokenizer has no eos token {self.tokens['eos']!r}: set tokenizer.eos_token")
+        self.eos_id = eos
+        self.bos_id = tok.token_to_id(self.tokens["bos"]) if tok.token_to_id(self.tokens["bos"]) is not None else eos
+        self.pad_id = tok.token_to_id(self.tokens["pad"]) if tok.token_to_id(self.tokens["pad"]) is not None else eos
+        self.vocab_size = tok.get_vocab_size()
+
+    def _need(self) -> HFTokenizer:
+        if self.tok is None:
+            raise RuntimeError("tokenizer is not trained yet: call fit(texts) or give tokenizer.path")
+        return self.tok
+
+    def encode(self, text: str) -> list[int]:
+        return self._need().encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._need().encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._need().decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._need().save(str(d / "tokenizer.json"))
+        (d / META).write_text(json.dumps({"kind": "json", "tokens": self.tokens}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "JsonTokenizer":
+        meta = json.loads((Path(directory) / META).read_text())
+        t = meta["tokens"]
+        return cls(Path(directory) / "tokenizer.json", t["bos"], t["eos"], t["pad"])
+
+
+class BPETokenizer(JsonTokenizer):
+    """Byte-level BPE. Untrained until ``fit`` (done by the data module on the training
+    text) unless ``path`` points to a trained ``tokenizer.json``."""
+
+    def __init__(self, vocab_size: int = 1024, min_frequency: int = 2, path: str | Path | None = None):
+        super().__init__(path)
+        self.target_vocab_size, self.min_frequency = vocab_size, min_frequency
+        if path is None:
+            self.vocab_size = vocab_size  # known before training: the model can be built first
+
+    def fit(self, texts: Iterable[str]) -> None:
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.target_vocab_size, min_frequency=self.min_frequency,
+            special_tokens=list(self.tokens.values()), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        self._set(tok)
+        # A small corpus can stop BPE short of the target; pad so the model size is as configured.
+        self.vocab_size = max(self.vocab_size, self.target_vocab_size)
+
+
+def load_tokenizer(directory: str | Path):
+    """Rebuild whatever tokenizer ``save`` wrote into ``directory``."""
+    meta = json.loads((Path(directory) / META).read_text())
+    return ByteTokenizer.load(directory) if meta["kind"] == "byte" else JsonTokenizer.load(directory)
