@@ -27,7 +27,7 @@ __all__ = [
 
 
 def train(cfg):
-    """Train as configured (see ``llmzoo.train.train``); returns a summary dict."""
-    from .train import train as _train
+    """Train as configured (see ``llmzoo.training.train``); returns a summary dict."""
+    from .training import train as _train
 
     return _train(cfg)

@@ -40,7 +40,7 @@ def _is_multirun() -> bool:
 
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
 def _train_app(cfg: DictConfig) -> dict[str, Any]:
-    from .train import train
+    from .training import train
 
     _quiet_libraries()
     with open_dict(cfg):

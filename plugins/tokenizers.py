@@ -88,7 +88,7 @@ class JsonTokenizer:
     def load(cls, directory: str | Path) -> "JsonTokenizer":
         meta = json.loads((Path(directory) / META).read_text())
         t = meta["tokens"]
-        return cls(Path(directory) / "tokenizer.json", t["bos"], t["eos"], t["pad"])
+        return JsonTokenizer(Path(directory) / "tokenizer.json", t["bos"], t["eos"], t["pad"])
 
 
 class BPETokenizer(JsonTokenizer):

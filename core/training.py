@@ -85,7 +85,9 @@ class LMModule(L.LightningModule):
         # Resume at the data position: skip the batches of this epoch that the run already saw.
         dm = getattr(self.trainer, "datamodule", None)
         sampler = getattr(dm, "train_sampler", None)
-        seen = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # `processed` counts batches whose step ran (checkpoints are written before
+        # `completed` is incremented, so that one lags by a batch).
+        seen = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if sampler is not None and seen:
             sampler.start_batch = seen
             log.info("resuming at epoch %d, batch %d", self.current_epoch, seen)

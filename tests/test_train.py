@@ -1,0 +1,123 @@
+"""Training end to end: the loss falls, checkpoints resume exactly, runs reload."""
+
+import math
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+import llmzoo
+from llmzoo.plugins import get_plugin_manager
+from conftest import FAST, run_cli, tiny_cfg
+
+
+def cfg_for(run_dir, *overrides):
+    cfg = tiny_cfg(*[o for o in FAST if not o.startswith("trainer.")], *overrides)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+        cfg.trainer.tensorboard = False
+    return cfg
+
+
+def read_metrics(run_dir):
+    import csv
+
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_tiny_model_learns_the_bundled_corpus(tmp_path):
+    cfg = cfg_for(tmp_path, "trainer.max_steps=200", "trainer.val_every=100")
+    summary = llmzoo.train(cfg)
+    val = [float(r["val_loss"]) for r in read_metrics(tmp_path) if r.get("val_loss")]
+    chance = math.log(259)  # an untrained model is close to uniform over the byte vocabulary
+    assert len(val) == 2 and val[1] < val[0] < chance
+    assert val[1] < 0.35 * chance, f"val loss {val} did not fall far below {chance:.2f}"
+    assert summary["step"] == 200
+    for f in ("config.yaml", "metrics.csv", "model.safetensors", "tokenizer", "checkpoints/last.ckpt",
+              "checkpoints/best.ckpt"):
+        assert (tmp_path / f).exists(), f
+
+
+class CrashAt:
+    """A plugin whose callback kills training at a given step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    @llmzoo.hookimpl
+    def llmzoo_callbacks(self, cfg):
+        step = self.step
+
+        class Crash(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == step:
+                    raise RuntimeError("simulated crash")
+
+        return [Crash()]
+
+
+def test_crash_then_resume_equals_uninterrupted_run(tmp_path):
+    overrides = ["trainer.max_steps=16", "trainer.val_every=0", "trainer.checkpoint_every=100", "optim.warmup_steps=4"]
+    llmzoo.train(cfg_for(tmp_path / "straight", *overrides))
+
+    pm = get_plugin_manager()
+    plugin = CrashAt(9)
+    pm.register(plugin, name="crash-test")
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            llmzoo.train(cfg_for(tmp_path / "crashed", *overrides))
+    finally:
+        pm.unregister(plugin)
+    ckpt = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 9
+
+    resumed = cfg_for(tmp_path / "crashed", *overrides, f"ckpt_path={ckpt}")
+    assert llmzoo.train(resumed)["step"] == 16
+
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert a["global_step"] == b["global_step"] == 16
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-6, rtol=0, msg=f"weights differ at {k}")
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in sa:
+        assert float(sa[i]["step"]) == float(sb[i]["step"]) == 16
+        torch.testing.assert_close(sb[i]["exp_avg_sq"], sa[i]["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+
+
+def test_checkpoint_alone_rebuilds_the_run_and_generate_cli(tmp_path):
+    run = tmp_path / "run"
+    llmzoo.train(cfg_for(run, "trainer.max_steps=30", "trainer.val_every=0", "tokenizer=bpe",
+                         "tokenizer.vocab_size=300"))
+    lone = tmp_path / "elsewhere" / "model.ckpt"
+    lone.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "last.ckpt", lone)
+    from_ckpt = llmzoo.load_checkpoint(lone)
+    from_run = llmzoo.load_run(run)
+    assert from_ckpt.tokenizer.encode("the fox") == from_run.tokenizer.encode("the fox")
+    ids = torch.tensor([from_run.tokenizer.encode("Once upon a time")])
+    with torch.no_grad():
+        torch.testing.assert_close(from_ckpt.model(ids).logits, from_run.model(ids).logits)
+
+    out = run_cli("llmzoo-generate", f"run_dir={run}", "prompt=Once upon", "max_new_tokens=12")
+    expected = from_run.tokenizer.decode(llmzoo.build_decoder(from_run.cfg).generate(
+        from_run.model, [from_run.tokenizer.encode("Once upon")], max_new_tokens=12)[0])
+    assert out.stdout.strip().startswith("Once upon" + expected.rstrip())
+    assert "tokens/s" in out.stderr
+
+
+@pytest.mark.parametrize("experiment", [o.name for o in llmzoo.list_options() if o.group == "experiment"])
+def test_every_experiment_runs_a_step(tmp_path, experiment):
+    cfg = llmzoo.compose(overrides=[f"experiment={experiment}", "trainer.max_steps=2", "trainer.val_every=0",
+                                    "sample.prompts=[]", f"run_dir={tmp_path}"])
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.tensorboard = False
+    assert llmzoo.train(cfg)["step"] == 2
