@@ -83,6 +83,8 @@ class SweepSummary(HydraCallback):
         print(f"sweep finished: {len(self.jobs) - len(failed)} ok, {len(failed)} failed; see {sweep_dir / 'summary.json'}")
         for j in failed:
             print(f"  FAILED {' '.join(j['overrides'])}: {j.get('error')}", file=sys.stderr)
+        if failed:
+            sys.exit(1)
 
 
 def train_main() -> None:

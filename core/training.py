@@ -165,8 +165,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     summary = {"run_dir": str(run_dir), "step": trainer.global_step,
                **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # collective: every rank calls it
     if trainer.is_global_zero:
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
         save_final(run_dir, model)
         if cfg.get("sample") and cfg.sample.get("prompts"):
             summary["samples"] = sample_text(model, tokenizer, cfg)

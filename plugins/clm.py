@@ -12,11 +12,11 @@ from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE of logits[:, t] against labels[:, t + 1] over labels != -100.
-    logits (B, T, V), labels (B, T). Returns (loss, number of counted tokens)."""
-    logits = logits[:, :-1].flatten(0, 1).float()
-    target = labels[:, 1:].flatten()
+    logits (B, T, V), labels (B, T). Returns (loss, number of counted tokens).
+    The labels are shifted (not the logits), so the logits are never copied."""
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
     n = (target != IGNORE_INDEX).sum()
-    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX), n
+    return F.cross_entropy(logits.flatten(0, 1).float(), target, ignore_index=IGNORE_INDEX), n
 
 
 class CausalLM:
@@ -31,7 +31,7 @@ class CausalLM:
         out = model(batch["input_ids"])
         labels = batch.get("labels", batch["input_ids"])
         ce, n_tokens = next_token_loss(out.logits, labels)
-        loss, metrics = ce, {"ce": ce.detach(), "tokens": n_tokens}
+        loss, metrics = ce, {"ce": ce.detach(), "tokens": n_tokens.float()}
         if self.z_loss:
             mask = labels[:, 1:] != IGNORE_INDEX
             z = (out.logits[:, :-1].float().logsumexp(-1) ** 2)[mask].mean()

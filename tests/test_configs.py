@@ -1,0 +1,107 @@
+"""Every config option composes and instantiates; bad configs fail early and clearly."""
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+import llmzoo
+from llmzoo.config import ConfigError
+from conftest import FAST, run_cli
+
+OPTIONS = [(o.group, o.name) for o in llmzoo.list_options() if o.group != "experiment"]
+
+
+def test_every_group_has_options():
+    groups = {g for g, _ in OPTIONS}
+    assert {"tokenizer", "model", "block", "objective", "decoder", "parallel", "data", "trainer"} <= groups
+
+
+@pytest.mark.parametrize("group,name", OPTIONS)
+def test_option_composes_and_instantiates(group, name, tmp_path):
+    overrides = [f"{group}={name}"]
+    if (group, name) == ("tokenizer", "file"):
+        from llmzoo_plugins.tokenizers import BPETokenizer
+
+        tok = BPETokenizer(vocab_size=300)
+        tok.fit(["the fox and the owl"] * 20)
+        tok.save(tmp_path)
+        overrides.append(f"tokenizer.path={tmp_path}")
+    cfg = llmzoo.compose(overrides=overrides)
+    assert cfg[group] is not None
+    tokenizer = llmzoo.build_tokenizer(cfg)
+    assert tokenizer.vocab_size > 0
+    if group == "model" and cfg.model.dim > 128:  # GPU-sized presets: build on the meta device
+        with torch.device("meta"):
+            model = llmzoo.build_model(cfg)
+        expected = {"small": (9e6, 12e6), "125m": (100e6, 150e6), "1b": (0.9e9, 1.2e9)}[name]
+        assert expected[0] < model.num_parameters() < expected[1], model.num_parameters()
+    else:
+        model = llmzoo.build_model(cfg)
+        ids = torch.randint(0, tokenizer.vocab_size, (1, 8))
+        assert model(ids).logits.shape == (1, 8, model.vocab_size)
+    if group == "model" and name == "tiny":
+        assert model.num_parameters() < 1e6
+    llmzoo.build_objective(cfg)
+    llmzoo.build_decoder(cfg)
+    strategy = llmzoo.build_strategy(cfg)
+    assert strategy.lightning_strategy() is not None
+
+
+def test_heads_not_dividing_dim_is_one_clear_message():
+    with pytest.raises(ConfigError) as e:
+        llmzoo.compose(overrides=["model=tiny", "model.n_heads=5"])
+    msg = str(e.value)
+    assert "model.n_heads=5 does not divide model.dim=64" in msg and "allowed n_heads: [1, 2, 4, 8" in msg
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=3 must divide model.n_heads=4 \(allowed: \[1, 2, 4\]\)"):
+        llmzoo.compose(overrides=["model=tiny", "model.n_kv_heads=3"])
+
+
+def test_other_validation_messages():
+    with pytest.raises(ConfigError, match="data.seq_len=256 is longer than model.max_seq_len=128"):
+        llmzoo.compose(overrides=["model=tiny", "data.seq_len=256"])
+    with pytest.raises(ConfigError, match="block.backend='cuda' is not one of"):
+        llmzoo.compose(overrides=["block.backend=cuda"])
+    with pytest.raises(ConfigError, match="parallel=single runs one process"):
+        llmzoo.compose(overrides=["trainer.devices=2"])
+
+
+def test_decoder_requirements_checked_against_block_capabilities():
+    cfg = llmzoo.compose(overrides=["model=tiny"])
+    from llmzoo.config import core_problems
+
+    class NeedsTree:
+        requires = frozenset({"tree_mask", "stateful"})
+
+    import sys
+    import types
+
+    mod = types.ModuleType("fake_decoders")
+    mod.NeedsTree = NeedsTree
+    sys.modules["fake_decoders"] = mod
+    try:
+        with open_dict(cfg):
+            cfg.decoder = {"_target_": "fake_decoders.NeedsTree"}
+        problems = core_problems(cfg)
+    finally:
+        del sys.modules["fake_decoders"]
+    assert any("lacks ['tree_mask']" in p and "block=" in p for p in problems), problems
+
+
+def test_cli_unknown_block_lists_valid_options(tmp_path):
+    out = run_cli("llmzoo-train", "block=nosuch", f"run_dir={tmp_path}", *FAST, check=False)
+    assert out.returncode != 0
+    assert "block/nosuch" in out.stderr and "dense" in out.stderr
+
+
+def test_cli_bad_shape_fails_before_training(tmp_path):
+    out = run_cli("llmzoo-train", "model.n_heads=3", f"run_dir={tmp_path}", *FAST, check=False)
+    assert out.returncode == 2
+    assert "model.n_heads=3 does not divide model.dim=64" in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_help_lists_groups():
+    out = run_cli("llmzoo-train", "--help")
+    for group in ("block: dense", "model: 125m, 1b, small, tiny", "decoder: greedy, sample"):
+        assert group in out.stdout
+    assert "plugins" in run_cli("llmzoo", "--help").stdout

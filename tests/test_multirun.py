@@ -1,0 +1,30 @@
+"""Hydra multirun sweeps through the real CLI."""
+
+import json
+from pathlib import Path
+
+from conftest import FAST, run_cli
+
+SHORT = [*FAST, "trainer.max_steps=3", "trainer.val_every=0", "trainer.log_every_n_steps=1", "data.batch_size=4"]
+
+
+def test_two_by_two_sweep_writes_four_run_folders(tmp_path):
+    out = run_cli("llmzoo-train", "-m", "block=dense", "seed=0,1", "model.n_layers=1,2", f"run_dir={tmp_path}", *SHORT)
+    runs = sorted(p.parent for p in tmp_path.glob("*/config.yaml"))
+    assert len(runs) == 4, out.stdout
+    for r in runs:
+        assert (r / "metrics.csv").exists() and (r / "checkpoints" / "last.ckpt").exists()
+        assert (r / "model.safetensors").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [j["status"] for j in summary] == ["ok"] * 4 and all(j["step"] == 3 for j in summary)
+
+
+def test_one_failing_job_keeps_the_others(tmp_path):
+    out = run_cli("llmzoo-train", "-m", "model.n_heads=3,4", f"run_dir={tmp_path}", *SHORT, check=False)
+    assert out.returncode == 1
+    jobs = json.loads((tmp_path / "summary.json").read_text())
+    bad, good = ([j for j in jobs if f"model.n_heads={h}" in j["overrides"]][0] for h in (3, 4))
+    assert bad["status"] == "failed" and "does not divide" in bad["error"]
+    assert (Path(bad["run_dir"]) / "FAILED").exists()
+    assert good["status"] == "ok" and (Path(good["run_dir"]) / "model.safetensors").exists()
+    assert "FAILED model.n_heads=3" in out.stderr
