@@ -24,11 +24,31 @@ log = logging.getLogger("llmzoo")
 CONF = f"pkg://{CONF_PACKAGE}"
 
 
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("💡 Tip") or msg.startswith("`weights_only` was not set"))
+
+
 def _quiet_libraries() -> None:
+    """No downloads, one copy of each log line (Hydra's handlers), no advertising."""
+    import warnings
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Our sampler restores the data position itself (tests/test_train.py checks it).
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     logging.getLogger("llmzoo").setLevel(logging.INFO)
     logging.getLogger("llmzoo_plugins").setLevel(logging.INFO)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()  # Lightning adds its own handler when imported before logging is set up
+        lg.propagate = True
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropTips())
 
 
 def _is_multirun() -> bool:

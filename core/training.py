@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import time
@@ -10,8 +11,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -109,6 +112,30 @@ class SaveOnCrash(Callback):
             trainer.save_checkpoint(self.path)
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                self.metrics_keys = next(csv.reader(fh), [])
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger writing ``<run_dir>/metrics.csv`` and keeping earlier rows on resume."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(save_dir=str(run_dir), name="", version="")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any) -> L.Trainer:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
@@ -122,7 +149,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any) -> L.Trainer:
                                          save_top_k=1, enable_version_counter=False))
     for extra in get_plugin_manager().hook.llmzoo_callbacks(cfg=cfg):
         callbacks.extend(extra or [])
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    if t.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=t.get("progress_refresh_rate", 10)))
+    loggers = [RunCSVLogger(run_dir)]
     if t.get("tensorboard", True):
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
                                          default_hp_metric=False))
