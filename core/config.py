@@ -75,9 +75,27 @@ def _class_attr(node: Any, attr: str) -> frozenset[str] | None:
     return frozenset(value) if isinstance(value, (set, frozenset)) else None
 
 
-def block_capabilities(cfg: DictConfig) -> frozenset[str] | None:
-    """Capabilities of the configured block class, if it declares them as a class attribute."""
-    return _class_attr(cfg.get("block"), "capabilities")
+def block_capabilities(cfg: DictConfig) -> dict[str, frozenset[str]] | None:
+    """{part name: capabilities} of the configured block, known without building it.
+
+    A block class states them as a ``capabilities`` class attribute, or -- when they
+    depend on its config (hybrid stacks, a block wrapping a configurable mixer) --
+    through a static ``part_capabilities(node)``. None when the class says nothing.
+    """
+    node = cfg.get("block")
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        return None
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+    parts = getattr(cls, "part_capabilities", None)
+    if parts is not None:
+        return parts(node)
+    caps = _class_attr(node, "capabilities")
+    return None if caps is None else {f"{target}": caps}
 
 
 def core_problems(cfg: DictConfig) -> list[str]:
@@ -102,14 +120,13 @@ def core_problems(cfg: DictConfig) -> list[str]:
     seq_len = cfg.data.get("seq_len")
     if isinstance(seq_len, int) and isinstance(m.get("max_seq_len"), int) and seq_len > m.max_seq_len:
         problems.append(f"data.seq_len={seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-    caps = block_capabilities(cfg)
     needs = _class_attr(cfg.decoder, "requires")
-    if caps is not None and needs and not needs <= caps:
-        problems.append(
-            f"decoder={_choice(cfg, 'decoder')} requires block capabilities {sorted(needs)}, "
-            f"but block={_choice(cfg, 'block')} ({cfg.block._target_}) lacks {sorted(needs - caps)} "
-            f"(it has {sorted(caps)})"
-        )
+    for part, caps in (block_capabilities(cfg) or {}).items() if needs else ():
+        if not needs <= caps:
+            problems.append(
+                f"decoder={_choice(cfg, 'decoder')} requires block capabilities {sorted(needs)}, "
+                f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(needs - caps)} (it has {sorted(caps)})"
+            )
     return problems
 
 

@@ -30,11 +30,12 @@ def swiglu_hidden(dim: int, hidden: int | None = None, multiple_of: int = 32) ->
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); gate and up share one matmul. (B, T, D) -> (B, T, D)."""
+    """down(silu(gate(x)) * up(x)); gate and up share one matmul. (B, T, D) -> (B, T, D).
+    ``hidden`` None: Llama's 8/3 * dim rounded up to 32."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int | None = None):
         super().__init__()
-        self.hidden = hidden
+        self.hidden = hidden = swiglu_hidden(dim, hidden)
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
         self.down.residual_out = True  # scaled at init, see LanguageModel.reset_parameters

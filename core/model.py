@@ -59,7 +59,10 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(m.weight, 0.0, scaled if getattr(m, "residual_out", False) else self.init_std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif m is not self and hasattr(m, "reset_extra_parameters"):
+        # Then parameters with a special init (SSM decay rates, dt biases, expert weights),
+        # which may override the generic init of their own linears.
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_extra_parameters"):
                 m.reset_extra_parameters()
 
     def forward(self, input_ids: torch.Tensor, *, states: list[Any] | None = None) -> ModelOutput:

@@ -43,6 +43,18 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def block_metrics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Average over layers of what modules report through ``metrics()`` (e.g. MoE expert
+    load); keys with "dropped" in them are summed instead."""
+    found: dict[str, list[torch.Tensor]] = {}
+    for m in model.modules():
+        fn = getattr(m, "metrics", None)
+        if m is not model and callable(fn):
+            for k, v in fn().items():
+                found.setdefault(k, []).append(v)
+    return {k: torch.stack(v).sum() if "dropped" in k else torch.stack(v).mean() for k, v in found.items()}
+
+
 class LMModule(L.LightningModule):
     """Model + objective + optimizer. ``run_info`` (resolved config, tokenizer files)
     is stored in every checkpoint so that one ``.ckpt`` rebuilds the run."""
@@ -62,6 +74,8 @@ class LMModule(L.LightningModule):
         self.log("train_loss", loss.value, prog_bar=True, sync_dist=sync)
         for k, v in loss.metrics.items():
             self.log(f"train/{k}", v, sync_dist=sync, reduce_fx="sum" if k == "tokens" else "mean")
+        for k, v in block_metrics(self.model).items():
+            self.log(k, v, sync_dist=sync)
         self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * self.trainer.world_size
         return loss.value
 

@@ -1,0 +1,372 @@
+"""Mamba sequence mixers: ``block=mamba`` (Mamba-1, selective scan) and ``block=mamba2``
+(Mamba-2, state-space duality). Both are linear recurrences over a hidden state h:
+
+    Mamba-1  h_t = exp(dt_t * A) * h_t-1 + dt_t * B_t * x_t     A: (d_inner, n), one decay per channel and state
+    Mamba-2  h_t = exp(dt_t * a) * h_t-1 + dt_t * x_t B_t^T     a: one scalar decay per head
+             y_t = C_t . h_t + D * x_t
+
+Backends (``backend:``):
+  reference  the recurrence run one step at a time -- the ground truth
+  chunked    pure PyTorch, fast on CPU. Mamba-1: a parallel (Hillis-Steele) scan inside
+             chunks, carried across chunks. Mamba-2: the SSD chunked form -- quadratic
+             attention-like products inside chunks, states passed between chunks.
+  cuda       mamba_ssm's kernels (CUDA, mamba-ssm installed); used for stateless
+             forwards, the chunked path serves decoding
+  auto       cuda when it can run, else chunked
+Decoding keeps a conv state (the last d_conv - 1 inputs) and the SSM state h: memory
+and time per token do not grow with the context.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from llmzoo import hookimpl
+from llmzoo.interfaces import RECURRENT, STATEFUL
+from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "chunked", "cuda")
+
+
+# ============================================================================ Mamba-1 scans
+# x, dt: (b, T, d); A: (d, n); B, C: (b, T, n); h: (b, d, n)
+
+def selective_scan_reference(x, dt, A, B, C, h0=None):
+    """One step at a time: h_t = exp(dt_t A) h_t-1 + dt_t B_t x_t; y_t = h_t C_t."""
+    b, T, d = x.shape
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t, :, None].float() * A)
+        h = decay * h + (dt[:, t] * x[:, t]).float()[:, :, None] * B[:, t, None, :].float()
+        ys.append((h * C[:, t, None, :].float()).sum(-1))
+    return torch.stack(ys, 1).to(x.dtype), h
+
+
+def linear_scan(a: torch.Tensor, u: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of h_t = a_t * h_t-1 + u_t (h_-1 = 0) along ``dim``, in log2(L)
+    doubling passes (Hillis-Steele). Returns (prod_{s<=t} a_s, h_t)."""
+    L, k = a.shape[dim], 1
+    while k < L:
+        a_prev = F.pad(a.narrow(dim, 0, L - k), _pad_spec(a.dim(), dim, k), value=1.0)
+        u_prev = F.pad(u.narrow(dim, 0, L - k), _pad_spec(u.dim(), dim, k), value=0.0)
+        u = a * u_prev + u
+        a = a * a_prev
+        k *= 2
+    return a, u
+
+
+def _pad_spec(ndim: int, dim: int, k: int) -> tuple[int, ...]:
+    """F.pad spec that adds k entries at the front of ``dim``."""
+    spec = [0, 0] * (ndim - dim % ndim)
+    spec[-2] = k
+    return tuple(spec)
+
+
+def selective_scan_chunked(x, dt, A, B, C, h0=None, chunk: int = 32):
+    """Same result as ``selective_scan_reference``: parallel scan inside chunks of
+    ``chunk`` steps, the state carried from chunk to chunk."""
+    b, T, d = x.shape
+    n = A.shape[1]
+    chunk = max(1, min(chunk, T))
+    pad = (-T) % chunk
+    if pad:  # dt = 0 on padding: no decay, no input, so the final state is unchanged
+        x, dt, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, B, C))
+    c = x.shape[1] // chunk
+    dtf = dt.float().view(b, c, chunk, d)
+    a = torch.exp(dtf[..., None] * A)  # (b, c, l, d, n)
+    u = (dtf * x.float().view(b, c, chunk, d))[..., None] * B.float().view(b, c, chunk, 1, n)
+    a_cum, h_local = linear_scan(a, u, dim=2)
+    h = torch.zeros(b, d, n, dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    h_in = []
+    for i in range(c):
+        h_in.append(h)
+        h = a_cum[:, i, -1] * h + h_local[:, i, -1]
+    hs = h_local + a_cum * torch.stack(h_in, 1)[:, :, None]
+    y = (hs * C.float().view(b, c, chunk, 1, n)).sum(-1).view(b, c * chunk, d)[:, :T]
+    return y.to(x.dtype), h
+
+
+# ============================================================================ Mamba-2 scans
+# x: (b, T, h, p); dt: (b, T, h); a: (h,); B, C: (b, T, h, n); state: (b, h, p, n)
+
+def ssd_reference(x, dt, a, B, C, h0=None):
+    """One step at a time: h_t = exp(dt_t a) h_t-1 + dt_t x_t B_t^T; y_t = h_t C_t."""
+    b, T, H, P = x.shape
+    h = torch.zeros(b, H, P, B.shape[-1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t].float() * a)[:, :, None, None]
+        h = decay * h + torch.einsum("bhp,bhn->bhpn", (x[:, t] * dt[:, t, :, None]).float(), B[:, t].float())
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t].float()))
+    return torch.stack(ys, 1).to(x.dtype), h
+
+
+def ssd_chunked(x, dt, a, B, C, h0=None, chunk: int = 64):
+    """Mamba-2's chunked SSD form; same result as ``ssd_reference``.
+
+    Inside a chunk, y_t = sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s with cs the
+    cumulative sum of dt*a (an attention-like product). Each chunk's end state is
+    passed on to the next chunk, whose outputs add C_t exp(cs_t) h_in.
+    """
+    b, T, H, P = x.shape
+    chunk = max(1, min(chunk, T))
+    pad = (-T) % chunk
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c, N = x.shape[1] // chunk, B.shape[-1]
+    dtf = dt.float().view(b, c, chunk, H)
+    xdt = x.float().view(b, c, chunk, H, P) * dtf[..., None]
+    Bc, Cc = B.float().view(b, c, chunk, H, N), C.float().view(b, c, chunk, H, N)
+    cs = torch.cumsum(dtf * a, dim=2)  # (b, c, l, h)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    seg = (cs[:, :, :, None, :] - cs[:, :, None, :, :]).masked_fill(~causal[None, None, :, :, None], float("-inf"))
+    scores = torch.einsum("bcthn,bcshn->bctsh", Cc, Bc) * torch.exp(seg)
+    y = torch.einsum("bctsh,bcshp->bcthp", scores, xdt)
+    chunk_states = torch.einsum("bcshn,bcsh,bcshp->bchpn", Bc, torch.exp(cs[:, :, -1:] - cs), xdt)
+    h = torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    h_in = []
+    for i in range(c):
+        h_in.append(h)
+        h = torch.exp(cs[:, i, -1])[:, :, None, None] * h + chunk_states[:, i]
+    y = y + torch.einsum("bcthn,bchpn,bcth->bcthp", Cc, torch.stack(h_in, 1), torch.exp(cs))
+    return y.reshape(b, c * chunk, H, P)[:, :T].to(x.dtype), h
+
+
+# ============================================================================ shared pieces
+@dataclass
+class MambaState:
+    """Decode-time state: the last (d_conv - 1) conv inputs and the SSM state."""
+
+    conv: torch.Tensor  # (B, conv_channels, d_conv - 1)
+    ssm: torch.Tensor  # Mamba-1: (B, d_inner, n); Mamba-2: (B, heads, headdim, n)
+
+
+def causal_conv(u: torch.Tensor, conv: nn.Conv1d, state: MambaState | None) -> torch.Tensor:
+    """Depthwise causal conv over time. u: (B, T, C) -> (B, T, C); advances state.conv."""
+    u = u.transpose(1, 2)
+    k = conv.kernel_size[0]
+    history = state.conv if state is not None else u.new_zeros(u.shape[0], u.shape[1], k - 1)
+    padded = torch.cat([history.to(u.dtype), u], dim=-1)
+    if state is not None:
+        state.conv = padded[..., -(k - 1):].detach().clone()
+    return conv(padded).transpose(1, 2)
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+def sample_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
+    """Initial time steps, log-uniform in [dt_min, dt_max] (Mamba's init)."""
+    return torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+
+
+def _mamba_ssm_available() -> bool:
+    try:
+        import mamba_ssm  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or built without CUDA
+        return False
+    return torch.cuda.is_available()
+
+
+def pick_backend(requested: str, x: torch.Tensor, stateless: bool) -> str:
+    cuda_ok = x.is_cuda and _mamba_ssm_available()
+    if requested == "cuda" and not cuda_ok:
+        raise RuntimeError("mamba backend 'cuda' needs mamba-ssm installed and CUDA tensors; use backend=auto")
+    if requested in ("auto", "cuda"):
+        return "cuda" if cuda_ok and stateless else "chunked"
+    return requested
+
+
+# ============================================================================ Mamba-1
+class MambaMixer(nn.Module):
+    """Mamba-1 selective SSM mixer. (B, T, D) -> (B, T, D)."""
+
+    capabilities = frozenset({RECURRENT, STATEFUL})
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
+                 chunk_size: int = 32, backend: str = "auto", layer_idx: int = 0):
+        super().__init__()
+        self.d_inner, self.d_state, self.chunk_size = expand * dim, d_state, chunk_size
+        self.dt_rank = dt_rank or math.ceil(dim / 16)
+        self.backend, self.layer_idx, self._logged = backend, layer_idx, False
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        self.out_proj.residual_out = True
+        self.reset_extra_parameters()
+
+    @torch.no_grad()
+    def reset_extra_parameters(self) -> None:
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        self.dt_proj.bias.copy_(inverse_softplus(sample_dt(self.d_inner)))
+
+    def forward(self, x: torch.Tensor, *, state: MambaState | None = None) -> torch.Tensor:
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs = F.silu(causal_conv(xs, self.conv1d, state))
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))
+        A = -torch.exp(self.A_log.float())
+        backend = pick_backend(self.backend, x, state is None)
+        if not self._logged and self.layer_idx == 0:
+            log.info("mamba backend: %s (requested %s)", backend, self.backend)
+            self._logged = True
+        h0 = state.ssm if state is not None else None
+        if backend == "reference":
+            y, h = selective_scan_reference(xs, dt, A, B, C, h0)
+        elif backend == "cuda":  # pragma: no cover - CUDA only, see tests/gpu
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            y = selective_scan_fn(xs.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(),
+                                  C.transpose(1, 2).contiguous()).transpose(1, 2)
+            h = None
+        else:
+            y, h = selective_scan_chunked(xs, dt, A, B, C, h0, self.chunk_size)
+        if state is not None:
+            state.ssm = h.detach()
+        y = (y + xs * self.D.to(xs.dtype)) * F.silu(z)
+        return self.out_proj(y)
+
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MambaState:
+        k = self.conv1d.kernel_size[0]
+        return MambaState(torch.zeros(batch_size, self.d_inner, k - 1, device=device, dtype=dtype),
+                          torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32))
+
+
+# ============================================================================ Mamba-2
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: rmsnorm(y * silu(z)) * weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (y * F.silu(z)).float()
+        return F.rms_norm(g, (g.shape[-1],), self.weight.float(), self.eps).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 (SSD) mixer with multi-head scalar decays. (B, T, D) -> (B, T, D)."""
+
+    capabilities = frozenset({RECURRENT, STATEFUL})
+
+    def __init__(self, dim: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 32,
+                 ngroups: int = 1, chunk_size: int = 64, backend: str = "auto", layer_idx: int = 0):
+        super().__init__()
+        self.d_inner = expand * dim
+        if self.d_inner % headdim:
+            raise ValueError(f"mamba2: expand * dim = {self.d_inner} is not a multiple of headdim = {headdim}")
+        self.nheads, self.headdim, self.d_state, self.ngroups = self.d_inner // headdim, headdim, d_state, ngroups
+        if self.nheads % ngroups:
+            raise ValueError(f"mamba2: ngroups = {ngroups} does not divide the {self.nheads} heads")
+        self.chunk_size, self.backend, self.layer_idx, self._logged = chunk_size, backend, layer_idx, False
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(dim, self.d_inner + self.conv_dim + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = GatedRMSNorm(self.d_inner)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        self.out_proj.residual_out = True
+        self.reset_extra_parameters()
+
+    @torch.no_grad()
+    def reset_extra_parameters(self) -> None:
+        self.dt_bias.copy_(inverse_softplus(sample_dt(self.nheads)))
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
+        self.D.fill_(1.0)
+
+    def forward(self, x: torch.Tensor, *, state: MambaState | None = None) -> torch.Tensor:
+        b, T, _ = x.shape
+        H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        xBC = F.silu(causal_conv(xBC, self.conv1d, state))
+        xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        xs = xs.reshape(b, T, H, P)
+        B, C = B.reshape(b, T, G, N), C.reshape(b, T, G, N)
+        dt = F.softplus(dt + self.dt_bias)
+        a = -torch.exp(self.A_log.float())
+        backend = pick_backend(self.backend, x, state is None)
+        if not self._logged and self.layer_idx == 0:
+            log.info("mamba2 backend: %s (requested %s)", backend, self.backend)
+            self._logged = True
+        if backend == "cuda":  # pragma: no cover - CUDA only, see tests/gpu
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+            y = mamba_chunk_scan_combined(xs, dt, a, B, C, chunk_size=self.chunk_size)
+        else:
+            Bh, Ch = (t.repeat_interleave(H // G, dim=2) for t in (B, C))
+            h0 = state.ssm if state is not None else None
+            scan = ssd_reference if backend == "reference" else ssd_chunked
+            kw = {} if backend == "reference" else {"chunk": self.chunk_size}
+            y, h = scan(xs, dt, a, Bh, Ch, h0, **kw)
+            if state is not None:
+                state.ssm = h.detach()
+        y = y + xs * self.D.to(xs.dtype)[:, None]
+        return self.out_proj(self.norm(y.reshape(b, T, self.d_inner), z))
+
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MambaState:
+        k = self.conv1d.kernel_size[0]
+        return MambaState(
+            torch.zeros(batch_size, self.conv_dim, k - 1, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32))
+
+
+# ============================================================================ blocks
+class MambaBlock(ResidualBlock):
+    """x + Mamba(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) when ``mlp`` is true."""
+
+    capabilities = MambaMixer.capabilities
+    mixer_class = MambaMixer
+
+    def __init__(self, dim: int, mlp: bool = True, ffn_hidden: int | None = None, norm_eps: float = 1e-5,
+                 layer_idx: int = 0, **mixer_kwargs):
+        mixer = self.mixer_class(dim, layer_idx=layer_idx, **mixer_kwargs)
+        super().__init__(mixer, SwiGLU(dim, swiglu_hidden(dim, ffn_hidden)) if mlp else None, dim, norm_eps)
+
+
+class Mamba2Block(MambaBlock):
+    capabilities = Mamba2Mixer.capabilities
+    mixer_class = Mamba2Mixer
+
+
+@hookimpl
+def llmzoo_validate(cfg: DictConfig) -> list[str]:
+    block = cfg.get("block")
+    if not isinstance(block, DictConfig):
+        return []
+    nodes = [block] if block.get("_target_", "").startswith(f"{__name__}.") else []
+    nodes += [n for n in block.get("mixers", {}).values()
+              if isinstance(n, DictConfig) and n.get("_target_", "").startswith(f"{__name__}.")]
+    problems = []
+    for node in nodes:
+        if node.get("backend", "auto") not in BACKENDS:
+            problems.append(f"block.backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
+        if "Mamba2" in node._target_:
+            inner, hd = node.get("expand", 2) * node.get("dim"), node.get("headdim", 32)
+            if inner % hd:
+                problems.append(f"mamba2 needs block.expand * model.dim = {inner} to be a multiple of "
+                                f"block.headdim = {hd}")
+            elif (inner // hd) % node.get("ngroups", 1):
+                problems.append(f"block.ngroups={node.get('ngroups')} must divide the {inner // hd} mamba2 heads")
+        if node.get("chunk_size", 1) < 1:
+            problems.append(f"block.chunk_size must be >= 1, got {node.get('chunk_size')}")
+    return problems
