@@ -7,12 +7,12 @@
 
 Backends (``backend:``):
   reference  the recurrence run one step at a time -- the ground truth
-  chunked    pure PyTorch, fast on CPU. Mamba-1: a parallel (Hillis-Steele) scan inside
-             chunks, carried across chunks. Mamba-2: the SSD chunked form -- quadratic
-             attention-like products inside chunks, states passed between chunks.
+  torch      pure PyTorch, fast on CPU. Mamba-2: the chunked SSD form -- attention-like
+             matrix products inside chunks of ``chunk_size``, states passed between
+             chunks. Mamba-1: a lean step loop (one fused multiply-add per step).
   cuda       mamba_ssm's kernels (CUDA, mamba-ssm installed); used for stateless
-             forwards, the chunked path serves decoding
-  auto       cuda when it can run, else chunked
+             forwards, the torch path serves decoding
+  auto       cuda when it can run, else torch
 Decoding keeps a conv state (the last d_conv - 1 inputs) and the SSM state h: memory
 and time per token do not grow with the context.
 """
@@ -34,7 +34,7 @@ from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "chunked", "cuda")
+BACKENDS = ("auto", "reference", "torch", "cuda")
 
 
 # ============================================================================ Mamba-1 scans
@@ -52,47 +52,23 @@ def selective_scan_reference(x, dt, A, B, C, h0=None):
     return torch.stack(ys, 1).to(x.dtype), h
 
 
-def linear_scan(a: torch.Tensor, u: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive scan of h_t = a_t * h_t-1 + u_t (h_-1 = 0) along ``dim``, in log2(L)
-    doubling passes (Hillis-Steele). Returns (prod_{s<=t} a_s, h_t)."""
-    L, k = a.shape[dim], 1
-    while k < L:
-        a_prev = F.pad(a.narrow(dim, 0, L - k), _pad_spec(a.dim(), dim, k), value=1.0)
-        u_prev = F.pad(u.narrow(dim, 0, L - k), _pad_spec(u.dim(), dim, k), value=0.0)
-        u = a * u_prev + u
-        a = a * a_prev
-        k *= 2
-    return a, u
+def selective_scan_fast(x, dt, A, B, C, h0=None):
+    """Same result as ``selective_scan_reference``, faster on CPU: decays and inputs of
+    all steps are computed at once, leaving one fused multiply-add per step.
 
-
-def _pad_spec(ndim: int, dim: int, k: int) -> tuple[int, ...]:
-    """F.pad spec that adds k entries at the front of ``dim``."""
-    spec = [0, 0] * (ndim - dim % ndim)
-    spec[-2] = k
-    return tuple(spec)
-
-
-def selective_scan_chunked(x, dt, A, B, C, h0=None, chunk: int = 32):
-    """Same result as ``selective_scan_reference``: parallel scan inside chunks of
-    ``chunk`` steps, the state carried from chunk to chunk."""
+    (Mamba-1's decay differs per channel and state, so the matmul form that makes
+    Mamba-2 fast does not apply; on CPU this loop beat a parallel Hillis-Steele scan
+    and a log-space cumulative sum -- see benchmarks/README.md.)
+    """
     b, T, d = x.shape
-    n = A.shape[1]
-    chunk = max(1, min(chunk, T))
-    pad = (-T) % chunk
-    if pad:  # dt = 0 on padding: no decay, no input, so the final state is unchanged
-        x, dt, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, B, C))
-    c = x.shape[1] // chunk
-    dtf = dt.float().view(b, c, chunk, d)
-    a = torch.exp(dtf[..., None] * A)  # (b, c, l, d, n)
-    u = (dtf * x.float().view(b, c, chunk, d))[..., None] * B.float().view(b, c, chunk, 1, n)
-    a_cum, h_local = linear_scan(a, u, dim=2)
-    h = torch.zeros(b, d, n, dtype=torch.float32, device=x.device) if h0 is None else h0.float()
-    h_in = []
-    for i in range(c):
-        h_in.append(h)
-        h = a_cum[:, i, -1] * h + h_local[:, i, -1]
-    hs = h_local + a_cum * torch.stack(h_in, 1)[:, :, None]
-    y = (hs * C.float().view(b, c, chunk, 1, n)).sum(-1).view(b, c * chunk, d)[:, :T]
+    decay = torch.exp(dt.float()[..., None] * A).unbind(1)  # T x (b, d, n)
+    inp = ((dt * x).float()[..., None] * B.float()[:, :, None, :]).unbind(1)
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    hs = []
+    for t in range(T):
+        h = torch.addcmul(inp[t], decay[t], h)
+        hs.append(h)
+    y = torch.einsum("btdn,btn->btd", torch.stack(hs, 1), C.float())
     return y.to(x.dtype), h
 
 
@@ -185,7 +161,7 @@ def pick_backend(requested: str, x: torch.Tensor, stateless: bool) -> str:
     if requested == "cuda" and not cuda_ok:
         raise RuntimeError("mamba backend 'cuda' needs mamba-ssm installed and CUDA tensors; use backend=auto")
     if requested in ("auto", "cuda"):
-        return "cuda" if cuda_ok and stateless else "chunked"
+        return "cuda" if cuda_ok and stateless else "torch"
     return requested
 
 
@@ -196,9 +172,9 @@ class MambaMixer(nn.Module):
     capabilities = frozenset({RECURRENT, STATEFUL})
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
-                 chunk_size: int = 32, backend: str = "auto", layer_idx: int = 0):
+                 backend: str = "auto", layer_idx: int = 0):
         super().__init__()
-        self.d_inner, self.d_state, self.chunk_size = expand * dim, d_state, chunk_size
+        self.d_inner, self.d_state = expand * dim, d_state
         self.dt_rank = dt_rank or math.ceil(dim / 16)
         self.backend, self.layer_idx, self._logged = backend, layer_idx, False
         self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
@@ -237,7 +213,7 @@ class MambaMixer(nn.Module):
                                   C.transpose(1, 2).contiguous()).transpose(1, 2)
             h = None
         else:
-            y, h = selective_scan_chunked(xs, dt, A, B, C, h0, self.chunk_size)
+            y, h = selective_scan_fast(xs, dt, A, B, C, h0)
         if state is not None:
             state.ssm = h.detach()
         y = (y + xs * self.D.to(xs.dtype)) * F.silu(z)
@@ -315,8 +291,9 @@ class Mamba2Mixer(nn.Module):
         else:
             Bh, Ch = (t.repeat_interleave(H // G, dim=2) for t in (B, C))
             h0 = state.ssm if state is not None else None
-            scan = ssd_reference if backend == "reference" else ssd_chunked
-            kw = {} if backend == "reference" else {"chunk": self.chunk_size}
+            step_by_step = backend == "reference" or T == 1  # one decode step: the recurrence is cheapest
+            scan = ssd_reference if step_by_step else ssd_chunked
+            kw = {} if step_by_step else {"chunk": self.chunk_size}
             y, h = scan(xs, dt, a, Bh, Ch, h0, **kw)
             if state is not None:
                 state.ssm = h.detach()

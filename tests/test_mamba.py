@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmzoo.testing import check_block
-from llmzoo_plugins.mamba import (Mamba2Block, MambaBlock, selective_scan_chunked, selective_scan_reference,
+from llmzoo_plugins.mamba import (Mamba2Block, MambaBlock, selective_scan_fast, selective_scan_reference,
                                   ssd_chunked, ssd_reference)
 
 
@@ -28,12 +28,12 @@ def mamba2_inputs(T, seed=0):
 @pytest.mark.parametrize("T,chunk", [(32, 8), (37, 8), (37, 5), (10, 16), (33, 1), (64, 64)])
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_chunked_scan_equals_recurrence_values_and_gradients(kind, T, chunk):
-    make, ref, fast = ((mamba1_inputs, selective_scan_reference, selective_scan_chunked) if kind == "mamba"
+    make, ref, fast = ((mamba1_inputs, selective_scan_reference, selective_scan_fast) if kind == "mamba"
                        else (mamba2_inputs, ssd_reference, ssd_chunked))
     inputs_r = [t.clone().requires_grad_() for t in make(T)]
     inputs_c = [t.clone().requires_grad_() for t in make(T)]
     yr, hr = ref(*inputs_r)
-    yc, hc = fast(*inputs_c, chunk=chunk)
+    yc, hc = fast(*inputs_c) if kind == "mamba" else fast(*inputs_c, chunk=chunk)
     torch.testing.assert_close(yc, yr, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hc, hr, atol=1e-5, rtol=1e-5)
     w = torch.randn_like(yr)
@@ -43,22 +43,23 @@ def test_chunked_scan_equals_recurrence_values_and_gradients(kind, T, chunk):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("block", ["mamba", "mamba2"])
 @pytest.mark.parametrize("mlp", [True, False])
 def test_mamba_block_conformance(block, backend, mlp):
     def make():
         if block == "mamba":
-            return MambaBlock(32, d_state=8, chunk_size=4, backend=backend, mlp=mlp)
+            return MambaBlock(32, d_state=8, backend=backend, mlp=mlp)
         return Mamba2Block(32, d_state=8, headdim=16, chunk_size=4, backend=backend, mlp=mlp)
 
     check_block(make, 32, seq_len=13)
 
 
-def test_reference_and_chunked_blocks_agree():
+@pytest.mark.parametrize("cls,kw", [(MambaBlock, {}), (Mamba2Block, {"headdim": 16, "chunk_size": 4})])
+def test_reference_and_torch_blocks_agree(cls, kw):
     torch.manual_seed(0)
-    a = Mamba2Block(32, d_state=8, headdim=16, chunk_size=4, backend="reference")
-    b = Mamba2Block(32, d_state=8, headdim=16, chunk_size=4, backend="chunked")
+    a = cls(32, d_state=8, backend="reference", **kw)
+    b = cls(32, d_state=8, backend="torch", **kw)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 19, 32)
     torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-5)

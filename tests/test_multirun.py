@@ -28,3 +28,17 @@ def test_one_failing_job_keeps_the_others(tmp_path):
     assert (Path(bad["run_dir"]) / "FAILED").exists()
     assert good["status"] == "ok" and (Path(good["run_dir"]) / "model.safetensors").exists()
     assert "FAILED model.n_heads=3" in out.stderr
+
+
+def test_every_block_trains_with_falling_loss_in_one_sweep(tmp_path):
+    blocks = "dense,moe,mamba,mamba2,hybrid"
+    run_cli("llmzoo-train", "-m", f"block={blocks}", f"run_dir={tmp_path}", *FAST, "trainer.max_steps=40",
+            "trainer.val_every=20", "trainer.log_every_n_steps=10", "data.max_val_sequences=32")
+    jobs = json.loads((tmp_path / "summary.json").read_text())
+    assert [j["status"] for j in jobs] == ["ok"] * 5
+    import csv
+
+    for j in jobs:
+        rows = [float(r["val_loss"]) for r in csv.DictReader(open(Path(j["run_dir"]) / "metrics.csv"))
+                if r.get("val_loss")]
+        assert len(rows) == 2 and rows[1] < rows[0] < 5.6, (j["overrides"], rows)
