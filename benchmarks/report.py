@@ -1,6 +1,7 @@
 """Turn benchmark records (benchmarks/results/*.jsonl) into markdown tables.
 
     python benchmarks/report.py [results/train_vs_hf.jsonl ...]
+    python benchmarks/report.py --write-readme   # refresh the tables in benchmarks/README.md
 
 Prints one table per benchmark, newest record last.
 """
@@ -8,6 +9,7 @@ Prints one table per benchmark, newest record last.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,20 +30,71 @@ def train_vs_hf_rows(records: list[dict]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
-RENDER = {"train_vs_hf": train_vs_hf_rows}
+def blocks_rows(records: list[dict]) -> str:
+    out = []
+    for r in records[-1:]:  # the newest run; older ones stay in the .jsonl
+        s = r["shape"]
+        out.append(f"{r['time']} on {r['device']}, torch {r['torch']}; dim {s['dim']}, {s['n_layers']} layers, "
+                   f"batch {r['train_batch']['batch_size']} x {r['train_batch']['seq_len']}\n")
+        dense = next((t["tokens_per_s"] for t in r["train"] if t["block"] == "dense"), None)
+        out.append("| block | params total | params active | train tok/s | vs dense | peak RSS MB |\n|---|---|---|---|---|---|")
+        for t in r["train"]:
+            rel = f"{t['tokens_per_s'] / dense:.2f}x" if dense else "-"
+            out.append(f"| {t['block']} | {t['params_total'] / 1e6:.2f}M | {t['params_active'] / 1e6:.2f}M "
+                       f"| {t['tokens_per_s']:.0f} | {rel} | {t['peak_rss_mb']:.0f} |")
+        out.append("\n| block | decode ms/token by context | long / short |\n|---|---|---|")
+        by_block: dict[str, list] = {}
+        for d in r["decode"]:
+            by_block.setdefault(d["block"], []).append(d)
+        for block, ds in by_block.items():
+            ds = sorted(ds, key=lambda d: d["context"])
+            cells = ", ".join(f"{d['context']}: {d['ms_per_token']:.2f}" for d in ds)
+            out.append(f"| {block} | {cells} | **{ds[-1]['ms_per_token'] / ds[0]['ms_per_token']:.2f}x** |")
+        out.append("\n| scan at T=%d | step-by-step ms | fast ms | speedup |\n|---|---|---|---|" % r["scan"][0]["seq_len"])
+        for sc in r["scan"]:
+            out.append(f"| {sc['scan']} | {sc['reference_ms']:.1f} | {sc['fast_ms']:.1f} | **{sc['speedup']:.1f}x** |")
+        m = r["moe"]
+        out.append(f"\nMoE ({m['n_experts']} experts, top-{m['top_k']}, {m['tokens']} tokens, dim {m['dim']}, "
+                   f"forward+backward): dense per-expert loop {m['reference_ms']:.0f} ms, dispatched `torch` "
+                   f"backend {m['torch_ms']:.0f} ms: **{m['speedup']:.2f}x** (grouped GEMM: {m['grouped_mm']})")
+    return "\n".join(out)
 
 
-def main(paths: list[str]) -> None:
+RENDER = {"train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows}
+
+
+def load(paths: list[str]) -> dict[str, list[dict]]:
     files = [Path(p) for p in paths] or sorted((HERE / "results").glob("*.jsonl"))
+    by_kind: dict[str, list[dict]] = {}
     for f in files:
-        records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        by_kind: dict[str, list[dict]] = {}
-        for r in records:
-            by_kind.setdefault(r["benchmark"], []).append(r)
-        for kind, recs in by_kind.items():
-            print(f"### {kind} ({f.name})\n")
-            print(RENDER[kind](recs) if kind in RENDER else "\n".join(json.dumps(r) for r in recs))
-            print()
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                by_kind.setdefault(r["benchmark"], []).append(r)
+    return by_kind
+
+
+def render(kind: str, records: list[dict]) -> str:
+    return RENDER[kind](records) if kind in RENDER else "\n".join(json.dumps(r) for r in records)
+
+
+def write_readme(by_kind: dict[str, list[dict]]) -> None:
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    for kind, records in by_kind.items():
+        text = re.sub(rf"(<!-- report:{kind} -->\n).*?(<!-- /report -->)",
+                      lambda m: m.group(1) + render(kind, records) + "\n" + m.group(2), text, flags=re.S)
+    readme.write_text(text)
+    print(f"updated {readme}")
+
+
+def main(args: list[str]) -> None:
+    by_kind = load([a for a in args if not a.startswith("--")])
+    if "--write-readme" in args:
+        write_readme(by_kind)
+        return
+    for kind, records in by_kind.items():
+        print(f"### {kind}\n\n{render(kind, records)}\n")
 
 
 if __name__ == "__main__":
