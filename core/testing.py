@@ -120,3 +120,17 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
     check_state_dict_roundtrip(make_block, dim)
     check_dtype_move(block, dim)
     check_gradients(block, dim)
+
+
+@torch.no_grad()
+def check_model_decode(model: nn.Module, ids: torch.Tensor, prefill: int, atol: float = 1e-5) -> None:
+    """A whole LanguageModel: prefill ``prefill`` tokens, then one token at a time through
+    ``init_states``; the logits must equal one full forward. ids: (B, T) token ids."""
+    model.eval()
+    B, T = ids.shape
+    full = model(ids).logits
+    states = model.init_states(B, T)
+    steps = [model(ids[:, :prefill], states=states).logits]
+    steps += [model(ids[:, t:t + 1], states=states).logits for t in range(prefill, T)]
+    d = _max_diff(torch.cat(steps, 1), full)
+    assert d <= atol, f"model decode (prefill {prefill}, then single tokens) differs from the full forward by {d:.3g}"

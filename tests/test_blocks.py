@@ -4,8 +4,8 @@ and the whole model against Hugging Face's Llama with the same weights."""
 import pytest
 import torch
 
-from llmzoo.testing import (check_block, check_causality, check_dtype_move, check_state_dict_roundtrip,
-                            check_stateful_decode)
+from llmzoo.testing import (check_block, check_causality, check_dtype_move, check_model_decode,
+                            check_state_dict_roundtrip, check_stateful_decode)
 from llmzoo_plugins.attention import Attention, DenseBlock, attention_reference, attention_sdpa
 
 DIM = 32
@@ -123,12 +123,7 @@ def test_language_model_stateful_decode_matches_full_forward():
     torch.manual_seed(0)
     model = llmzoo.build_model(cfg).eval()
     ids = torch.randint(0, model.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = model(ids).logits
-        states = model.init_states(3, 20)
-        pieces = [model(ids[:, :7], states=states).logits] + [model(ids[:, t:t + 1], states=states).logits
-                                                              for t in range(7, 20)]
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    check_model_decode(model, ids, prefill=7)
 
 
 def test_dtype_move_bfloat16_runs():

@@ -5,6 +5,7 @@ import torch
 
 import llmzoo
 from llmzoo.config import ConfigError
+from llmzoo.testing import check_model_decode
 from llmzoo_plugins.sampling import Greedy
 
 
@@ -16,12 +17,9 @@ def test_layers_follow_the_pattern_and_decode_matches_full_forward():
     assert kinds == [("mamba2", "swiglu"), ("attention", "moe"), ("mamba2", "swiglu"), ("attention", "moe")]
     assert type(model.blocks[1].mixer).__name__ == "Attention" and type(model.blocks[0].mixer).__name__ == "Mamba2Mixer"
     ids = torch.randint(0, model.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1))
+    check_model_decode(model, ids, prefill=5)
     with torch.no_grad():
         full = model(ids).logits
-        states = model.init_states(2, 21)
-        steps = [model(ids[:, :5], states=states).logits] + [model(ids[:, t:t + 1], states=states).logits
-                                                             for t in range(5, 21)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     # causality of the whole hybrid stack
     ids2 = ids.clone()
     ids2[:, 10] = (ids2[:, 10] + 1) % model.vocab_size
@@ -65,3 +63,13 @@ def test_bad_pattern_and_capability_messages():
     assert "hybrid mixer 'mamba2' (llmzoo_plugins.mamba.Mamba2Mixer) lacks ['kv_cache']" in str(e.value)
     assert "attention" not in str(e.value).split("lacks")[0].split("hybrid mixer")[-1]
     assert "llmzoo_plugins.mamba.Mamba2Block lacks ['kv_cache']" in str(e2.value)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1])
+def test_hybrid_preset_layers_pass_conformance(layer_idx):
+    from hydra.utils import instantiate
+
+    from llmzoo.testing import check_block
+
+    cfg = llmzoo.compose(overrides=["model=tiny", "block=hybrid"])
+    check_block(lambda: instantiate(cfg.block, layer_idx=layer_idx), cfg.model.dim)
