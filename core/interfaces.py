@@ -97,6 +97,12 @@ class Block(Protocol):
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last forward (e.g. MoE load balance), or None."""
 
+    # Optional members, used when present:
+    #   flops_per_token(seq_len) -> float   forward matmul/conv FLOPs per token (2 per
+    #                                        multiply-add; elementwise work not counted)
+    #   metrics() -> dict[str, Tensor]       logged every training step (e.g. expert load)
+    #   part_capabilities(node) (static)     capabilities per part from the config alone
+
 
 # Capability names blocks declare and decoders / strategies check.
 KV_CACHE = "kv_cache"  # state is a key/value cache that grows with the context

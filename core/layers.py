@@ -44,6 +44,9 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        return 2 * self.down.out_features * self.hidden * 3
+
 
 class ResidualBlock(nn.Module):
     """The standard pre-norm block: x + mixer(norm(x)), then x + ffn(norm(x)).
@@ -77,3 +80,9 @@ class ResidualBlock(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         fn = getattr(self.ffn, "aux_loss", None)
         return fn() if fn else None
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Forward matmul FLOPs per token of the mixer and the ffn (norms not counted);
+        None if a part does not say (``flops_per_token`` is optional)."""
+        counts = [getattr(p, "flops_per_token", lambda _: None)(seq_len) for p in (self.mixer, self.ffn) if p is not None]
+        return None if None in counts else sum(counts)

@@ -82,6 +82,14 @@ class LanguageModel(nn.Module):
         dtype = dtype or p.dtype
         return [b.init_state(batch_size, max_len, device=device, dtype=dtype) for b in self.blocks]
 
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Forward FLOPs per token at context ``seq_len``: every block's own count plus the
+        vocabulary head (matmuls and convolutions, 2 FLOPs per multiply-add; elementwise
+        work and the embedding lookup are not counted). Training is ~3x this. None when
+        a block does not implement the optional ``flops_per_token``."""
+        counts = [getattr(b, "flops_per_token", lambda _: None)(seq_len) for b in self.blocks]
+        return None if None in counts else sum(counts) + 2 * self.dim * self.vocab_size
+
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embedding.weight.numel() if exclude_embedding else n

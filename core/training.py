@@ -18,6 +18,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .analysis import device_peak_flops, mfu
 from .api import (CONFIG_FILE, TOKENIZER_DIR, build_decoder, build_model, build_objective, build_strategy,
                   build_tokenizer, save_final, tokenizer_files)
 from .config import validate_config
@@ -82,8 +83,16 @@ class LMModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t0 is None:
             self._t0, self._tokens = time.perf_counter(), 0
+            self._flops = self.model.flops_per_token(batch["input_ids"].shape[1])
+            self._peak, how = None, ""
+            if self._flops and self.trainer.world_size == 1:  # MFU: single process, blocks that count FLOPs
+                self._peak, how = device_peak_flops(self.device)
+                log.info("model: %.3g forward FLOPs/token; device peak %.3g FLOP/s (%s)", self._flops, self._peak, how)
         elif self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self.log("tokens_per_s", self._tokens / (time.perf_counter() - self._t0))
+            tps = self._tokens / (time.perf_counter() - self._t0)
+            self.log("tokens_per_s", tps)
+            if self._peak:
+                self.log("mfu", mfu(tps, self._flops, self._peak))
 
     def validation_step(self, batch, batch_idx):
         loss = self.objective(self.model, batch)
@@ -206,7 +215,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, run_dir, strategy)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
 
-    summary = {"run_dir": str(run_dir), "step": trainer.global_step,
+    d = cfg.data
+    summary = {"run_dir": str(run_dir), "step": trainer.global_step, "parameters": model.num_parameters(),
+               "tokens_seen": trainer.global_step * d.batch_size * d.seq_len * cfg.trainer.accumulate_grad_batches
+               * trainer.world_size, "flops_per_token": model.flops_per_token(d.seq_len),
                **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # collective: every rank calls it
     if trainer.is_global_zero:

@@ -167,6 +167,11 @@ class Attention(nn.Module):
         y = KERNELS[self.backend_used](q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, T, H * hd))
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections, plus QK^T and AV over the full context (as dense kernels compute them)."""
+        return 2 * (self.qkv.in_features * self.qkv.out_features + self.out.in_features * self.out.out_features) \
+            + 4 * seq_len * self.n_heads * self.head_dim
+
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))

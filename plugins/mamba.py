@@ -148,6 +148,10 @@ def sample_dt(n: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor
     return torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
 
 
+def _linear_flops(*linears: nn.Linear) -> float:
+    return sum(2 * m.in_features * m.out_features for m in linears)
+
+
 def _mamba_ssm_available() -> bool:
     try:
         import mamba_ssm  # noqa: F401
@@ -218,6 +222,11 @@ class MambaMixer(nn.Module):
             state.ssm = h.detach()
         y = (y + xs * self.D.to(xs.dtype)) * F.silu(z)
         return self.out_proj(y)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections, the depthwise conv and the read-out h.C (the scan itself is elementwise)."""
+        return _linear_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj) \
+            + 2 * self.conv1d.kernel_size[0] * self.d_inner + 2 * self.d_inner * self.d_state
 
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MambaState:
         k = self.conv1d.kernel_size[0]
@@ -299,6 +308,16 @@ class Mamba2Mixer(nn.Module):
                 state.ssm = h.detach()
         y = y + xs * self.D.to(xs.dtype)[:, None]
         return self.out_proj(self.norm(y.reshape(b, T, self.d_inner), z))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Projections, the conv, and SSD's matrix products: C.B and the diagonal-block
+        output over a chunk of l = min(chunk_size, seq_len) tokens, plus the chunk
+        states and their read-out (each 2 * heads * headdim * d_state). The SSD part
+        runs on the sequence padded to whole chunks, and that work counts."""
+        l, H, P, N = min(self.chunk_size, seq_len), self.nheads, self.headdim, self.d_state
+        padded = -(-seq_len // l) * l
+        ssd = (2 * l * H * (N + P) + 4 * H * P * N) * padded / seq_len
+        return _linear_flops(self.in_proj, self.out_proj) + 2 * self.conv1d.kernel_size[0] * self.conv_dim + ssd
 
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MambaState:
         k = self.conv1d.kernel_size[0]

@@ -159,6 +159,12 @@ class MoE(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         return self._aux
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Router plus the top_k active experts (and the shared ones)."""
+        dim = self.router.in_features
+        shared = self.shared.flops_per_token(seq_len) if self.shared is not None else 0
+        return 2 * dim * self.n_experts + self.top_k * 6 * dim * self.hidden + shared
+
     def metrics(self) -> dict[str, torch.Tensor]:
         return self.stats
 
