@@ -36,7 +36,15 @@ def _asset(name: str) -> str:
     return str(resources.files("llmzoo.assets").joinpath(name))
 
 
+def _job_dirname(num: int, overrides: str, limit: int = 100) -> str:
+    """``${llmzoo.job_dirname:${hydra.job.num},${hydra.job.override_dirname}}``: a sweep
+    job's folder, ``<job number>_<its overrides>``; the overrides are cut to ``limit``
+    characters (file names stop at 255), the number keeps names unique."""
+    return f"{num}_{overrides[:limit]}" if overrides else str(num)
+
+
 OmegaConf.register_new_resolver("llmzoo.asset", _asset, replace=True)
+OmegaConf.register_new_resolver("llmzoo.job_dirname", _job_dirname, replace=True)
 
 
 def compose(config_name: str = "train", overrides: Iterable[str] = (), *, validate: bool = True) -> DictConfig:

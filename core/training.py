@@ -216,7 +216,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
 
     d = cfg.data
-    summary = {"run_dir": str(run_dir), "step": trainer.global_step, "parameters": model.num_parameters(),
+    n_params = model.num_parameters()
+    # weights + gradients + two AdamW moments in fp32; on CUDA the measured peak as well
+    memory = {"train_state_mb": n_params * 4 * 4 / 2**20}
+    if torch.cuda.is_available() and str(trainer.strategy.root_device).startswith("cuda"):
+        memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    summary = {"run_dir": str(run_dir), "step": trainer.global_step, "parameters": n_params, **memory,
                "tokens_seen": trainer.global_step * d.batch_size * d.seq_len * cfg.trainer.accumulate_grad_batches
                * trainer.world_size, "flops_per_token": model.flops_per_token(d.seq_len),
                **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}

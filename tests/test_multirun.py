@@ -5,7 +5,8 @@ from pathlib import Path
 
 from conftest import FAST, run_cli
 
-SHORT = [*FAST, "trainer.max_steps=3", "trainer.val_every=0", "trainer.log_every_n_steps=1", "data.batch_size=4"]
+SHORT = [*FAST, "trainer.max_steps=3", "trainer.val_every=3", "trainer.log_every_n_steps=1", "data.batch_size=4",
+         "data.max_val_sequences=16"]
 
 
 def test_two_by_two_sweep_writes_four_run_folders(tmp_path):
@@ -17,6 +18,14 @@ def test_two_by_two_sweep_writes_four_run_folders(tmp_path):
         assert (r / "model.safetensors").exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [j["status"] for j in summary] == ["ok"] * 4 and all(j["step"] == 3 for j in summary)
+
+    # llmzoo-report: one table grouped by the swept keys, and the plots
+    report = run_cli("llmzoo-report", str(tmp_path)).stdout
+    assert "Swept: model.n_layers, seed; 4 jobs, 0 failed." in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and " ok " in line]
+    assert [r.split(" | ")[:2] for r in rows] == [["| 1", "0"], ["| 1", "1"], ["| 2", "0"], ["| 2", "1"]]
+    for name in ("loss_vs_step", "loss_vs_flops", "throughput", "memory"):
+        assert (tmp_path / f"report_{name}.png").stat().st_size > 5000, name
 
 
 def test_one_failing_job_keeps_the_others(tmp_path):

@@ -1,0 +1,143 @@
+"""``llmzoo-report <sweep_dir>``: a sweep's runs as one markdown table, grouped by the
+keys the sweep varied, and PNG plots (loss vs step, loss vs training FLOPs, throughput,
+memory). Written into the sweep folder as report.md and report_*.png."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load_sweep(sweep: Path) -> list[dict[str, Any]]:
+    """Jobs of ``summary.json`` with their overrides parsed and their metrics.csv rows."""
+    path = sweep / "summary.json"
+    if not path.exists():
+        raise SystemExit(f"{sweep}: no summary.json (is it the run_dir of an `llmzoo-train -m` sweep?)")
+    jobs = json.loads(path.read_text())
+    for job in jobs:
+        job["params"] = dict(o.split("=", 1) for o in job.get("overrides", []) if "=" in o)
+        metrics = Path(job.get("run_dir", "")) / "metrics.csv"
+        job["rows"] = list(csv.DictReader(open(metrics))) if metrics.exists() else []
+    return jobs
+
+
+def swept_keys(jobs: list[dict]) -> list[str]:
+    keys = sorted({k for j in jobs for k in j["params"]})
+    return [k for k in keys if len({j["params"].get(k) for j in jobs}) > 1]
+
+
+def series(job: dict, column: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[column])) for r in job["rows"] if r.get(column)]
+
+
+def last(job: dict, column: str) -> float | None:
+    s = series(job, column)
+    return s[-1][1] if s else None
+
+
+def label(job: dict, keys: list[str]) -> str:
+    return ", ".join(f"{k}={job['params'].get(k)}" for k in keys) or job.get("run_dir", "?")
+
+
+def _sortable(value: str | None) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def table(jobs: list[dict], keys: list[str]) -> str:
+    head = keys + ["status", "params", "final val loss", "tokens/s", "MFU", "train state MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in sorted(jobs, key=lambda j: [_sortable(j["params"].get(k)) for k in keys]):
+        tps, mfu = last(j, "tokens_per_s"), last(j, "mfu")
+        cells = [str(j["params"].get(k)) for k in keys] + [
+            j.get("status", "?") if j.get("status") == "ok" else f"**{j.get('status')}**: {j.get('error', '')[:80]}",
+            f"{j['parameters'] / 1e6:.3f}M" if "parameters" in j else "-",
+            f"{j['val_loss']:.4f}" if "val_loss" in j else "-",
+            f"{tps:.0f}" if tps else "-", f"{100 * mfu:.1f}%" if mfu else "-",
+            f"{j['train_state_mb']:.1f}" if "train_state_mb" in j else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(jobs: list[dict], keys: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [j for j in jobs if j.get("status") == "ok"]
+    files = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for j in ok:
+        tr = series(j, "train_loss")
+        line, = ax.plot([s for s, _ in tr], [v for _, v in tr], alpha=0.6, label=label(j, keys))
+        va = series(j, "val_loss")
+        ax.plot([s for s, _ in va], [v for _, v in va], "o--", color=line.get_color())
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="training loss (lines) and validation loss (dots)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    files.append(_save(fig, out / "report_loss_vs_step.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for j in ok:
+        if not j.get("flops_per_token") or not j.get("tokens_seen") or not j.get("step"):
+            continue
+        per_step = 3 * j["flops_per_token"] * j["tokens_seen"] / j["step"]
+        va = series(j, "val_loss")
+        ax.plot([(s + 1) * per_step for s, _ in va], [v for _, v in va], "o-", label=label(j, keys))
+    ax.set(xscale="log", xlabel="training FLOPs (3 x forward)", ylabel="validation loss", title="loss vs compute")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    files.append(_save(fig, out / "report_loss_vs_flops.png"))
+
+    for column, name, ylabel in (("tokens_per_s", "throughput", "training tokens/s"),
+                                 ("train_state_mb", "memory", "weights + grads + AdamW state (MB)")):
+        vals = [(label(j, keys), last(j, column) if column == "tokens_per_s" else j.get(column)) for j in ok]
+        vals = [(k, v) for k, v in vals if v]
+        if not vals:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(vals)))
+        ax.barh([k for k, _ in vals], [v for _, v in vals], color="tab:blue")
+        ax.set(xlabel=ylabel, title=name)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3, axis="x")
+        files.append(_save(fig, out / f"report_{name}.png"))
+    return files
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmzoo-report", description=__doc__)
+    p.add_argument("sweep_dir", help="the run_dir of an `llmzoo-train -m ...` sweep (holds summary.json)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    sweep = Path(args.sweep_dir)
+    jobs = load_sweep(sweep)
+    keys = swept_keys(jobs)
+    text = f"# Sweep {sweep}\n\nSwept: {', '.join(keys) or '(nothing)'}; {len(jobs)} jobs, " \
+           f"{sum(j.get('status') != 'ok' for j in jobs)} failed.\n\n{table(jobs, keys)}\n"
+    if not args.no_plots:
+        files = plots(jobs, keys, sweep)
+        text += "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in files) + "\n"
+    (sweep / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
