@@ -17,16 +17,18 @@ HERE = Path(__file__).parent
 
 
 def train_vs_hf_rows(records: list[dict]) -> str:
-    head = ("| when | commit | device | model (params) | batch x seq | llmzoo+Lightning tok/s | llmzoo plain tok/s "
-            "| HF Llama tok/s | llmzoo+Lightning / HF | Lightning overhead |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| when | commit | block (HF twin) | model (params) | batch x seq | llmzoo+Lightning tok/s "
+            "| llmzoo plain tok/s | HF tok/s | llmzoo+Lightning / HF | llmzoo plain / HF |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in records:
-        t = r["tokens_per_s"]
-        m = r["model"]
-        rows.append(f"| {r['time']} | {r['commit']} | {r['device']} | dim {m['dim']}, {m['n_layers']} layers "
-                    f"({r['params']['llmzoo'] / 1e6:.1f}M) | {r['batch_size']}x{r['seq_len']} "
-                    f"| {t['llmzoo_lightning']:.0f} | {t['llmzoo_plain_loop']:.0f} | {t['hf_llama_plain_loop']:.0f} "
-                    f"| **{r['ratio_llmzoo_lightning_vs_hf']:.2f}x** | {100 * r['lightning_overhead']:.1f}% |")
+        t, m = r["tokens_per_s"], r["model"]
+        hf = t.get("hf_plain_loop", t.get("hf_llama_plain_loop"))
+        block = r.get("block", "dense").rsplit(".", 1)[-1]
+        rows.append(f"| {r['time']} | {r['commit']} | {block} ({r.get('hf_class', 'LlamaForCausalLM')}) "
+                    f"| dim {m['dim']}, {m['n_layers']} layers ({r['params']['llmzoo'] / 1e6:.1f}M) "
+                    f"| {r['batch_size']}x{r['seq_len']} | {t['llmzoo_lightning']:.0f} | {t['llmzoo_plain_loop']:.0f} "
+                    f"| {hf:.0f} | **{r['ratio_llmzoo_lightning_vs_hf']:.2f}x** | {r['ratio_llmzoo_plain_vs_hf']:.2f}x |")
     return head + "\n" + "\n".join(rows)
 
 

@@ -1,10 +1,11 @@
 """Training throughput: llmzoo (LanguageModel + clm objective through Lightning) against
-Hugging Face ``LlamaForCausalLM`` of the same shape in a plain PyTorch loop, with the
-same batches, optimizer and precision, in one process. Also times the llmzoo model in
-the same plain loop, which isolates what Lightning and the plugin layers cost.
+the Hugging Face model of the same shape (Llama for dense, Mixtral for MoE, Mamba and
+Mamba-2 for MLP-free Mamba blocks) in a plain PyTorch loop, with the same batches,
+optimizer and precision, in one process. Also times the llmzoo model in the same plain
+loop, which isolates what Lightning and the plugin layers cost.
 
-    python benchmarks/train_vs_hf.py                    # model=small, CPU, fp32
-    python benchmarks/train_vs_hf.py model=tiny bench.steps=5
+    python benchmarks/train_vs_hf.py                    # model=small dense, CPU, fp32
+    python benchmarks/train_vs_hf.py 'bench.blocks=[dense,moe,mamba,mamba2]'   # every block, bench.shape_overrides
     python benchmarks/report.py                         # records -> markdown table
 
 Each run appends one JSON record to ``bench.out``.
@@ -33,17 +34,37 @@ def batches(n: int, batch_size: int, seq_len: int, vocab: int, seed: int = 0) ->
     return [torch.randint(0, vocab, (batch_size, seq_len), generator=g) for _ in range(n)]
 
 
-def hf_llama_like(model: llmzoo.LanguageModel, cfg: DictConfig, attn: str):
+def hf_same_shape(model: llmzoo.LanguageModel, cfg: DictConfig, attn: str):
+    """The Hugging Face model of the same shape as ``model``: Llama for dense blocks,
+    Mixtral for MoE, Mamba / Mamba-2 for MLP-free Mamba blocks (weights not copied:
+    tests/test_hf_parity.py shows the two compute the same function)."""
     import transformers
 
-    m = cfg.model
-    block = model.blocks[0]
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=model.vocab_size, hidden_size=m.dim, intermediate_size=block.ffn.hidden,
-        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
-        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False, attn_implementation=attn)
-    return transformers.LlamaForCausalLM(hf_cfg)
+    m, block = cfg.model, model.blocks[0]
+    kind = type(block).__name__
+    common = dict(vocab_size=model.vocab_size, hidden_size=m.dim, num_hidden_layers=m.n_layers,
+                  tie_word_embeddings=m.tie_embeddings)
+    if kind == "DenseBlock" or kind == "MoEBlock":
+        attn_kw = dict(num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+                       max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta)
+        if kind == "DenseBlock":
+            return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                intermediate_size=block.ffn.hidden, attention_bias=False, mlp_bias=False, attn_implementation=attn,
+                **attn_kw, **common))
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            intermediate_size=block.ffn.hidden, num_local_experts=block.ffn.n_experts,
+            num_experts_per_tok=block.ffn.top_k, attn_implementation=attn, **attn_kw, **common))
+    if block.ffn is not None:
+        raise ValueError(f"{kind} with an MLP has no Hugging Face twin: benchmark it with block.mlp=false")
+    mixer = block.mixer
+    if kind == "MambaBlock":
+        return transformers.MambaForCausalLM(transformers.MambaConfig(
+            state_size=mixer.d_state, expand=mixer.d_inner // m.dim, conv_kernel=mixer.conv1d.kernel_size[0],
+            layer_norm_epsilon=m.norm_eps, use_bias=False, use_conv_bias=True, **common))
+    return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        state_size=mixer.d_state, expand=mixer.d_inner // m.dim, head_dim=mixer.headdim, num_heads=mixer.nheads,
+        n_groups=mixer.ngroups, conv_kernel=mixer.conv1d.kernel_size[0], chunk_size=mixer.chunk_size,
+        layer_norm_epsilon=m.norm_eps, use_bias=False, use_conv_bias=True, **common))
 
 
 def adamw(params, o):
@@ -103,16 +124,15 @@ def git_commit() -> str:
         return "?"
 
 
-@hydra.main(config_path="pkg://llmzoo_conf", config_name="bench_train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def compare(cfg: DictConfig, b: DictConfig) -> dict:
+    """Time llmzoo (Lightning), llmzoo (plain loop) and the HF twin on the same batches."""
     import transformers
 
     from llmzoo_plugins.clm import next_token_loss
 
-    b = cfg.bench
     torch.manual_seed(0)
     ours = llmzoo.build_model(cfg)
-    hf = hf_llama_like(ours, cfg, b.attn_implementation)
+    hf = hf_same_shape(ours, cfg, b.attn_implementation)
     data = batches(b.warmup + b.steps, b.batch_size, b.seq_len, ours.vocab_size)
     tokens = b.steps * b.batch_size * b.seq_len
 
@@ -122,7 +142,7 @@ def main(cfg: DictConfig) -> None:
     def hf_loss(m, ids):
         return next_token_loss(m(input_ids=ids).logits, ids)[0]
 
-    times = {"llmzoo_lightning": [], "llmzoo_plain_loop": [], "hf_llama_plain_loop": []}
+    times = {"llmzoo_lightning": [], "llmzoo_plain_loop": [], "hf_plain_loop": []}
     for r in range(b.repeats):  # alternate so that machine noise hits every contender alike
         times["llmzoo_lightning"].append(time_lightning(cfg, data, b.warmup))
         torch.manual_seed(0)
@@ -130,29 +150,40 @@ def main(cfg: DictConfig) -> None:
         times["llmzoo_plain_loop"].append(time_plain_loop(plain_step(m, adamw(m.parameters(), cfg.optim), ours_loss),
                                                           data, b.warmup))
         torch.manual_seed(0)
-        h = hf_llama_like(ours, cfg, b.attn_implementation)
-        times["hf_llama_plain_loop"].append(time_plain_loop(plain_step(h, adamw(h.parameters(), cfg.optim), hf_loss),
-                                                            data, b.warmup))
-        print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+        h = hf_same_shape(ours, cfg, b.attn_implementation)
+        times["hf_plain_loop"].append(time_plain_loop(plain_step(h, adamw(h.parameters(), cfg.optim), hf_loss),
+                                                      data, b.warmup))
+        print(f"{type(ours.blocks[0]).__name__} repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-    record = {
-        "benchmark": "train_vs_hf", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),
-        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "model": OmegaConf.to_container(cfg.model, resolve=True), "block": cfg.block._target_,
+    return {
+        "block": cfg.block._target_, "hf_class": type(hf).__name__, "transformers": transformers.__version__,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
         "params": {"llmzoo": ours.num_parameters(), "hf": sum(p.numel() for p in hf.parameters())},
-        "batch_size": b.batch_size, "seq_len": b.seq_len, "steps": b.steps, "repeats": b.repeats,
-        "precision": cfg.trainer.precision, "tokens_per_s": tps,
-        "ratio_llmzoo_lightning_vs_hf": tps["llmzoo_lightning"] / tps["hf_llama_plain_loop"],
-        "ratio_llmzoo_plain_vs_hf": tps["llmzoo_plain_loop"] / tps["hf_llama_plain_loop"],
+        "tokens_per_s": tps,
+        "ratio_llmzoo_lightning_vs_hf": tps["llmzoo_lightning"] / tps["hf_plain_loop"],
+        "ratio_llmzoo_plain_vs_hf": tps["llmzoo_plain_loop"] / tps["hf_plain_loop"],
         "lightning_overhead": 1 - tps["llmzoo_lightning"] / tps["llmzoo_plain_loop"],
     }
-    out = Path(hydra.utils.to_absolute_path(b.out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    print(json.dumps({k: record[k] for k in ("params", "tokens_per_s", "ratio_llmzoo_lightning_vs_hf",
-                                             "ratio_llmzoo_plain_vs_hf", "lightning_overhead")}, indent=2))
+
+
+@hydra.main(config_path="pkg://llmzoo_conf", config_name="bench_train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    b = cfg.bench
+    runs = [cfg] if not b.get("blocks") else [
+        llmzoo.compose("bench_train", [f"block={name}", *b.block_overrides.get(name, []), *b.shape_overrides],
+                       validate=True) for name in b.blocks]
+    for run_cfg in runs:
+        result = compare(run_cfg, b)
+        record = {"benchmark": "train_vs_hf", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),
+                  "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                  "torch": torch.__version__, "batch_size": b.batch_size, "seq_len": b.seq_len, "steps": b.steps,
+                  "repeats": b.repeats, "precision": cfg.trainer.precision, **result}
+        out = Path(hydra.utils.to_absolute_path(b.out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(json.dumps({k: record[k] for k in ("block", "hf_class", "params", "tokens_per_s",
+                                                 "ratio_llmzoo_lightning_vs_hf", "ratio_llmzoo_plain_vs_hf")}, indent=1))
 
 
 if __name__ == "__main__":
