@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import platform
 import resource
 import statistics
 import time
@@ -28,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import llmzoo
+from llmzoo.analysis import device_description
 
 
 def shape_overrides(shape: dict) -> list[str]:
@@ -158,7 +158,7 @@ def bench_moe(b: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
     record = {"benchmark": "blocks", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+              "device": device_description(),
               "torch": torch.__version__, "shape": OmegaConf.to_container(b.shape),
               "train_batch": OmegaConf.to_container(b.train)}
     record["train"] = bench_training(b)

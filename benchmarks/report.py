@@ -80,14 +80,43 @@ def render(kind: str, records: list[dict]) -> str:
     return RENDER[kind](records) if kind in RENDER else "\n".join(json.dumps(r) for r in records)
 
 
+def headline(by_kind: dict[str, list[dict]]) -> str:
+    """The few ratios the project README shows, newest record of each kind."""
+    lines = []
+    hf = {}
+    for r in by_kind.get("train_vs_hf", []):
+        hf[r.get("hf_class", "LlamaForCausalLM")] = r
+    for cls, r in hf.items():
+        lines.append(f"| training vs HF `{cls}` (same shape, fp32) | **{r['ratio_llmzoo_lightning_vs_hf']:.2f}x** "
+                     f"| {r['device']}, {r['time'][:10]} |")
+    if by_kind.get("blocks"):
+        b = by_kind["blocks"][-1]
+        dec = {(d["block"], d["context"]): d["ms_per_token"] for d in b["decode"]}
+        ctx = sorted({c for _, c in dec})
+        for block in sorted({k for k, _ in dec}):
+            lines.append(f"| {block} decode ms/token, context {ctx[-1]} vs {ctx[0]} "
+                         f"| {dec[(block, ctx[-1])] / dec[(block, ctx[0])]:.2f}x | {b['device']}, {b['time'][:10]} |")
+        for sc in b["scan"]:
+            lines.append(f"| {sc['scan']} vs step-by-step, T={sc['seq_len']} | {sc['speedup']:.1f}x "
+                         f"| {b['device']}, {b['time'][:10]} |")
+        lines.append(f"| MoE dispatch vs per-expert loop ({b['moe']['n_experts']} experts, top-{b['moe']['top_k']}) "
+                     f"| {b['moe']['speedup']:.2f}x | {b['device']}, {b['time'][:10]} |")
+    return "| measurement | ratio | machine, date |\n|---|---|---|\n" + "\n".join(lines)
+
+
+def _fill(path: Path, kind: str, body: str) -> None:
+    text = path.read_text()
+    text = re.sub(rf"(<!-- report:{kind} -->\n).*?(<!-- /report -->)", lambda m: m.group(1) + body + "\n" + m.group(2),
+                  text, flags=re.S)
+    path.write_text(text)
+
+
 def write_readme(by_kind: dict[str, list[dict]]) -> None:
     readme = HERE / "README.md"
-    text = readme.read_text()
     for kind, records in by_kind.items():
-        text = re.sub(rf"(<!-- report:{kind} -->\n).*?(<!-- /report -->)",
-                      lambda m: m.group(1) + render(kind, records) + "\n" + m.group(2), text, flags=re.S)
-    readme.write_text(text)
-    print(f"updated {readme}")
+        _fill(readme, kind, render(kind, records))
+    _fill(HERE.parent / "README.md", "headline", headline(by_kind))
+    print(f"updated {readme} and {HERE.parent / 'README.md'}")
 
 
 def main(args: list[str]) -> None:

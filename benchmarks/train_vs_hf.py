@@ -14,7 +14,6 @@ Each run appends one JSON record to ``bench.out``.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import time
@@ -26,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import llmzoo
+from llmzoo.analysis import device_description
 from llmzoo.training import LMModule
 
 
@@ -175,7 +175,7 @@ def main(cfg: DictConfig) -> None:
     for run_cfg in runs:
         result = compare(run_cfg, b)
         record = {"benchmark": "train_vs_hf", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),
-                  "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                  "device": device_description(),
                   "torch": torch.__version__, "batch_size": b.batch_size, "seq_len": b.seq_len, "steps": b.steps,
                   "repeats": b.repeats, "precision": cfg.trainer.precision, **result}
         out = Path(hydra.utils.to_absolute_path(b.out))

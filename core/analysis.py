@@ -16,6 +16,7 @@ the loss-optimal split of a budget C is
 from __future__ import annotations
 
 import itertools
+import platform
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -48,6 +49,19 @@ def device_peak_flops(device: torch.device | str | None = None, *, probe_size: i
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / 4)
     return 2 * probe_size ** 3 / best, f"measured: fp32 {probe_size}^3 matmul on {device.type}"
+
+
+def device_description() -> str:
+    """One line naming the machine a measurement ran on (GPU name, or CPU model and threads)."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model}, {torch.get_num_threads()} threads"
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
