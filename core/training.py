@@ -44,15 +44,18 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def block_metrics(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Average over layers of what modules report through ``metrics()`` (e.g. MoE expert
-    load); keys with "dropped" in them are summed instead."""
+def metric_sources(model: nn.Module) -> list[nn.Module]:
+    """The submodules that report training statistics through ``metrics()``."""
+    return [m for m in model.modules() if m is not model and callable(getattr(m, "metrics", None))]
+
+
+def block_metrics(sources: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Average over layers of what ``sources`` report through ``metrics()`` (e.g. MoE
+    expert load); keys with "dropped" in them are summed instead."""
     found: dict[str, list[torch.Tensor]] = {}
-    for m in model.modules():
-        fn = getattr(m, "metrics", None)
-        if m is not model and callable(fn):
-            for k, v in fn().items():
-                found.setdefault(k, []).append(v)
+    for m in sources:
+        for k, v in m.metrics().items():
+            found.setdefault(k, []).append(v)
     return {k: torch.stack(v).sum() if "dropped" in k else torch.stack(v).mean() for k, v in found.items()}
 
 
@@ -68,6 +71,7 @@ class LMModule(L.LightningModule):
         self.objective_module = objective if isinstance(objective, nn.Module) else None
         self.optim, self.max_steps, self.run_info = optim, max_steps, run_info or {}
         self._t0 = self._tokens = None
+        self._metric_sources = metric_sources(model)
 
     def training_step(self, batch, batch_idx):
         loss = self.objective(self.model, batch)
@@ -75,7 +79,7 @@ class LMModule(L.LightningModule):
         self.log("train_loss", loss.value, prog_bar=True, sync_dist=sync)
         for k, v in loss.metrics.items():
             self.log(f"train/{k}", v, sync_dist=sync, reduce_fx="sum" if k == "tokens" else "mean")
-        for k, v in block_metrics(self.model).items():
+        for k, v in block_metrics(self._metric_sources).items():
             self.log(k, v, sync_dist=sync)
         self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * self.trainer.world_size
         return loss.value
@@ -95,8 +99,11 @@ class LMModule(L.LightningModule):
                 self.log("mfu", mfu(tps, self._flops, self._peak))
 
     def validation_step(self, batch, batch_idx):
+        # The objective's own measure (cross-entropy for clm), without auxiliary terms such
+        # as MoE balance losses, so that different blocks compare on equal terms.
         loss = self.objective(self.model, batch)
-        self.log("val_loss", loss.value, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        self.log("val_loss", loss.metrics.get("ce", loss.value), prog_bar=True,
+                 sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         o = self.optim

@@ -147,6 +147,9 @@ class MoE(nn.Module):
         out = getattr(self, f"experts_{self.backend_used}")(x, weights, experts)
         if self.shared is not None:
             out = out + self.shared(x)
+        if not self.training:  # evaluation and decoding: no auxiliary losses or statistics to pay for
+            self._aux, self.stats = None, {}
+            return out.reshape(shape)
         balance = switch_balance_loss(probs, experts, self.n_experts)
         z = logits.float().logsumexp(-1).square().mean()
         self._aux = self.balance_loss_weight * balance + self.z_loss_weight * z

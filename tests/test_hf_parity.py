@@ -19,6 +19,15 @@ def common(ours, prefix="backbone"):
     return {emb: ours.embedding.weight, norm: ours.norm.weight, "lm_head.weight": ours.head.weight}
 
 
+def mamba_state_dict(ours):
+    """HF Mamba / Mamba-2 names: the mixers use the same parameter names as ours."""
+    sd = common(ours)
+    for i, b in enumerate(ours.blocks):
+        sd[f"backbone.layers.{i}.norm.weight"] = b.mixer_norm.weight
+        sd.update({f"backbone.layers.{i}.mixer.{k}": v for k, v in b.mixer.state_dict().items()})
+    return sd
+
+
 def assert_same_logits(ours, hf, sd):
     missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
@@ -58,12 +67,7 @@ def test_mamba_matches_hf_mamba():
     hf = transformers.MambaForCausalLM(transformers.MambaConfig(
         vocab_size=VOCAB, hidden_size=DIM, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
         layer_norm_epsilon=1e-5, tie_word_embeddings=False, use_bias=False, use_conv_bias=True))
-    sd = common(ours)
-    for i, b in enumerate(ours.blocks):
-        p = f"backbone.layers.{i}."
-        sd[p + "norm.weight"] = b.mixer_norm.weight
-        sd.update({p + "mixer." + k: v for k, v in b.mixer.state_dict().items()})
-    assert_same_logits(ours, hf, sd)
+    assert_same_logits(ours, hf, mamba_state_dict(ours))
 
 
 def test_mamba2_matches_hf_mamba2():
@@ -75,9 +79,4 @@ def test_mamba2_matches_hf_mamba2():
         vocab_size=VOCAB, hidden_size=DIM, state_size=8, num_hidden_layers=2, expand=2, head_dim=16, num_heads=4,
         n_groups=1, conv_kernel=4, chunk_size=8, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
         use_bias=False, use_conv_bias=True))
-    sd = common(ours)
-    for i, b in enumerate(ours.blocks):
-        p = f"backbone.layers.{i}."
-        sd[p + "norm.weight"] = b.mixer_norm.weight
-        sd.update({p + "mixer." + k: v for k, v in b.mixer.state_dict().items()})
-    assert_same_logits(ours, hf, sd)
+    assert_same_logits(ours, hf, mamba_state_dict(ours))

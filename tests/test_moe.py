@@ -79,9 +79,11 @@ def test_capacity_factor_drops_and_counts_the_right_tokens():
     keep = capacity_keep(experts, 8, cap)
     dead = ~keep.any(-1)
     assert dead.any() and torch.all(y[dead] == 0)
-    moe.eval()  # evaluation is dropless
-    moe(x)
-    assert moe.metrics()["moe/dropped_tokens"].item() == 0
+    moe.eval()  # evaluation is dropless, and computes no auxiliary loss
+    dropless = make_moe(backend="torch").eval()
+    dropless.load_state_dict(moe.state_dict())
+    torch.testing.assert_close(moe(x), dropless(x))
+    assert moe.aux_loss() is None and not torch.equal(moe(x), y)
 
 
 def test_moe_block_conformance():
