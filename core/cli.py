@@ -133,6 +133,10 @@ def _generate_app(cfg: DictConfig) -> None:
     model = model.to(device)
     prompts = list(cfg.prompts) if cfg.prompts else [cfg.prompt]
     ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+    room = model.max_seq_len - max(len(i) for i in ids)
+    if cfg.max_new_tokens > room:
+        sys.exit(f"llmzoo-generate: the longest prompt has {max(len(i) for i in ids)} tokens and the model's context "
+                 f"is model.max_seq_len={model.max_seq_len}: use max_new_tokens <= {max(room, 0)}")
     t0 = time.perf_counter()
     outs = decoder.generate(model, ids, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id)
     dt = time.perf_counter() - t0

@@ -111,6 +111,8 @@ def test_checkpoint_alone_rebuilds_the_run_and_generate_cli(tmp_path):
         from_run.model, [from_run.tokenizer.encode("Once upon")], max_new_tokens=12)[0])
     assert out.stdout.strip().startswith("Once upon" + expected.rstrip())
     assert "tokens/s" in out.stderr
+    too_long = run_cli("llmzoo-generate", f"run_dir={run}", "prompt=Once upon", "max_new_tokens=500", check=False)
+    assert too_long.returncode != 0 and "use max_new_tokens <=" in too_long.stderr
 
 
 @pytest.mark.parametrize("experiment", [o.name for o in llmzoo.list_options() if o.group == "experiment"])
