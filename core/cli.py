@@ -63,8 +63,11 @@ def _train_app(cfg: DictConfig) -> dict[str, Any]:
     from .training import train
 
     _quiet_libraries()
+    hc = HydraConfig.get()
     with open_dict(cfg):
-        cfg.run_dir = HydraConfig.get().runtime.output_dir
+        cfg.run_dir = hc.runtime.output_dir
+    run_dir = Path(cfg.run_dir)
+    overrides = list(hc.overrides.task)
     try:
         validate_config(cfg)
         summary = train(cfg)
@@ -75,36 +78,47 @@ def _train_app(cfg: DictConfig) -> dict[str, Any]:
                 sys.exit(2)
             raise
         # In a sweep one failing job must not stop the others: record it and go on.
-        (Path(cfg.run_dir) / "FAILED").write_text(traceback.format_exc())
-        log.error("job in %s failed: %s: %s", cfg.run_dir, type(e).__name__, e)
-        return {"status": "failed", "run_dir": cfg.run_dir, "error": f"{type(e).__name__}: {e}"}
-    return {"status": "ok", **{k: v for k, v in summary.items() if k != "samples"}}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "FAILED").write_text(traceback.format_exc())
+        log.error("job in %s failed: %s: %s", run_dir, type(e).__name__, e)
+        result = {"status": "failed", "overrides": overrides, "run_dir": str(run_dir),
+                  "error": f"{type(e).__name__}: {e}"}
+    else:
+        result = {"status": "ok", "overrides": overrides, **{k: v for k, v in summary.items() if k != "samples"}}
+    if _is_multirun():  # the sweep summary is built from these files, whichever launcher ran the job
+        (run_dir / RESULT_FILE).write_text(json.dumps(result, default=str))
+    return result
+
+
+RESULT_FILE = "result.json"
 
 
 class SweepSummary(HydraCallback):
-    """Hydra callback: writes ``summary.json`` (one entry per job) into the sweep folder
-    and exits non-zero at the end if any job failed."""
-
-    def __init__(self) -> None:
-        self.jobs: list[dict[str, Any]] = []
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        ret = job_return.return_value if job_return.status.name == "COMPLETED" else None
-        entry = {"overrides": list(job_return.overrides or []), **(ret if isinstance(ret, dict) else {})}
-        if job_return.status.name != "COMPLETED":
-            entry.update(status="failed", error=repr(job_return._return_value))
-        self.jobs.append(entry)
+    """Hydra callback: at the end of a sweep, gathers every job's ``result.json`` into
+    ``summary.json`` in the sweep folder, and exits non-zero if any job failed. Reading
+    files (not in-process state) makes it work with launchers that run jobs in other
+    processes or on other machines (joblib, submitit)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "summary.json").write_text(json.dumps(self.jobs, indent=2, default=str))
-        failed = [j for j in self.jobs if j.get("status") != "ok"]
-        print(f"sweep finished: {len(self.jobs) - len(failed)} ok, {len(failed)} failed; see {sweep_dir / 'summary.json'}")
+        jobs = []
+        for job_dir in sorted((p.parent for p in sweep_dir.glob("*/.hydra")), key=_job_number):
+            result = job_dir / RESULT_FILE
+            jobs.append(json.loads(result.read_text()) if result.exists() else
+                        {"status": "failed", "run_dir": str(job_dir), "error": "the job ended without a result"})
+        (sweep_dir / "summary.json").write_text(json.dumps(jobs, indent=2, default=str))
+        failed = [j for j in jobs if j.get("status") != "ok"]
+        print(f"sweep finished: {len(jobs) - len(failed)} ok, {len(failed)} failed; see {sweep_dir / 'summary.json'}")
         for j in failed:
-            print(f"  FAILED {' '.join(j['overrides'])}: {j.get('error')}", file=sys.stderr)
+            print(f"  FAILED {' '.join(j.get('overrides', [j['run_dir']]))}: {j.get('error')}", file=sys.stderr)
         if failed:
             sys.exit(1)
+
+
+def _job_number(job_dir: Path) -> tuple[int, str]:
+    head = job_dir.name.split("_", 1)[0]
+    return (int(head), job_dir.name) if head.isdigit() else (1 << 30, job_dir.name)
 
 
 def train_main() -> None:

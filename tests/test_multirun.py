@@ -51,3 +51,12 @@ def test_every_block_trains_with_falling_loss_in_one_sweep(tmp_path):
         rows = [float(r["val_loss"]) for r in csv.DictReader(open(Path(j["run_dir"]) / "metrics.csv"))
                 if r.get("val_loss")]
         assert len(rows) == 2 and rows[1] < rows[0] < 5.6, (j["overrides"], rows)
+
+
+def test_parallel_sweep_with_the_joblib_launcher(tmp_path):
+    """Jobs run in worker processes; the summary is still complete (it is built from files)."""
+    run_cli("llmzoo-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
+            f"run_dir={tmp_path}", *SHORT)
+    jobs = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(j["overrides"][0] for j in jobs) == ["seed=0", "seed=1"]
+    assert all(j["status"] == "ok" and j["step"] == 3 for j in jobs)
