@@ -25,6 +25,7 @@ def train_vs_hf_rows(records: list[dict]) -> str:
         t, m = r["tokens_per_s"], r["model"]
         hf = t.get("hf_plain_loop", t.get("hf_llama_plain_loop"))
         block = r.get("block", "dense").rsplit(".", 1)[-1]
+        block += " compiled" if r.get("compile") else ""
         rows.append(f"| {r['time']} | {r['commit']} | {block} ({r.get('hf_class', 'LlamaForCausalLM')}) "
                     f"| dim {m['dim']}, {m['n_layers']} layers ({r['params']['llmzoo'] / 1e6:.1f}M) "
                     f"| {r['batch_size']}x{r['seq_len']} | {t['llmzoo_lightning']:.0f} | {t['llmzoo_plain_loop']:.0f} "
@@ -85,10 +86,11 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
     lines = []
     hf = {}
     for r in by_kind.get("train_vs_hf", []):
-        hf[r.get("hf_class", "LlamaForCausalLM")] = r
-    for cls, r in hf.items():
-        lines.append(f"| training vs HF `{cls}` (same shape, fp32) | **{r['ratio_llmzoo_lightning_vs_hf']:.2f}x** "
-                     f"| {r['device']}, {r['time'][:10]} |")
+        hf[(r.get("hf_class", "LlamaForCausalLM"), bool(r.get("compile")))] = r
+    for (cls, compiled), r in hf.items():
+        how = "llmzoo compiled, HF eager" if compiled else "both eager"
+        lines.append(f"| training vs HF `{cls}` (same shape, fp32, {how}) "
+                     f"| **{r['ratio_llmzoo_lightning_vs_hf']:.2f}x** | {r['device']}, {r['time'][:10]} |")
     if by_kind.get("blocks"):
         b = by_kind["blocks"][-1]
         dec = {(d["block"], d["context"]): d["ms_per_token"] for d in b["decode"]}

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import llmzoo
 from llmzoo.analysis import device_description
-from llmzoo.training import LMModule
+from llmzoo.training import LMModule, compile_blocks
 
 
 def batches(n: int, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> list[torch.Tensor]:
@@ -103,9 +103,14 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.t0
 
 
-def time_lightning(cfg: DictConfig, data, warmup: int) -> float:
+def build_ours(cfg: DictConfig) -> llmzoo.LanguageModel:
     torch.manual_seed(0)
     model = llmzoo.build_model(cfg)
+    return compile_blocks(model) if cfg.trainer.get("compile") else model
+
+
+def time_lightning(cfg: DictConfig, data, warmup: int) -> float:
+    model = build_ours(cfg)
     module = LMModule(model, llmzoo.build_objective(cfg), OmegaConf.to_container(cfg.optim, resolve=True),
                       len(data))
     timer = StepTimer(warmup)
@@ -145,8 +150,7 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
     times = {"llmzoo_lightning": [], "llmzoo_plain_loop": [], "hf_plain_loop": []}
     for r in range(b.repeats):  # alternate so that machine noise hits every contender alike
         times["llmzoo_lightning"].append(time_lightning(cfg, data, b.warmup))
-        torch.manual_seed(0)
-        m = llmzoo.build_model(cfg)
+        m = build_ours(cfg)
         times["llmzoo_plain_loop"].append(time_plain_loop(plain_step(m, adamw(m.parameters(), cfg.optim), ours_loss),
                                                           data, b.warmup))
         torch.manual_seed(0)
@@ -157,6 +161,7 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     return {
         "block": cfg.block._target_, "hf_class": type(hf).__name__, "transformers": transformers.__version__,
+        "compile": bool(cfg.trainer.get("compile")),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "params": {"llmzoo": ours.num_parameters(), "hf": sum(p.numel() for p in hf.parameters())},
         "tokens_per_s": tps,

@@ -44,6 +44,15 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """``torch.compile`` each block in place: parameter names (and so checkpoints) do not
+    change, and a block that cannot be compiled falls back to eager inside dynamo."""
+    for block in model.blocks:
+        block.compile()
+    log.info("compiled %d blocks with torch.compile", len(model.blocks))
+    return model
+
+
 def metric_sources(model: nn.Module) -> list[nn.Module]:
     """The submodules that report training statistics through ``metrics()``."""
     return [m for m in model.modules() if m is not model and callable(getattr(m, "metrics", None))]
@@ -215,6 +224,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg, vocab_size=tokenizer.vocab_size)
     strategy = build_strategy(cfg)
     model = strategy.parallelize(model, None)
+    if cfg.trainer.get("compile"):
+        compile_blocks(model)
     log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
                 "vocab_size": model.vocab_size}

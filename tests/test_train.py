@@ -123,3 +123,17 @@ def test_every_experiment_runs_a_step(tmp_path, experiment):
         cfg.trainer.enable_progress_bar = False
         cfg.trainer.tensorboard = False
     assert llmzoo.train(cfg)["step"] == 2
+
+
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """trainer.compile=true: the same losses as eager (fp32) and loadable checkpoints."""
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / f"compile_{compiled}"
+        llmzoo.train(cfg_for(run, "trainer.max_steps=4", "trainer.val_every=0", "trainer.log_every_n_steps=1",
+                             "data.batch_size=4", "model.n_layers=1", f"trainer.compile={str(compiled).lower()}"))
+        losses[compiled] = [float(r["train_loss"]) for r in read_metrics(run) if r.get("train_loss")]
+    assert len(losses[True]) == 4
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) < 1e-4, losses
+    llmzoo.load_run(tmp_path / "compile_True")  # parameter names are unchanged by compiling
