@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import resource
-import statistics
 import time
 from pathlib import Path
 

@@ -180,7 +180,8 @@ class TextDataModule(L.LightningDataModule):
 
         files, fmt = resolve_files(self.path, self.format)
         files = check_files(files, fmt, self.text_field, self.skip_bad_records, self.work_dir / "clean_data")
-        datasets.disable_progress_bars() if os.environ.get("CI") else None
+        if os.environ.get("CI"):
+            datasets.disable_progress_bars()
         if fmt == "text":
             ds = datasets.load_dataset("text", data_files=files, split="train", cache_dir=self.cache_dir,
                                        sample_by=self.sample_by)

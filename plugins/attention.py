@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
-from llmzoo.interfaces import KV_CACHE, STATEFUL, TREE_MASK
+from llmzoo.interfaces import KV_CACHE, STATEFUL
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def attention_flash(q, k, v):
 
 def flash_available() -> bool:
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn  # noqa: F401 - importable with its CUDA extension?
     except Exception:  # noqa: BLE001 - any failure (missing, no CUDA ext) means unavailable
         return False
     return torch.cuda.is_available()
