@@ -105,10 +105,17 @@ class Block(Protocol):
 
 
 # Capability names blocks declare and decoders / strategies check.
-KV_CACHE = "kv_cache"  # state is a key/value cache that grows with the context
+KV_CACHE = "kv_cache"  # state is a key/value cache; it has rewind(n): forget the last n tokens
 RECURRENT = "recurrent"  # state is fixed-size (conv + SSM state)
-TREE_MASK = "tree_mask"  # forward accepts an arbitrary attention mask (Medusa trees)
 STATEFUL = "stateful"  # any decode-time state: KV_CACHE or RECURRENT imply it
+# init_state(..., static=True) gives a state whose tensors keep their shapes and
+# addresses and are updated in place (positions as tensors), with a reset() method:
+# a decode step over it compiles once (torch.compile, CUDA graphs).
+STATIC_STATE = "static_state"
+# the state takes a candidate tree: set ``state.tree`` to a (T, T) bool ancestor mask
+# before a forward of T candidates, then ``state.keep(start, index)`` keeps the
+# accepted ones (Medusa's one-forward verification).
+TREE_MASK = "tree_mask"
 
 
 @runtime_checkable
@@ -134,7 +141,8 @@ class Objective(Protocol):
 
     An objective may hold extra modules (a value head, Medusa heads, a frozen
     reference model); if it is an ``nn.Module`` its trainable parameters are
-    optimised together with the model's.
+    optimised together with the model's. Optional ``setup(model)`` is called once with
+    the built model before training or loading (to size heads to its vocabulary).
     """
 
     needs: frozenset[str]
@@ -150,6 +158,11 @@ class Decoder(Protocol):
     prompts (lists of ids, lengths may differ) and returns B lists of new ids, each
     ending at (and including) ``eos_id`` if it was produced. ``requires`` names the
     block capabilities it needs (checked at config time).
+
+    Optional: ``setup(run)`` is called with the loaded run (``llmzoo.api.Run``) before
+    ``generate``, for decoders that need more than the model (Medusa heads from the
+    run's objective, a draft model); ``stats`` (dict) reports figures of the last
+    ``generate`` such as the mean accepted tokens per step.
     """
 
     requires: frozenset[str]

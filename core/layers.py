@@ -73,9 +73,9 @@ class ResidualBlock(nn.Module):
             x = x + self.ffn(self.ffn_norm(x))
         return x
 
-    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> Any:
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, **kw: Any) -> Any:
         init = getattr(self.mixer, "init_state", None)
-        return init(batch_size, max_len, device=device, dtype=dtype) if init else None
+        return init(batch_size, max_len, device=device, dtype=dtype, **kw) if init else None
 
     def aux_loss(self) -> torch.Tensor | None:
         fn = getattr(self.ffn, "aux_loss", None)

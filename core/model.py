@@ -73,14 +73,17 @@ class LanguageModel(nn.Module):
         aux = [a for b in self.blocks if (a := _aux(b)) is not None]
         return ModelOutput(self.head(hidden), sum(aux) if aux else None, hidden)
 
-    def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> list[Any]:
-        """One decode-time state per block, for ``batch_size`` rows and ``max_len`` tokens."""
+    def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None,
+                    static: bool = False) -> list[Any]:
+        """One decode-time state per block, for ``batch_size`` rows and ``max_len`` tokens.
+        ``static``: fixed-shape states updated in place (blocks with ``static_state``)."""
         if max_len > self.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.max_seq_len}")
         p = self.embedding.weight
         device = device or p.device
         dtype = dtype or p.dtype
-        return [b.init_state(batch_size, max_len, device=device, dtype=dtype) for b in self.blocks]
+        kw = {"static": True} if static else {}
+        return [b.init_state(batch_size, max_len, device=device, dtype=dtype, **kw) for b in self.blocks]
 
     def flops_per_token(self, seq_len: int) -> float | None:
         """Forward FLOPs per token at context ``seq_len``: every block's own count plus the

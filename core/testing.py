@@ -60,6 +60,29 @@ def check_stateful_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: 
 
 
 @torch.no_grad()
+def check_static_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 2, atol: float = 1e-5) -> None:
+    """For blocks with ``static_state``: a state from ``init_state(..., static=True)`` keeps
+    its tensors (same objects, shapes and storage) while decoding, gives the full
+    forward's outputs, and after ``reset()`` decodes the same again."""
+    block.eval()
+    x = _randn(batch, seq_len, dim, seed=8)
+    full = block(x)
+    state = block.init_state(batch, seq_len + 4, device=x.device, dtype=x.dtype, static=True)
+    assert hasattr(state, "reset"), "a static state needs reset()"
+    tensors = {n: (t, t.shape, t.data_ptr()) for n, t in vars(state).items() if isinstance(t, torch.Tensor)}
+    for attempt in range(2):
+        prefill = seq_len // 2
+        parts = [block(x[:, :prefill], state=state)] + [block(x[:, i:i + 1], state=state) for i in range(prefill, seq_len)]
+        d = _max_diff(torch.cat(parts, dim=1), full)
+        assert d <= atol, f"static-state decode (attempt {attempt}) differs from the full forward by {d:.3g} > {atol}"
+        for n, (t, shape, ptr) in tensors.items():
+            now = getattr(state, n)
+            assert now is t and now.shape == shape and now.data_ptr() == ptr, \
+                f"static state field {n!r} was replaced or resized: update it in place"
+        state.reset()
+
+
+@torch.no_grad()
 def check_state_dict_roundtrip(make_block: BlockFactory, dim: int, seq_len: int = 8) -> None:
     """A fresh block given another's state_dict computes the same outputs."""
     torch.manual_seed(1)
@@ -117,6 +140,8 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
     check_causality(block, dim, seq_len)
     if block.init_state(1, 1, device=None, dtype=None) is not None:
         check_stateful_decode(block, dim, seq_len, atol=atol)
+    if "static_state" in block.capabilities:
+        check_static_decode(block, dim, seq_len, atol=atol)
     check_state_dict_roundtrip(make_block, dim)
     check_dtype_move(block, dim)
     check_gradients(block, dim)

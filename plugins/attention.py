@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
-from llmzoo.interfaces import KV_CACHE, STATEFUL
+from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -47,25 +47,82 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
-# ----------------------------------------------------------------------------- KV cache
+# ----------------------------------------------------------------------------- KV caches
 @dataclass
 class KVCache:
-    """Keys and values of the tokens seen so far: k, v are (B, H_kv, max_len, hd);
-    the first ``pos`` positions are filled."""
+    """Keys and values of the tokens seen so far, growing one slice per forward.
+
+    k, v: (B, H_kv, max_len, hd); the first ``pos`` positions are filled.
+    ``tree``: set by tree decoders (Medusa) before a forward of T candidate tokens, a
+    (T, T) bool mask, True where candidate i may see candidate j (its ancestors and
+    itself); positions are then ``pos + depth``. ``keep`` afterwards retains the
+    accepted candidates and ``rewind`` forgets the last tokens (speculative decoding).
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: int = 0
+    tree: torch.Tensor | None = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, hd) at the next positions; return all keys and values so far."""
-        end = self.pos + k.shape[2]
+    def positions(self, t: int, device) -> torch.Tensor:
+        """(t,) rotary positions of the next t tokens."""
+        if self.tree is not None:
+            return self.pos + self.tree.sum(-1) - 1
+        return torch.arange(self.pos, self.pos + t, device=device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H_kv, T, hd) at the next positions; return all keys and values so
+        far and the (T, pos + T) bool mask to use, or None for the plain causal mask."""
+        t, end = k.shape[2], self.pos + k.shape[2]
         if end > self.k.shape[2]:
             raise RuntimeError(f"KV cache full: {end} tokens > max_len {self.k.shape[2]}")
         self.k[:, :, self.pos:end] = k
         self.v[:, :, self.pos:end] = v
+        mask = None
+        if self.tree is not None:
+            mask = torch.cat([self.tree.new_ones(t, self.pos), self.tree], dim=-1)
         self.pos = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end], self.v[:, :, :end], mask
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens."""
+        self.pos -= n
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """Of the tokens stored from ``start`` on, keep those at ``start + index`` (in that
+        order, moved to ``start``...) and forget the rest; clears ``tree``."""
+        src = start + index.to(self.k.device)
+        self.k[:, :, start:start + len(index)] = self.k[:, :, src]
+        self.v[:, :, start:start + len(index)] = self.v[:, :, src]
+        self.pos, self.tree = start + len(index), None
+
+
+@dataclass
+class StaticKVCache:
+    """A cache whose shapes never change, for compiled decode steps (CUDA graphs).
+
+    k, v: (B, H_kv, max_len, hd); ``pos``: a 0-d long tensor advanced in place. Every
+    forward attends over all max_len slots with a mask hiding the empty ones, so the
+    step is the same graph for every position.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+
+    def positions(self, t: int, device) -> torch.Tensor:
+        return self.pos + torch.arange(t, device=device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        idx = self.positions(k.shape[2], k.device)
+        self.k.index_copy_(2, idx, k)
+        self.v.index_copy_(2, idx, v)
+        self.pos.add_(k.shape[2])
+        mask = torch.arange(self.k.shape[2], device=k.device)[None, :] <= idx[:, None]
+        return self.k, self.v, mask
+
+    def reset(self) -> None:
+        self.k.zero_(), self.v.zero_(), self.pos.zero_()
 
 
 # ----------------------------------------------------------------------------- attention kernels
@@ -75,26 +132,31 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     return torch.arange(t_k, device=device)[None, :] <= q_pos
 
 
-def attention_reference(q, k, v):
+def attention_reference(q, k, v, mask=None):
     """q: (B, H, Tq, hd), k, v: (B, H_kv, Tk, hd), the queries being the last Tq positions.
+    ``mask`` (Tq, Tk) bool, True where a query may see a key; None: causal.
     Explicit float32 softmax; key/value heads repeated for grouped-query attention."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    mask = causal_mask(q.shape[2], k.shape[2], q.device) if mask is None else mask
+    scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def attention_sdpa(q, k, v):
+def attention_sdpa(q, k, v, mask=None):
     t_q, t_k = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if t_q == t_k:
+    if mask is None and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    mask = None if t_q == 1 else causal_mask(t_q, t_k, q.device)
+    if mask is None and t_q > 1:
+        mask = causal_mask(t_q, t_k, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def attention_flash(q, k, v):
+def attention_flash(q, k, v, mask=None):
+    if mask is not None:  # flash-attn has no arbitrary masks (tree / static caches): use SDPA
+        return attention_sdpa(q, k, v, mask)
     from flash_attn import flash_attn_func  # CUDA-only; imported lazily
 
     # flash-attn takes (B, T, H, hd) and aligns the causal mask to the bottom right.
@@ -129,7 +191,7 @@ def pick_backend(requested: str, x: torch.Tensor) -> str:
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions. (B, T, D) -> (B, T, D)."""
 
-    capabilities = frozenset({KV_CACHE, STATEFUL})
+    capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK})
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int,
                  rope_theta: float = 10000.0, backend: str = "auto", layer_idx: int = 0):
@@ -153,18 +215,22 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        start = state.pos if state is not None else 0
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        if state is None:
+            cos, sin = self.cos[:T], self.sin[:T]
+        else:
+            positions = state.positions(T, x.device)
+            cos, sin = self.cos[positions], self.sin[positions]
         q = apply_rope(q.view(B, T, H, hd), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, Hkv, hd), cos, sin).transpose(1, 2)
         v = v.view(B, T, Hkv, hd).transpose(1, 2)
+        mask = None
         if state is not None:
-            k, v = state.append(k, v)
+            k, v, mask = state.append(k, v)
         if self.backend_used is None:
             self.backend_used = pick_backend(self.backend, x)
             if self.layer_idx == 0:
                 log.info("attention backend: %s (requested %s)", self.backend_used, self.backend)
-        y = KERNELS[self.backend_used](q, k, v)
+        y = KERNELS[self.backend_used](q, k, v, mask)
         return self.out(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -172,9 +238,13 @@ class Attention(nn.Module):
         return 2 * (self.qkv.in_features * self.qkv.out_features + self.out.in_features * self.out.out_features) \
             + 4 * seq_len * self.n_heads * self.head_dim
 
-    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None,
+                   static: bool = False) -> KVCache | StaticKVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        if static:
+            return StaticKVCache(k, v, torch.zeros((), dtype=torch.long, device=device))
+        return KVCache(k, v)
 
 
 class DenseBlock(ResidualBlock):

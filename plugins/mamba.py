@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
-from llmzoo.interfaces import RECURRENT, STATEFUL
+from llmzoo.interfaces import RECURRENT, STATEFUL, STATIC_STATE
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ class MambaState:
     conv: torch.Tensor  # (B, conv_channels, d_conv - 1)
     ssm: torch.Tensor  # Mamba-1: (B, d_inner, n); Mamba-2: (B, heads, headdim, n)
 
+    # Updated in place, so the state is already static (fixed shapes and addresses).
+    def reset(self) -> None:
+        self.conv.zero_(), self.ssm.zero_()
+
 
 def causal_conv(u: torch.Tensor, conv: nn.Conv1d, state: MambaState | None) -> torch.Tensor:
     """Depthwise causal conv over time. u: (B, T, C) -> (B, T, C); advances state.conv."""
@@ -135,7 +139,7 @@ def causal_conv(u: torch.Tensor, conv: nn.Conv1d, state: MambaState | None) -> t
     history = state.conv if state is not None else u.new_zeros(u.shape[0], u.shape[1], k - 1)
     padded = torch.cat([history.to(u.dtype), u], dim=-1)
     if state is not None:
-        state.conv = padded[..., -(k - 1):].detach().clone()
+        state.conv.copy_(padded[..., -(k - 1):].detach())
     return conv(padded).transpose(1, 2)
 
 
@@ -173,7 +177,7 @@ def pick_backend(requested: str, x: torch.Tensor, stateless: bool) -> str:
 class MambaMixer(nn.Module):
     """Mamba-1 selective SSM mixer. (B, T, D) -> (B, T, D)."""
 
-    capabilities = frozenset({RECURRENT, STATEFUL})
+    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE})
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
                  backend: str = "auto", layer_idx: int = 0):
@@ -219,7 +223,7 @@ class MambaMixer(nn.Module):
         else:
             y, h = selective_scan_fast(xs, dt, A, B, C, h0)
         if state is not None:
-            state.ssm = h.detach()
+            state.ssm.copy_(h.detach())
         y = (y + xs * self.D.to(xs.dtype)) * F.silu(z)
         return self.out_proj(y)
 
@@ -228,7 +232,7 @@ class MambaMixer(nn.Module):
         return _linear_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj) \
             + 2 * self.conv1d.kernel_size[0] * self.d_inner + 2 * self.d_inner * self.d_state
 
-    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MambaState:
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, static: bool = False) -> MambaState:
         k = self.conv1d.kernel_size[0]
         return MambaState(torch.zeros(batch_size, self.d_inner, k - 1, device=device, dtype=dtype),
                           torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32))
@@ -250,7 +254,7 @@ class GatedRMSNorm(nn.Module):
 class Mamba2Mixer(nn.Module):
     """Mamba-2 (SSD) mixer with multi-head scalar decays. (B, T, D) -> (B, T, D)."""
 
-    capabilities = frozenset({RECURRENT, STATEFUL})
+    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE})
 
     def __init__(self, dim: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 32,
                  ngroups: int = 1, chunk_size: int = 64, backend: str = "auto", layer_idx: int = 0):
@@ -305,7 +309,7 @@ class Mamba2Mixer(nn.Module):
             kw = {} if step_by_step else {"chunk": self.chunk_size}
             y, h = scan(xs, dt, a, Bh, Ch, h0, **kw)
             if state is not None:
-                state.ssm = h.detach()
+                state.ssm.copy_(h.detach())
         y = y + xs * self.D.to(xs.dtype)[:, None]
         return self.out_proj(self.norm(y.reshape(b, T, self.d_inner), z))
 
@@ -319,7 +323,7 @@ class Mamba2Mixer(nn.Module):
         ssd = (2 * l * H * (N + P) + 4 * H * P * N) * padded / seq_len
         return _linear_flops(self.in_proj, self.out_proj) + 2 * self.conv1d.kernel_size[0] * self.conv_dim + ssd
 
-    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> MambaState:
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, static: bool = False) -> MambaState:
         k = self.conv1d.kernel_size[0]
         return MambaState(
             torch.zeros(batch_size, self.conv_dim, k - 1, device=device, dtype=dtype),

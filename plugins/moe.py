@@ -12,7 +12,11 @@ Backends (``backend:``):
              y = sum_e g_e(x) * expert_e(x) -- the formula itself, the ground truth
   torch      dropless dispatch: assignments sorted by expert, each expert run on its
              contiguous slice (one ``torch._grouped_mm`` call where torch has it)
-  auto       torch (a megablocks dMoE backend is not wired in yet)
+  gather     each assignment gathers its expert's weights and runs a batched matmul:
+             reads only the chosen experts and keeps every shape static (decoding,
+             compiled decode steps); wasteful for many tokens
+  auto       gather when there are no more assignments than experts (a decode step),
+             else torch (a megablocks dMoE backend is not wired in yet)
 
 ``capacity_factor`` (training only; evaluation and decoding are always dropless, which
 keeps the block causal): each expert takes at most ceil(cf * tokens * k / N) assignments,
@@ -36,7 +40,7 @@ from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 log = logging.getLogger(__name__)
 
 GATINGS = ("softmax", "softmax_norm", "sigmoid")
-BACKENDS = ("auto", "reference", "torch")
+BACKENDS = ("auto", "reference", "torch", "gather")
 
 
 def route(logits: torch.Tensor, top_k: int, gating: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,7 +89,7 @@ class MoE(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"moe backend {backend!r} is not one of {BACKENDS}")
         self.n_experts, self.top_k, self.gating = n_experts, top_k, gating
-        self.capacity_factor, self.backend, self.backend_used = capacity_factor, backend, None
+        self.capacity_factor, self.backend, self.backends_used = capacity_factor, backend, set()
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.hidden = hidden = swiglu_hidden(dim, hidden)
         self.router = nn.Linear(dim, n_experts, bias=False)
@@ -129,6 +133,20 @@ class MoE(nn.Module):
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
+    def experts_gather(self, x, weights, experts):
+        """Per assignment: y = w_down[e]^T (silu(gate) * up) with w = the chosen expert's weights."""
+        flat = experts.flatten()
+        xs = x.repeat_interleave(self.top_k, dim=0)[:, None, :]  # (N*k, 1, D)
+        gate, up = torch.bmm(xs, self.w_gate_up[flat]).chunk(2, dim=-1)
+        ys = torch.bmm(F.silu(gate) * up, self.w_down[flat])[:, 0]  # (N*k, D)
+        ys = ys * weights.flatten()[:, None].to(ys.dtype)
+        return ys.view(x.shape[0], self.top_k, -1).sum(1)
+
+    def pick_backend(self, n_tokens: int) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "gather" if n_tokens * self.top_k <= self.n_experts else "torch"
+
     # --------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -141,10 +159,11 @@ class MoE(nn.Module):
             keep = capacity_keep(experts, self.n_experts, capacity)
             weights = weights * keep
             dropped = (~keep).sum()
-        if self.backend_used is None:
-            self.backend_used = "torch" if self.backend == "auto" else self.backend
-            log.info("moe backend: %s (requested %s)", self.backend_used, self.backend)
-        out = getattr(self, f"experts_{self.backend_used}")(x, weights, experts)
+        backend = self.pick_backend(x.shape[0])
+        if backend not in self.backends_used and not torch.compiler.is_compiling():
+            self.backends_used.add(backend)
+            log.info("moe backend: %s (requested %s, %d tokens)", backend, self.backend, x.shape[0])
+        out = getattr(self, f"experts_{backend}")(x, weights, experts)
         if self.shared is not None:
             out = out + self.shared(x)
         if not self.training:  # evaluation and decoding: no auxiliary losses or statistics to pay for

@@ -66,7 +66,7 @@ def test_other_validation_messages():
 
 
 def test_decoder_requirements_checked_against_block_capabilities():
-    cfg = llmzoo.compose(overrides=["model=tiny"])
+    cfg = llmzoo.compose(overrides=["model=tiny", "block=mamba"])
     from llmzoo.config import core_problems
 
     class NeedsTree:

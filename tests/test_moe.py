@@ -20,9 +20,10 @@ def make_moe(**kw):
 
 @pytest.mark.parametrize("gating", ["softmax", "softmax_norm", "sigmoid"])
 @pytest.mark.parametrize("n_shared", [0, 1])
-def test_torch_backend_equals_reference_outputs_and_gradients(gating, n_shared):
+@pytest.mark.parametrize("backend", ["torch", "gather"])
+def test_fast_backends_equal_reference_outputs_and_gradients(gating, n_shared, backend):
     ref = make_moe(gating=gating, n_shared=n_shared, backend="reference")
-    fast = make_moe(gating=gating, n_shared=n_shared, backend="torch")
+    fast = make_moe(gating=gating, n_shared=n_shared, backend=backend)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 10, DIM, generator=torch.Generator().manual_seed(1))
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -101,3 +102,9 @@ def test_switch_loss_is_minimal_for_uniform_routing():
     assert abs(switch_balance_loss(probs, experts, 4).item() - 1.0) < 1e-6
     skew = F.one_hot(torch.zeros(16, dtype=torch.long), 4).float()
     assert switch_balance_loss(skew, torch.zeros(16, 1, dtype=torch.long), 4).item() == pytest.approx(4.0)
+
+
+def test_auto_backend_gathers_for_decode_steps_and_sorts_for_long_inputs():
+    moe = make_moe(backend="auto").eval()
+    assert moe.pick_backend(1) == "gather" and moe.pick_backend(4) == "gather"  # 4 tokens x top-2 <= 8 experts
+    assert moe.pick_backend(5) == "torch"
