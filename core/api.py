@@ -16,6 +16,7 @@ from .model import LanguageModel
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 WEIGHTS_FILE = "model.safetensors"
+OBJECTIVE_FILE = "objective.safetensors"  # written when the objective has weights of its own
 
 
 def build_tokenizer(cfg: DictConfig):
@@ -40,8 +41,12 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel
                          init_std=m.get("init_std", 0.02))
 
 
-def build_objective(cfg: DictConfig):
-    return instantiate(cfg.objective, _convert_="all")
+def build_objective(cfg: DictConfig, model: nn.Module | None = None):
+    """The configured objective; given the model, its optional ``setup(model)`` runs."""
+    objective = instantiate(cfg.objective, _convert_="all")
+    if model is not None and hasattr(objective, "setup"):
+        objective.setup(model)
+    return objective
 
 
 def build_decoder(cfg: DictConfig, **overrides: Any):
@@ -58,6 +63,7 @@ class Run(NamedTuple):
     model: LanguageModel
     tokenizer: Any
     cfg: DictConfig
+    objective: Any = None  # the trained objective when it has weights (Medusa heads, value head)
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, str]:
@@ -87,9 +93,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     cfg = OmegaConf.create(meta["config"])
     tokenizer = tokenizer_from_files(cfg, meta["tokenizer"])
     model = build_model(cfg, vocab_size=meta["vocab_size"])
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return Run(model.eval(), tokenizer, cfg)
+    model.load_state_dict(_prefixed(ckpt["state_dict"], "model."))
+    objective = build_objective(cfg, model)
+    if isinstance(objective, nn.Module) and list(objective.state_dict()):
+        objective.load_state_dict(_prefixed(ckpt["state_dict"], "objective."))
+        objective.eval()
+    return Run(model.eval(), tokenizer, cfg, objective if isinstance(objective, nn.Module) else None)
+
+
+def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_any(path: str | Path) -> Run:
+    """A run folder (its final weights, else last.ckpt) or a ``.ckpt`` file."""
+    path = Path(path)
+    if path.is_file():
+        return load_checkpoint(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a run folder or a .ckpt file")
+    return load_run(path)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
@@ -119,13 +142,21 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
     meta = json.loads((run_dir / "model.json").read_text())
     model = build_model(cfg, vocab_size=meta["vocab_size"])
     load_model(model, str(weights))
-    return Run(model.eval(), tokenizer, cfg)
+    objective = None
+    if (run_dir / OBJECTIVE_FILE).exists():
+        objective = build_objective(cfg, model)
+        load_model(objective, str(run_dir / OBJECTIVE_FILE))
+        objective.eval()
+    return Run(model.eval(), tokenizer, cfg, objective)
 
 
-def save_final(run_dir: Path, model: LanguageModel) -> None:
-    """Final weights as safetensors plus the vocabulary size needed to rebuild the model."""
+def save_final(run_dir: Path, model: LanguageModel, objective: Any = None) -> None:
+    """Final weights as safetensors plus the vocabulary size needed to rebuild the model;
+    the objective's own weights (if any) beside them."""
     from safetensors.torch import save_model
 
     save_model(model, str(run_dir / WEIGHTS_FILE))
+    if isinstance(objective, nn.Module) and list(objective.state_dict()):
+        save_model(objective, str(run_dir / OBJECTIVE_FILE))
     (run_dir / "model.json").write_text(json.dumps({"vocab_size": model.vocab_size,
                                                     "parameters": model.num_parameters()}))

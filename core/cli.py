@@ -135,7 +135,8 @@ def _generate_app(cfg: DictConfig) -> None:
     _quiet_libraries()
     if cfg.run_dir is None:
         sys.exit("llmzoo-generate: give run_dir=<folder of a training run>")
-    model, tokenizer, run_cfg = load_run(cfg.run_dir, cfg.checkpoint)
+    run = load_run(cfg.run_dir, cfg.checkpoint)
+    model, tokenizer, run_cfg = run.model, run.tokenizer, run.cfg
     with open_dict(run_cfg):
         run_cfg.decoder = cfg.decoder
     try:
@@ -145,6 +146,13 @@ def _generate_app(cfg: DictConfig) -> None:
     decoder = build_decoder(run_cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
+    if cfg.get("quantize"):
+        model = _quantize(model, cfg, Path(cfg.run_dir))
+    if hasattr(decoder, "setup"):
+        try:
+            decoder.setup(run._replace(model=model))
+        except ValueError as e:
+            sys.exit(f"llmzoo-generate: {e}")
     prompts = list(cfg.prompts) if cfg.prompts else [cfg.prompt]
     ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
     room = model.max_seq_len - max(len(i) for i in ids)
@@ -157,7 +165,26 @@ def _generate_app(cfg: DictConfig) -> None:
     for p, o in zip(prompts, outs):
         print(p + tokenizer.decode(o))
     n = sum(len(o) for o in outs)
-    print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s]", file=sys.stderr)
+    extra = "".join(f", {k.replace('_', ' ')} {v:.2f}" for k, v in getattr(decoder, "stats", {}).items()
+                    if k == "accepted_per_step")
+    print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
+
+
+def _quantize(model, cfg: DictConfig, run_dir: Path):
+    """Quantize with ``cfg.quantize``; reuse (or with save_quantized=true, write) the
+    quantized weights stored in the run folder."""
+    from hydra.utils import instantiate
+
+    quantizer = instantiate(cfg.quantize, _convert_="all")
+    path = run_dir / f"model-{quantizer.name}.safetensors"
+    if path.exists() and cfg.checkpoint is None:
+        print(f"[loading quantized weights from {path}]", file=sys.stderr)
+        return quantizer.load(model, path)
+    model = quantizer(model)
+    if cfg.get("save_quantized"):
+        quantizer.save(model, path)
+        print(f"[quantized weights saved to {path}]", file=sys.stderr)
+    return model
 
 
 def generate_main() -> None:

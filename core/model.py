@@ -70,8 +70,12 @@ class LanguageModel(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, state=None if states is None else states[i])
         hidden = self.norm(x)
-        aux = [a for b in self.blocks if (a := _aux(b)) is not None]
-        return ModelOutput(self.head(hidden), sum(aux) if aux else None, hidden)
+        aux = None
+        for block in self.blocks:  # a plain loop: torch.compile traces it (no walrus in comprehensions)
+            a = _aux(block)
+            if a is not None:
+                aux = a if aux is None else aux + a
+        return ModelOutput(self.head(hidden), aux, hidden)
 
     def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None,
                     static: bool = False) -> list[Any]:

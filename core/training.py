@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .analysis import device_peak_flops, mfu
-from .api import (CONFIG_FILE, TOKENIZER_DIR, build_decoder, build_model, build_objective, build_strategy,
-                  build_tokenizer, save_final, tokenizer_files)
+from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_decoder, build_model, build_objective, build_strategy,
+                  build_tokenizer, load_any, save_final, tokenizer_files)
 from .config import validate_config
 from .data import TextDataModule
 from .plugins import get_plugin_manager
@@ -214,14 +214,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    tokenizer = build_tokenizer(cfg)
+    start = load_any(cfg.init_from) if cfg.get("init_from") else None  # a previous stage
+    tokenizer = start.tokenizer if start else build_tokenizer(cfg)
     data = TextDataModule(tokenizer, seed=cfg.seed, work_dir=str(run_dir), **OmegaConf.to_container(cfg.data, resolve=True))
     if getattr(tokenizer, "is_trained", True) is False:
         data.prepare_data()  # trains the tokenizer; its vocabulary size sizes the model
     tokenizer.save(run_dir / TOKENIZER_DIR)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    model = build_model(cfg, vocab_size=tokenizer.vocab_size)
+    model = build_model(cfg, vocab_size=start.model.vocab_size if start else tokenizer.vocab_size)
+    if start:
+        init_weights(model, start.model, cfg.init_from)
     strategy = build_strategy(cfg)
     model = strategy.parallelize(model, None)
     if cfg.trainer.get("compile"):
@@ -229,7 +232,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
                 "vocab_size": model.vocab_size}
-    module = LMModule(model, build_objective(cfg), OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps, run_info)
+    objective = build_objective(cfg, model)
+    module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps, run_info)
     trainer = build_trainer(cfg, run_dir, strategy)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
 
@@ -245,15 +249,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # collective: every rank calls it
     if trainer.is_global_zero:
-        save_final(run_dir, model)
+        save_final(run_dir, model, objective)
         if cfg.get("sample") and cfg.sample.get("prompts"):
-            summary["samples"] = sample_text(model, tokenizer, cfg)
+            summary["samples"] = sample_text(model, tokenizer, cfg, objective)
     return summary
 
 
-def sample_text(model: nn.Module, tokenizer: Any, cfg: DictConfig) -> list[str]:
+def init_weights(model: nn.Module, source: nn.Module, where: str) -> None:
+    """Start from another run's weights; the shapes must match exactly."""
+    theirs, ours = source.state_dict(), model.state_dict()
+    wrong = [f"{k}: {tuple(theirs[k].shape)} there, {tuple(v.shape)} here" for k, v in ours.items()
+             if k in theirs and theirs[k].shape != v.shape]
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if wrong or missing or extra:
+        raise ValueError(f"init_from={where}: its model does not fit this config (use the same model= and block= "
+                         f"options as that run). Shape differences: {wrong[:5]}; missing: {missing[:5]}; "
+                         f"unexpected: {extra[:5]}")
+    model.load_state_dict(theirs)
+    log.info("initialised from %s", where)
+
+
+def sample_text(model: nn.Module, tokenizer: Any, cfg: DictConfig, objective: Any = None) -> list[str]:
     """Continue each of ``cfg.sample.prompts`` with the configured decoder and print it."""
     decoder = build_decoder(cfg)
+    if hasattr(decoder, "setup"):
+        decoder.setup(Run(model, tokenizer, cfg, objective if isinstance(objective, nn.Module) else None))
     model = model.eval()
     prompts = [tokenizer.encode(p) or [tokenizer.bos_id] for p in cfg.sample.prompts]
     room = model.max_seq_len - max(len(p) for p in prompts)

@@ -18,7 +18,8 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,name", OPTIONS)
 def test_option_composes_and_instantiates(group, name, tmp_path):
-    overrides = [f"{group}={name}"]
+    # quantize is a group of llmzoo-generate's config only (a model transform for decoding)
+    overrides = [f"+{group}={name}" if group == "quantize" else f"{group}={name}"]
     if (group, name) == ("tokenizer", "file"):
         from llmzoo_plugins.tokenizers import BPETokenizer
 
@@ -41,8 +42,16 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
         assert model(ids).logits.shape == (1, 8, model.vocab_size)
     if group == "model" and name == "tiny":
         assert model.num_parameters() < 1e6
-    llmzoo.build_objective(cfg)
+    llmzoo.build_objective(cfg, model)
     llmzoo.build_decoder(cfg)
+    if group == "quantize":
+        import copy
+
+        from hydra.utils import instantiate
+
+        quantized = instantiate(cfg.quantize)(copy.deepcopy(model))
+        ref, got = model(ids).logits, quantized(ids).logits
+        assert 0 < (got - ref).abs().max() < 0.25 * ref.abs().max()  # random weights: a smoke test
     strategy = llmzoo.build_strategy(cfg)
     assert strategy.lightning_strategy() is not None
 
@@ -102,6 +111,6 @@ def test_cli_bad_shape_fails_before_training(tmp_path):
 
 def test_help_lists_groups():
     out = run_cli("llmzoo-train", "--help")
-    for group in ("block: dense", "model: 125m, 1b, small, tiny", "decoder: greedy, sample"):
+    for group in ("block: dense", "model: 125m, 1b, small, tiny", "decoder: greedy, medusa, sample, speculative, static"):
         assert group in out.stdout
     assert "plugins" in run_cli("llmzoo", "--help").stdout

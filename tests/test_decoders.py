@@ -75,11 +75,11 @@ def test_filter_logits_top_k_top_p():
 
 
 def test_sampling_distribution_matches_softmax():
-    """Draws from Sample.choose follow softmax(logits / T) (chi-square, alpha = 0.001)."""
+    """Draws from the Sample decoder follow softmax(logits / T) (chi-square, alpha = 0.001)."""
     logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]])
     dec = Sample(temperature=0.7, seed=0)
     n = 20000
-    draws = dec.choose(logits.expand(n, -1))
+    draws = dec.sampler(logits.expand(n, -1))
     counts = torch.bincount(draws, minlength=4).double()
     expected = (logits[0] / 0.7).softmax(-1).double() * n
     chi2 = ((counts - expected) ** 2 / expected).sum().item()

@@ -1,0 +1,249 @@
+"""Medusa (Cai et al. 2024): K extra heads guess the tokens 2..K+1 ahead from the last
+hidden state; a tree of their top guesses is verified in one forward.
+
+``objective=medusa`` trains the heads. Head k (k = 1..K) is a residual SiLU block and
+a vocabulary projection; at position t it predicts token t + k + 1 (the model's own
+head predicts t + 1). Loss = sum_k decay^k * CE_k, with
+  freeze_base: true   Medusa-1 -- the base model runs without gradients, only heads learn
+  freeze_base: false  Medusa-2 -- base CE + heads_weight * sum_k decay^k * CE_k, jointly
+The heads start from the model's own vocabulary head (their residual block from zero),
+as in the paper.
+
+``decoder=medusa`` decodes with them. ``tree`` lists candidate paths: [0, 1] is "the top
+guess of head 1, then the second guess of head 2". Each step feeds the last token and
+every tree node in one forward with a tree attention mask (a node sees the prefix, its
+ancestors and itself), picks the longest path that the model itself agrees with, keeps
+that path in the KV cache and drops the rest. Greedy acceptance (temperature 0) gives
+exactly the tokens of plain greedy decoding; with temperature > 0 it uses typical
+acceptance (a guess is kept when p(guess) > min(epsilon, delta * exp(-entropy(p)))).
+Blocks must take tree masks (``tree_mask``: dense attention, MoE); Mamba and hybrid
+stacks are rejected at config time. Rows of a batch are decoded one after another.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from llmzoo import hookimpl
+from llmzoo.decoding import Sampler, check_prompts, finish
+from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss
+
+
+# ============================================================================ heads and their loss
+class MedusaHead(nn.Module):
+    """x + silu(W x + b), then a vocabulary projection. (..., D) -> (..., V)."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.res = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(h + F.silu(self.res(h)))
+
+
+def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE of logits[:, t] against labels[:, t + shift]; returns (loss, top-1 accuracy)."""
+    target = F.pad(labels[:, shift:], (0, shift), value=IGNORE_INDEX)
+    mask = target != IGNORE_INDEX
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+    acc = (logits.argmax(-1) == target)[mask].float().mean()
+    return ce, acc
+
+
+class MedusaObjective(nn.Module):
+    """Owns the heads (sized by ``setup(model)``); see the module docstring for the loss."""
+
+    needs = frozenset({"input_ids"})
+
+    def __init__(self, n_heads: int = 4, decay: float = 0.8, freeze_base: bool = True, heads_weight: float = 0.2):
+        super().__init__()
+        if n_heads < 1:
+            raise ValueError(f"objective.n_heads must be >= 1, got {n_heads}")
+        self.n_heads, self.decay, self.freeze_base, self.heads_weight = n_heads, decay, freeze_base, heads_weight
+        self.heads = nn.ModuleList()
+
+    @torch.no_grad()
+    def setup(self, model: nn.Module) -> None:
+        if len(self.heads):
+            return
+        self.heads = nn.ModuleList(MedusaHead(model.dim, model.vocab_size) for _ in range(self.n_heads))
+        self.heads.to(model.head.weight.device)
+        for h in self.heads:
+            h.out.weight.copy_(model.head.weight)
+            nn.init.zeros_(h.res.weight), nn.init.zeros_(h.res.bias)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
+        labels = batch.get("labels", batch["input_ids"])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_base):
+            out = model(batch["input_ids"])
+        hidden = out.hidden.detach() if self.freeze_base else out.hidden
+        loss, metrics = 0.0, {}
+        for k, head in enumerate(self.heads, start=1):
+            ce, acc = shifted_ce(head(hidden), labels, k + 1)
+            loss = loss + self.decay ** k * ce
+            metrics[f"medusa{k}_ce"], metrics[f"medusa{k}_top1"] = ce.detach(), acc.detach()
+        if not self.freeze_base:
+            base, _ = shifted_ce(out.logits, labels, 1)
+            metrics["ce"] = base.detach()
+            loss = base + self.heads_weight * loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        return Loss(loss, metrics)
+
+
+# ============================================================================ the candidate tree
+class Tree:
+    """Paths sorted by depth. Node 0 is the root (the last accepted token); node i > 0
+    has ``parent[i]``, ``depth[i]`` (1 = first head) and ``rank[i]`` (which guess of that head)."""
+
+    def __init__(self, paths: Sequence[Sequence[int]]):
+        paths = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
+        index = {(): 0}
+        self.parent, self.depth, self.rank = [0], [0], [0]
+        for p in paths:
+            if not p or p[:-1] not in index:
+                raise ValueError(f"decoder.tree: path {list(p)} needs its parent {list(p[:-1])} in the tree too")
+            index[p] = len(self.parent)
+            self.parent.append(index[p[:-1]]), self.depth.append(len(p)), self.rank.append(p[-1])
+        n = len(self.parent)
+        self.mask = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while True:
+                self.mask[i, j] = True
+                if j == 0:
+                    break
+                j = self.parent[j]
+        self.max_depth, self.max_rank = max(self.depth), max(self.rank)
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def path_to(self, i: int) -> list[int]:
+        """Nodes from the root's first child down to i."""
+        out = []
+        while i:
+            out.append(i)
+            i = self.parent[i]
+        return out[::-1]
+
+
+DEFAULT_TREE = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0],
+                [0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0, 0]]
+
+
+# ============================================================================ decoding
+class Medusa:
+    """Tree-verified decoding with the heads of a run trained with ``objective=medusa``
+    (taken from the run in ``setup``, or given as ``heads``)."""
+
+    requires = frozenset({STATEFUL, TREE_MASK})
+
+    def __init__(self, tree: Sequence[Sequence[int]] | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+                 heads: nn.Module | None = None):
+        self.tree = Tree(tree or DEFAULT_TREE)
+        self.sampler = Sampler(temperature, top_k, top_p, seed)
+        self.epsilon, self.delta = posterior_threshold, posterior_alpha
+        self.heads = heads.heads if isinstance(heads, MedusaObjective) else heads
+        self.stats: dict[str, float] = {}
+
+    def setup(self, run) -> None:
+        objective = getattr(run, "objective", None)
+        if not isinstance(objective, MedusaObjective):
+            raise ValueError("decoder=medusa needs a run trained with objective=medusa (its heads); "
+                             f"this run's objective is {run.cfg.objective.get('_target_')}")
+        self.heads = objective.heads
+
+    def _guesses(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (D,) -> (n_heads, max_rank + 1) top guesses of each head."""
+        logits = torch.stack([h(hidden) for h in self.heads[: self.tree.max_depth]])
+        return logits.topk(self.tree.max_rank + 1, dim=-1).indices
+
+    def _agrees(self, p: torch.Tensor, token: int) -> bool:
+        """Does the model, with distribution p at the parent, accept this guess?"""
+        if self.sampler.greedy:
+            return bool(p[token] > 0)  # p is one-hot on the argmax
+        entropy = -(p * p.clamp(min=1e-12).log()).sum()
+        return float(p[token]) > min(self.epsilon, self.delta * float(torch.exp(-entropy)))
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 eos_id: int | None = None) -> list[list[int]]:
+        check_prompts(prompts)
+        if self.heads is None:
+            raise ValueError("decoder=medusa has no heads: load a run trained with objective=medusa")
+        if len(self.heads) < self.tree.max_depth:
+            raise ValueError(f"decoder.tree is {self.tree.max_depth} deep but the run has {len(self.heads)} heads")
+        self.sampler.reset()
+        outs, steps, produced = [], 0, 0
+        for prompt in prompts:
+            out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
+            outs.append(out)
+            steps, produced = steps + n, produced + len(out)
+        self.stats = {"accepted_per_step": (produced - len(prompts)) / max(steps, 1), "steps": steps}
+        return outs
+
+    def _one(self, model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None):
+        device = next(model.parameters()).device
+        tree, n_nodes = self.tree, len(self.tree)
+        mask = tree.mask.to(device)
+        max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + n_nodes)
+        states = model.init_states(1, max_len, device=device)
+        res = model(torch.tensor([prompt], device=device), states=states)
+        token = int(self.sampler(res.logits[:, -1].float())[0])
+        hidden = res.hidden[0, -1]
+        out, done = finish([token], max_new_tokens, eos_id)
+        steps = 0
+        while not done and len(prompt) + len(out) + n_nodes <= max_len:
+            guesses = self._guesses(hidden)
+            nodes = [token] + [int(guesses[tree.depth[i] - 1, tree.rank[i]]) for i in range(1, n_nodes)]
+            start = states[0].pos
+            for s in states:
+                s.tree = mask
+            res = model(torch.tensor([nodes], device=device), states=states)
+            probs = self.sampler.probs(res.logits[0].float())  # (nodes, V)
+            ok = [True] + [False] * (n_nodes - 1)
+            for i in range(1, n_nodes):  # parents come first: sorted by depth
+                ok[i] = ok[tree.parent[i]] and self._agrees(probs[tree.parent[i]], nodes[i])
+            best = max(range(n_nodes), key=lambda i: (tree.depth[i] if ok[i] else -1, -i))
+            path = tree.path_to(best)
+            keep = torch.tensor([0] + path, device=device)
+            for s in states:
+                s.keep(start, keep)
+            token = int(self.sampler.draw(probs[best][None])[0]) if not self.sampler.greedy \
+                else int(probs[best].argmax())
+            hidden = res.hidden[0, best]
+            out, done = finish(out + [nodes[i] for i in path] + [token], max_new_tokens, eos_id)
+            steps += 1
+        if not done:  # too close to the end of the context for a full tree: finish one at a time
+            res = model(torch.tensor([[token]], device=device), states=states)
+            while not done and len(prompt) + len(out) < max_len:
+                token = int(self.sampler(res.logits[:, -1].float())[0])
+                out, done = finish(out + [token], max_new_tokens, eos_id)
+                steps += 1
+                if not done:
+                    res = model(torch.tensor([[token]], device=device), states=states)
+        return out, steps
+
+
+# ============================================================================ config checks
+@hookimpl
+def llmzoo_validate(cfg: DictConfig) -> list[str]:
+    problems = []
+    dec = cfg.get("decoder")
+    if isinstance(dec, DictConfig) and dec.get("_target_") == f"{__name__}.Medusa":
+        try:
+            tree = Tree(dec.get("tree") or DEFAULT_TREE)
+        except ValueError as e:
+            return [str(e)]
+        obj = cfg.get("objective")
+        heads = obj.get("n_heads") if isinstance(obj, DictConfig) and obj.get("_target_") == f"{__name__}.MedusaObjective" else None
+        if heads is not None and tree.max_depth > heads:
+            problems.append(f"decoder.tree is {tree.max_depth} deep but objective.n_heads={heads}")
+    return problems
