@@ -1,0 +1,264 @@
+"""Fast decoders against plain greedy decoding and full forwards (the references),
+speculative sampling against the target's exact distribution, quantized logits
+against float ones."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import llmzoo
+from conftest import FAST, run_cli, tiny_cfg
+from llmzoo.api import build_model
+from llmzoo.config import ConfigError
+from llmzoo_plugins.medusa import Medusa, MedusaObjective, Tree
+from llmzoo_plugins.quantize import Int4Linear, Int8Linear, Quantize, load_quantized, save_quantized
+from llmzoo_plugins.sampling import Greedy
+from llmzoo_plugins.speculative import Speculative
+from llmzoo_plugins.static_cache import StaticCache
+
+PROMPTS = [[1, 2, 3, 4, 5], [7], [9, 10, 11], [3, 3, 3, 3, 3, 3, 3, 3]]
+
+
+def random_model(block: str, vocab: int = 64, seed: int = 0, *extra: str):
+    cfg = tiny_cfg(f"block={block}", f"model.vocab_size={vocab}", *extra)
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+# ----------------------------------------------------------------------------- static cache + compile
+def _compiled_once(decoder, model, prompts, n):
+    """Two generate calls with recompilation made an error; returns both outputs and the
+    number of graphs dynamo compiled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = decoder.generate(model, prompts, max_new_tokens=n)
+        second = decoder.generate(model, prompts, max_new_tokens=n)
+    return first, second, counters["stats"]["unique_graphs"]
+
+
+def test_static_cache_inductor_compiles_once_and_equals_greedy():
+    model = random_model("dense")
+    ref = Greedy().generate(model, PROMPTS, max_new_tokens=24)
+    first, second, graphs = _compiled_once(StaticCache(backend="inductor"), model, PROMPTS, 24)
+    assert first == ref and second == ref
+    assert graphs == 1
+
+
+@pytest.mark.parametrize("block", ["moe", "mamba", "mamba2", "hybrid"])
+def test_static_cache_step_is_one_graph_for_every_block(block):
+    """fullgraph=True with dynamo's graph capture only (backend=eager, fast): the decode
+    step of each block traces without breaks, never recompiles, and gives greedy's tokens."""
+    model = random_model(block)
+    ref = Greedy().generate(model, PROMPTS, max_new_tokens=16)
+    first, second, graphs = _compiled_once(StaticCache(backend="eager"), model, PROMPTS, 16)
+    assert first == ref and second == ref
+    assert graphs == 1
+
+
+def test_static_cache_sampling_equals_plain_sampling_with_the_same_seed():
+    from llmzoo_plugins.sampling import Sample
+
+    model = random_model("dense")
+    ref = Sample(temperature=0.9, top_k=20, seed=3).generate(model, PROMPTS, max_new_tokens=12)
+    got = StaticCache(compile=False, temperature=0.9, top_k=20, seed=3).generate(model, PROMPTS, max_new_tokens=12)
+    assert got == ref
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+@pytest.mark.parametrize("block", ["dense", "mamba", "hybrid"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculative_greedy_equals_greedy(block, k):
+    model = random_model(block)
+    ref = Greedy().generate(model, PROMPTS, max_new_tokens=30)
+    dec = Speculative(k=k, draft_layers=1)
+    assert dec.generate(model, PROMPTS, max_new_tokens=30) == ref
+    assert 1.0 <= dec.stats["accepted_per_step"] <= k + 1
+
+
+def test_speculative_greedy_with_a_separate_draft_model_and_eos():
+    target, draft = random_model("dense", seed=0), random_model("mamba", seed=1)
+    ref = Greedy().generate(target, PROMPTS, max_new_tokens=25, eos_id=5)
+    assert Speculative(k=3, draft=draft).generate(target, PROMPTS, max_new_tokens=25, eos_id=5) == ref
+
+
+def test_speculative_sampling_reproduces_the_target_distribution():
+    """Joint distribution of two sampled tokens over a 4-token vocabulary, with a draft
+    that disagrees strongly with the target; chi-square goodness of fit at alpha = 0.001
+    (cells with an expected count below 5 pooled)."""
+    target = random_model("dense", 4, 0, "model.init_std=0.5")
+    draft = random_model("dense", 4, 1, "model.init_std=0.5")
+    prompt = [1, 2]
+    with torch.no_grad():
+        p1 = target(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        q1 = draft(torch.tensor([prompt])).logits[0, -1].softmax(-1)
+        joint = torch.stack([p1[a] * target(torch.tensor([prompt + [a]])).logits[0, -1].softmax(-1)
+                             for a in range(4)]).flatten().double()
+    assert (p1 - q1).abs().sum() > 0.5  # the draft is a poor guess: rejections happen
+    n = 1500
+    counts = torch.zeros(16, dtype=torch.float64)
+    for i in range(n):
+        a, b = Speculative(k=2, draft=draft, temperature=1.0, seed=i).generate(target, [prompt], max_new_tokens=2)[0]
+        counts[a * 4 + b] += 1
+    expected = joint * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    exp = exp * obs.sum() / exp.sum()
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+# ----------------------------------------------------------------------------- Medusa
+def test_tree_forward_equals_a_full_forward_of_every_path():
+    """One forward over the candidate tree (tree mask + positions by depth) gives, at every
+    node, the logits of a plain forward over prompt + that node's path."""
+    model = random_model("dense")
+    tree = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    prompt = [3, 1, 4, 1, 5]
+    tokens = [9, 20, 21, 30, 31, 32, 40]  # root + one token per node
+    states = model.init_states(1, 32)
+    with torch.no_grad():
+        model(torch.tensor([prompt]), states=states)
+        for s in states:
+            s.tree = tree.mask
+        got = model(torch.tensor([tokens]), states=states).logits[0]
+        for i in range(len(tree)):
+            path = [tokens[0]] + [tokens[j] for j in tree.path_to(i)]
+            want = model(torch.tensor([prompt + path])).logits[0, -1]
+            torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+
+
+def _random_heads(model, seed=0):
+    obj = MedusaObjective(n_heads=4)
+    obj.setup(model)
+    torch.manual_seed(seed)
+    for h in obj.heads:  # heads that guess often wrong and sometimes right
+        torch.nn.init.normal_(h.res.weight, 0, 0.3)
+    return obj
+
+
+@pytest.mark.parametrize("block", ["dense", "moe"])
+def test_medusa_greedy_equals_greedy(block):
+    model = random_model(block)
+    ref = Greedy().generate(model, PROMPTS, max_new_tokens=40, eos_id=7)
+    dec = Medusa(heads=_random_heads(model))
+    assert dec.generate(model, PROMPTS, max_new_tokens=40, eos_id=7) == ref
+    assert dec.stats["accepted_per_step"] >= 1.0
+
+
+def test_medusa_typical_acceptance_runs_and_is_seeded():
+    model = random_model("dense")
+    dec = Medusa(heads=_random_heads(model), temperature=0.8, seed=1)
+    a = dec.generate(model, PROMPTS, max_new_tokens=20)
+    assert a == dec.generate(model, PROMPTS, max_new_tokens=20)
+    assert all(len(o) == 20 for o in a)
+
+
+def test_medusa_loss_is_the_weighted_shifted_cross_entropy():
+    model = random_model("dense")
+    obj = _random_heads(model)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss = obj(model, {"input_ids": ids})
+    hidden = model(ids).hidden
+    want = 0.0
+    for k, head in enumerate(obj.heads, start=1):  # head k at t predicts t + k + 1
+        logits = head(hidden)[:, : 24 - k - 1]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids[:, k + 1:].reshape(-1))
+        want = want + 0.8 ** k * ce
+    torch.testing.assert_close(loss.value, want)
+    loss.value.backward()  # Medusa-1: the base model gets no gradient
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in obj.heads.parameters())
+
+
+def test_medusa_on_mamba_is_rejected_at_config_time():
+    with pytest.raises(ConfigError, match=r"Medusa requires block capabilities .*lacks \['tree_mask'\]"):
+        tiny_cfg("block=mamba", "decoder=medusa")  # compose validates
+
+
+def test_medusa_heads_trained_on_the_corpus_accept_more_than_1_5_tokens_per_step(tmp_path):
+    """Pretrain the tiny model, train Medusa-1 heads on it (init_from), decode through the CLI."""
+    pre, med = tmp_path / "pre", tmp_path / "medusa"
+    run_cli("llmzoo-train", f"run_dir={pre}", "trainer.max_steps=300", *FAST)
+    run_cli("llmzoo-train", f"run_dir={med}", "objective=medusa", f"init_from={pre}", "trainer.max_steps=200", *FAST)
+    prompts = '["Once upon a time","The little fox","12 + 7 =","Ada and Otto"]'
+    greedy = run_cli("llmzoo-generate", f"run_dir={med}", "max_new_tokens=80", f"prompts={prompts}")
+    medusa = run_cli("llmzoo-generate", f"run_dir={med}", "max_new_tokens=80", f"prompts={prompts}", "decoder=medusa")
+    assert medusa.stdout == greedy.stdout
+    accepted = float(medusa.stderr.split("accepted per step ")[1].split("]")[0])
+    print(f"Medusa mean accepted tokens per step: {accepted:.2f}")
+    assert accepted > 1.5
+    # the base model is untouched by Medusa-1 training
+    a, b = llmzoo.load_run(pre).model.state_dict(), llmzoo.load_run(med).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_medusa_decoder_needs_a_medusa_run(tmp_path):
+    run_cli("llmzoo-train", f"run_dir={tmp_path}", "trainer.max_steps=2", *FAST)
+    out = run_cli("llmzoo-generate", f"run_dir={tmp_path}", "decoder=medusa", check=False)
+    assert out.returncode != 0 and "objective=medusa" in out.stderr
+
+
+# ----------------------------------------------------------------------------- quantization
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("q") / "run"
+    run_cli("llmzoo-train", f"run_dir={run}", "trainer.max_steps=200", "model.dim=128", "model.n_heads=4", *FAST)
+    return run
+
+
+@pytest.mark.parametrize("mode,tol", [("int8", 0.02), ("int4", 0.10)])
+def test_quantized_logits_stay_close_and_generation_runs(trained, mode, tol):
+    """Max |logit difference| relative to the largest |logit|: int8 <= 2 %, int4 <= 10 %
+    (trained tiny model, bundled corpus text)."""
+    model = llmzoo.load_run(trained).model
+    tok = llmzoo.load_run(trained).tokenizer
+    ids = torch.tensor([tok.encode("Once upon a time, the little fox went to the river.")])
+    quantized = Quantize(mode)(copy.deepcopy(model))
+    with torch.no_grad():
+        ref, got = model(ids).logits, quantized(ids).logits
+    rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    print(f"{mode}: max logit error {rel:.4f} of the largest logit")
+    assert 0 < rel <= tol
+    layer = Int8Linear if mode == "int8" else Int4Linear
+    assert any(isinstance(m, layer) for m in quantized.modules())
+    out = Greedy().generate(quantized, [ids[0, :8].tolist()], max_new_tokens=20)
+    assert len(out[0]) == 20
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_packed_kernels_equal_the_dequantize_reference(mode):
+    lin = torch.nn.Linear(64, 96, bias=True)
+    x = torch.randn(3, 5, 64)
+    fast = Quantize(mode)(torch.nn.Sequential(copy.deepcopy(lin)))[0]
+    ref = Quantize(mode, reference=True)(torch.nn.Sequential(copy.deepcopy(lin)))[0]
+    torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    # and the reference is the formula: w ~ q * s (int8) or (q - 8) * s + z (int4)
+    err = (ref.dequantized() - lin.weight).abs().max()
+    step = lin.weight.abs().max() / (127 if mode == "int8" else 7)
+    assert err <= step
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_save_and_load(tmp_path, mode):
+    model = random_model("dense", 64, 0, "model.dim=64")
+    quantized = Quantize(mode)(copy.deepcopy(model))
+    save_quantized(quantized, tmp_path / "q.safetensors")
+    loaded = load_quantized(random_model("dense", 64, 5, "model.dim=64"), tmp_path / "q.safetensors")
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, quantized(ids).logits)
+
+
+def test_generate_cli_quantizes_and_reuses_saved_weights(trained):
+    first = run_cli("llmzoo-generate", f"run_dir={trained}", "quantize=int8", "save_quantized=true",
+                    "max_new_tokens=20")
+    assert (trained / "model-int8.safetensors").exists() and "saved" in first.stderr
+    second = run_cli("llmzoo-generate", f"run_dir={trained}", "quantize=int8", "max_new_tokens=20")
+    assert "loading quantized weights" in second.stderr and second.stdout == first.stdout
