@@ -63,7 +63,21 @@ def blocks_rows(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-RENDER = {"train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows}
+def decode_rows(records: list[dict]) -> str:
+    r = records[-1]  # the newest run; older ones stay in the .jsonl
+    out = [f"{r['time']} on {r['device']}, torch {r['torch']}; target "
+           f"{' '.join(r['shape'])} ({r['params'] / 1e6:.2f}M params) trained on the bundled corpus; batch 1, "
+           f"{r['prompts']} prompts x {r['new_tokens']} new tokens, median of {r['repeats']}\n",
+           "| method | tokens/s | vs HF generate | vs eager greedy | accepted / step | same tokens as greedy |",
+           "|---|---|---|---|---|---|"]
+    for name, m in r["results"].items():
+        acc = f"{m['accepted_per_step']:.2f}" if "accepted_per_step" in m else "-"
+        out.append(f"| {name} | {m['tokens_per_s']:.0f} | **{m.get('ratio_vs_hf_generate', float('nan')):.2f}x** "
+                   f"| {m.get('ratio_vs_greedy', float('nan')):.2f}x | {acc} | {m.get('same_as_greedy', '-')} |")
+    return "\n".join(out)
+
+
+RENDER = {"train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows}
 
 
 def load(paths: list[str]) -> dict[str, list[dict]]:
@@ -103,6 +117,16 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
                          f"| {b['device']}, {b['time'][:10]} |")
         lines.append(f"| MoE dispatch vs per-expert loop ({b['moe']['n_experts']} experts, top-{b['moe']['top_k']}) "
                      f"| {b['moe']['speedup']:.2f}x | {b['device']}, {b['time'][:10]} |")
+    if by_kind.get("decode"):
+        d = by_kind["decode"][-1]
+        res, when = d["results"], f"{d['device']}, {d['time'][:10]}"
+        if "static_compile" in res and "ratio_vs_hf_generate" in res["static_compile"]:
+            lines.append(f"| batch-1 decoding, static cache + compile vs HF `generate` "
+                         f"| {res['static_compile']['ratio_vs_hf_generate']:.2f}x | {when} |")
+        for name in ("medusa", "speculative_draft"):
+            if name in res and "ratio_vs_greedy" in res[name]:
+                lines.append(f"| batch-1 decoding, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "
+                             f"tokens/step) | {res[name]['ratio_vs_greedy']:.2f}x | {when} |")
     return "| measurement | ratio | machine, date |\n|---|---|---|\n" + "\n".join(lines)
 
 

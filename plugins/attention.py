@@ -261,6 +261,25 @@ class DenseBlock(ResidualBlock):
         super().__init__(mixer, SwiGLU(dim, swiglu_hidden(dim, ffn_hidden)), dim, norm_eps)
 
 
+# ----------------------------------------------------------------------------- Hugging Face
+def hf_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A dense ``LanguageModel``'s weights under ``transformers.LlamaForCausalLM``'s names
+    (load with strict=False: Llama's rotary buffers are not in it)."""
+    sd = {"model.embed_tokens.weight": model.embedding.weight, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.head.weight}
+    for i, b in enumerate(model.blocks):
+        a, hd = b.mixer, b.mixer.head_dim
+        q, k, v = a.qkv.weight.split([a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd])
+        gate, up = b.ffn.gate_up.weight.chunk(2)
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": a.out.weight,
+                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": b.ffn.down.weight, p + "input_layernorm.weight": b.mixer_norm.weight,
+                   p + "post_attention_layernorm.weight": b.ffn_norm.weight})
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
 # ----------------------------------------------------------------------------- config checks
 @hookimpl
 def llmzoo_validate(cfg: DictConfig) -> list[str]:

@@ -132,8 +132,11 @@ class Tree:
         return out[::-1]
 
 
-DEFAULT_TREE = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0],
-                [0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0, 0]]
+# 7 candidates, 4 deep. On a CPU every candidate costs compute, and this tree was the
+# fastest of those tried (benchmarks/README.md); on a GPU wider trees are nearly free,
+# e.g. [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [0, 0, 0],
+# [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0, 0]].
+DEFAULT_TREE = [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
 
 
 # ============================================================================ decoding
@@ -160,17 +163,25 @@ class Medusa:
                              f"this run's objective is {run.cfg.objective.get('_target_')}")
         self.heads = objective.heads
 
-    def _guesses(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (D,) -> (n_heads, max_rank + 1) top guesses of each head."""
+    def _guesses(self, hidden: torch.Tensor, depth: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """hidden (D,) -> (nodes - 1,) the guessed token of every non-root node."""
         logits = torch.stack([h(hidden) for h in self.heads[: self.tree.max_depth]])
-        return logits.topk(self.tree.max_rank + 1, dim=-1).indices
+        top = logits.topk(self.tree.max_rank + 1, dim=-1).indices  # (depth, rank)
+        return top[depth - 1, rank]
 
-    def _agrees(self, p: torch.Tensor, token: int) -> bool:
-        """Does the model, with distribution p at the parent, accept this guess?"""
+    def _accepted(self, probs: torch.Tensor, nodes: torch.Tensor, parent: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+        """(nodes,) bool: every guess on the path from the root to the node is accepted by
+        the model at its parent (greedy: it is the argmax; sampling: typical acceptance)."""
+        p_parent = probs[parent]  # (nodes, V): the distribution each guess is judged by
+        p_guess = p_parent.gather(-1, nodes[:, None])[:, 0]
         if self.sampler.greedy:
-            return bool(p[token] > 0)  # p is one-hot on the argmax
-        entropy = -(p * p.clamp(min=1e-12).log()).sum()
-        return float(p[token]) > min(self.epsilon, self.delta * float(torch.exp(-entropy)))
+            good = p_guess > 0  # p is one-hot on the argmax
+        else:
+            entropy = -(p_parent * p_parent.clamp(min=1e-12).log()).sum(-1)
+            good = p_guess > torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)
+        good[0] = True  # the root is the token already chosen
+        return ~(mask & ~good[None, :]).any(-1)  # all ancestors (and the node) good
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -200,18 +211,18 @@ class Medusa:
         hidden = res.hidden[0, -1]
         out, done = finish([token], max_new_tokens, eos_id)
         steps = 0
+        depth = torch.tensor(tree.depth, device=device)
+        rank, parent = torch.tensor(tree.rank, device=device), torch.tensor(tree.parent, device=device)
         while not done and len(prompt) + len(out) + n_nodes <= max_len:
-            guesses = self._guesses(hidden)
-            nodes = [token] + [int(guesses[tree.depth[i] - 1, tree.rank[i]]) for i in range(1, n_nodes)]
+            guesses = self._guesses(hidden, depth[1:], rank[1:])
+            nodes = torch.cat([torch.tensor([token], device=device), guesses])
             start = states[0].pos
             for s in states:
                 s.tree = mask
-            res = model(torch.tensor([nodes], device=device), states=states)
+            res = model(nodes[None], states=states)
             probs = self.sampler.probs(res.logits[0].float())  # (nodes, V)
-            ok = [True] + [False] * (n_nodes - 1)
-            for i in range(1, n_nodes):  # parents come first: sorted by depth
-                ok[i] = ok[tree.parent[i]] and self._agrees(probs[tree.parent[i]], nodes[i])
-            best = max(range(n_nodes), key=lambda i: (tree.depth[i] if ok[i] else -1, -i))
+            ok = self._accepted(probs, nodes, parent, mask)
+            best = int(torch.where(ok, depth, -1).argmax())  # deepest accepted node (first on ties)
             path = tree.path_to(best)
             keep = torch.tensor([0] + path, device=device)
             for s in states:
@@ -219,7 +230,7 @@ class Medusa:
             token = int(self.sampler.draw(probs[best][None])[0]) if not self.sampler.greedy \
                 else int(probs[best].argmax())
             hidden = res.hidden[0, best]
-            out, done = finish(out + [nodes[i] for i in path] + [token], max_new_tokens, eos_id)
+            out, done = finish(out + nodes[keep[1:]].tolist() + [token], max_new_tokens, eos_id)
             steps += 1
         if not done:  # too close to the end of the context for a full tree: finish one at a time
             res = model(torch.tensor([[token]], device=device), states=states)

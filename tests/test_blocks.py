@@ -6,7 +6,7 @@ import torch
 
 from llmzoo.testing import (check_block, check_causality, check_dtype_move, check_model_decode,
                             check_state_dict_roundtrip, check_stateful_decode)
-from llmzoo_plugins.attention import Attention, DenseBlock, attention_reference, attention_sdpa
+from llmzoo_plugins.attention import Attention, DenseBlock, attention_reference, attention_sdpa, hf_llama_state_dict
 
 DIM = 32
 
@@ -97,23 +97,34 @@ def test_model_matches_hf_llama_with_same_weights():
                                       max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=10000.0,
                                       tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    hd = dim // heads
-    sd = {"model.embed_tokens.weight": ours.embedding.weight, "model.norm.weight": ours.norm.weight,
-          "lm_head.weight": ours.head.weight}
-    for i, b in enumerate(ours.blocks):
-        q, k, v = b.mixer.qkv.weight.split([heads * hd, kv * hd, kv * hd])
-        gate, up = b.ffn.gate_up.weight.chunk(2)
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.mixer.out.weight,
-                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                   p + "mlp.down_proj.weight": b.ffn.down.weight, p + "input_layernorm.weight": b.mixer_norm.weight,
-                   p + "post_attention_layernorm.weight": b.ffn_norm.weight})
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    sd = hf_llama_state_dict(ours)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_greedy_decoding_matches_hf_generate_with_same_weights():
+    """Our greedy decoder (growing KV cache) and transformers' ``generate`` (its own cache)
+    produce the same tokens from the same weights."""
+    transformers = pytest.importorskip("transformers")
+    import llmzoo
+    from llmzoo_plugins.sampling import Greedy
+
+    cfg = llmzoo.compose(overrides=["model=tiny", "model.vocab_size=97", "model.init_std=0.1"])
+    torch.manual_seed(0)
+    ours = llmzoo.build_model(cfg).eval()
+    m = cfg.model
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=m.dim, intermediate_size=ours.blocks[0].ffn.hidden, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False)).eval()
+    hf.load_state_dict(hf_llama_state_dict(ours), strict=False)
+    prompt = [5, 17, 3, 88, 41]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                       pad_token_id=0)[0, len(prompt):].tolist()
+    assert Greedy().generate(ours, [prompt], max_new_tokens=40) == [want]
 
 
 def test_language_model_stateful_decode_matches_full_forward():

@@ -1,0 +1,147 @@
+"""Batch-1 decoding speed of every decoder on one trained model, in one run:
+
+  hf_generate              transformers LlamaForCausalLM.generate, same weights (greedy)
+  greedy                   llmzoo eager decoding with a growing KV cache
+  static_compile           static KV cache + torch.compile'd step (decoder=static)
+  medusa                   Medusa-1 heads trained on the corpus, tree verification
+  speculative_early_exit   draft = the target's first block (decoder.draft_layers=1)
+  speculative_draft        draft = a separately trained 2-layer dim-64 model
+  int8, int4               greedy on weight-only quantized copies
+
+The target (and the draft, and the Medusa heads) are trained on the bundled corpus
+first, so acceptance rates are real; runs are reused from ``bench.work_dir``. Every
+method decodes the same prompts to exactly ``new_tokens`` tokens (no eos stop);
+tokens/s is the median over ``repeats`` after one untimed warm-up (which holds the
+compilation). Ratios are against transformers' generate and against eager greedy; a
+``same_as_greedy`` flag says whether the method's tokens equal eager greedy's.
+
+    python benchmarks/decode.py [bench.repeats=5] [bench.methods=[greedy,static_compile]]
+    python benchmarks/report.py --write-readme
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import llmzoo
+from llmzoo.analysis import device_description
+
+
+def trained_run(name: str, overrides: list[str], b: DictConfig) -> Path:
+    run_dir = Path(hydra.utils.to_absolute_path(b.work_dir)) / name
+    if not (run_dir / "model.safetensors").exists():
+        cfg = llmzoo.compose("train", [f"run_dir={run_dir}", "sample.prompts=[]", "trainer.tensorboard=false",
+                                       "trainer.enable_progress_bar=false", *overrides])
+        llmzoo.train(cfg)
+    return run_dir
+
+
+def hf_twin(model):
+    import transformers
+
+    from llmzoo_plugins.attention import hf_llama_state_dict
+
+    b, a = model.blocks[0], model.blocks[0].mixer
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=model.vocab_size, hidden_size=model.dim, intermediate_size=b.ffn.hidden,
+        num_hidden_layers=len(model.blocks), num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+        max_position_embeddings=model.max_seq_len, rms_norm_eps=b.mixer_norm.eps, rope_theta=a.rope_theta,
+        tie_word_embeddings=False, attn_implementation="sdpa")).eval()
+    hf.load_state_dict(hf_llama_state_dict(model), strict=False)
+    return hf
+
+
+def methods(b: DictConfig, run, draft_run):
+    """name -> (decode function prompts -> list of outputs, decoder or None for stats)."""
+    from llmzoo_plugins.medusa import Medusa
+    from llmzoo_plugins.quantize import Quantize
+    from llmzoo_plugins.sampling import Greedy
+    from llmzoo_plugins.speculative import Speculative
+    from llmzoo_plugins.static_cache import StaticCache
+
+    n, model = b.new_tokens, run.model
+
+    def one_by_one(decoder, m):
+        return lambda prompts: [decoder.generate(m, [p], max_new_tokens=n)[0] for p in prompts], decoder
+
+    def hf_generate():
+        hf = hf_twin(model)
+
+        def go(prompts):
+            return [hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        return go, None
+
+    table = {
+        "hf_generate": hf_generate,
+        "greedy": lambda: one_by_one(Greedy(), model),
+        "static_compile": lambda: one_by_one(StaticCache(), model),
+        "medusa": lambda: one_by_one(Medusa(heads=run.objective), model),
+        "speculative_early_exit": lambda: one_by_one(Speculative(k=4, draft_layers=1), model),
+        "speculative_draft": lambda: one_by_one(Speculative(k=4, draft=draft_run.model), model),
+        "int8": lambda: one_by_one(Greedy(), Quantize("int8")(copy.deepcopy(model))),
+        "int4": lambda: one_by_one(Greedy(), Quantize("int4")(copy.deepcopy(model))),
+    }
+    unknown = set(b.methods) - set(table)
+    if unknown:
+        raise SystemExit(f"bench.methods: unknown {sorted(unknown)} (allowed: {sorted(table)})")
+    return {name: table[name] for name in b.methods}
+
+
+@hydra.main(config_path="pkg://llmzoo_conf", config_name="bench_decode", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    b = cfg.bench
+    torch.manual_seed(0)
+    pre = trained_run("pretrain", [*b.shape, f"trainer.max_steps={b.pretrain_steps}"], b)
+    med = trained_run("medusa", [*b.shape, "objective=medusa", f"init_from={pre}", f"trainer.max_steps={b.medusa_steps}"], b)
+    drf = trained_run("draft", [*b.draft_shape, f"trainer.max_steps={b.pretrain_steps}"], b)
+    run, draft_run = llmzoo.load_run(med), llmzoo.load_run(drf)
+    prompts = [run.tokenizer.encode(p) for p in b.prompts]
+    results, reference = {}, None
+    for name, make in methods(b, run, draft_run).items():
+        go, decoder = make()
+        with torch.no_grad():
+            outs = go(prompts)  # warm-up (compilation happens here)
+            times = []
+            for _ in range(b.repeats):
+                t0 = time.perf_counter()
+                go(prompts)
+                times.append(time.perf_counter() - t0)
+        if name == "greedy":
+            reference = outs
+        tokens = sum(len(o) for o in outs)
+        results[name] = {"tokens_per_s": tokens / statistics.median(times), "outputs": outs,
+                         **({"accepted_per_step": decoder.stats["accepted_per_step"]}
+                            if decoder is not None and "accepted_per_step" in decoder.stats else {})}
+        print(f"{name:>24}: {results[name]['tokens_per_s']:8.1f} tokens/s", flush=True)
+    for name, r in results.items():
+        outs = r.pop("outputs")
+        if reference is not None:
+            r["same_as_greedy"] = outs == reference
+        if "hf_generate" in results:
+            r["ratio_vs_hf_generate"] = r["tokens_per_s"] / results["hf_generate"]["tokens_per_s"]
+        if "greedy" in results:
+            r["ratio_vs_greedy"] = r["tokens_per_s"] / results["greedy"]["tokens_per_s"]
+    from train_vs_hf import git_commit  # the script folder is on sys.path
+
+    record = {"benchmark": "decode", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),
+              "device": device_description(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "shape": list(b.shape), "params": run.model.num_parameters(), "new_tokens": b.new_tokens,
+              "prompts": len(prompts), "repeats": b.repeats, "results": results}
+    out = Path(hydra.utils.to_absolute_path(b.out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
