@@ -165,8 +165,8 @@ def _generate_app(cfg: DictConfig) -> None:
     for p, o in zip(prompts, outs):
         print(p + tokenizer.decode(o))
     n = sum(len(o) for o in outs)
-    extra = "".join(f", {k.replace('_', ' ')} {v:.2f}" for k, v in getattr(decoder, "stats", {}).items()
-                    if k == "accepted_per_step")
+    names = {"accepted_per_step": "accepted per step", "compile_s": "of which compiling (s)"}
+    extra = "".join(f", {names[k]} {v:.2f}" for k, v in getattr(decoder, "stats", {}).items() if k in names)
     print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
 
 

@@ -16,6 +16,7 @@ Dense, MoE, Mamba, Mamba-2 and hybrid blocks all declare ``static_state``.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -71,5 +72,9 @@ class StaticCache(StepDecoder):
             kw = {"mode": self.mode} if self.backend == "inductor" and self.mode else {}
             self._step = torch.compile(self.decode_step, fullgraph=True, backend=self.backend, **kw)
             log.info("compiling the decode step (backend %s, mode %s)", self.backend, kw.get("mode"))
+            t0 = time.perf_counter()
+            logits = self._step(model, tokens, states).clone()
+            self.stats["compile_s"] = time.perf_counter() - t0
+            return logits
         # CUDA graphs reuse their output buffer: copy the logits out before the next replay.
         return self._step(model, tokens, states).clone()

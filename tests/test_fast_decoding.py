@@ -177,6 +177,19 @@ def test_medusa_loss_is_the_weighted_shifted_cross_entropy():
     assert all(p.grad is not None for p in obj.heads.parameters())
 
 
+def test_medusa2_trains_the_base_with_weighted_heads():
+    model = random_model("dense")
+    obj = MedusaObjective(n_heads=2, freeze_base=False, heads_weight=0.2)
+    obj.setup(model)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = obj(model, {"input_ids": ids})
+    base = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+    heads = sum(0.8 ** k * loss.metrics[f"medusa{k}_ce"] for k in (1, 2))
+    torch.testing.assert_close(loss.value, base + 0.2 * heads)
+    loss.value.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_medusa_on_mamba_is_rejected_at_config_time():
     with pytest.raises(ConfigError, match=r"Medusa requires block capabilities .*lacks \['tree_mask'\]"):
         tiny_cfg("block=mamba", "decoder=medusa")  # compose validates
