@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -59,9 +59,22 @@ def _is_multirun() -> bool:
 
 
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
-def _train_app(cfg: DictConfig) -> dict[str, Any]:
+def _train_app(cfg: DictConfig) -> dict[str, Any] | float:
     from .training import train
 
+    return _job(cfg, train)
+
+
+@hydra.main(config_path=CONF, config_name="bench", version_base="1.3")
+def _bench_app(cfg: DictConfig) -> dict[str, Any] | float:
+    from .bench import run_bench
+
+    return _job(cfg, run_bench)
+
+
+def _job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any] | float:
+    """Run one job (a training run or a benchmark) in its Hydra folder; in a sweep a
+    failure is recorded and the sweep goes on."""
     _quiet_libraries()
     hc = HydraConfig.get()
     with open_dict(cfg):
@@ -70,7 +83,7 @@ def _train_app(cfg: DictConfig) -> dict[str, Any]:
     overrides = list(hc.overrides.task)
     try:
         validate_config(cfg)
-        summary = train(cfg)
+        summary = work(cfg)
     except Exception as e:
         if not _is_multirun():
             if isinstance(e, ConfigError):
@@ -84,9 +97,18 @@ def _train_app(cfg: DictConfig) -> dict[str, Any]:
         result = {"status": "failed", "overrides": overrides, "run_dir": str(run_dir),
                   "error": f"{type(e).__name__}: {e}"}
     else:
-        result = {"status": "ok", "overrides": overrides, **{k: v for k, v in summary.items() if k != "samples"}}
+        result = {"status": "ok", "overrides": overrides, "run_dir": str(run_dir),
+                  **{k: v for k, v in summary.items() if k not in ("samples", "config", "versions")}}
     if _is_multirun():  # the sweep summary is built from these files, whichever launcher ran the job
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESULT_FILE).write_text(json.dumps(result, default=str))
+    metric = cfg.get("optimize_metric")
+    if metric:  # what a sweeper (Optuna) optimises; a failed job is the worst value
+        value = result.get(metric)
+        if value is None and result["status"] == "ok":
+            raise KeyError(f"optimize_metric={metric!r} is not in the run summary "
+                           f"(there: {sorted(k for k, v in result.items() if isinstance(v, (int, float)))})")
+        return float("inf") if value is None else float(value)
     return result
 
 
@@ -124,6 +146,11 @@ def _job_number(job_dir: Path) -> tuple[int, str]:
 def train_main() -> None:
     """llmzoo-train [overrides...]: train a model (``--help`` lists the config groups)."""
     _train_app()
+
+
+def bench_main() -> None:
+    """llmzoo-bench bench.kind=train|decode|memory [overrides...] (``--help`` for examples)."""
+    _bench_app()
 
 
 @hydra.main(config_path=CONF, config_name="generate", version_base="1.3")

@@ -39,8 +39,9 @@ def _asset(name: str) -> str:
 def _job_dirname(num: int, overrides: str, limit: int = 100) -> str:
     """``${llmzoo.job_dirname:${hydra.job.num},${hydra.job.override_dirname}}``: a sweep
     job's folder, ``<job number>_<its overrides>``; the overrides are cut to ``limit``
-    characters (file names stop at 255), the number keeps names unique."""
-    return f"{num}_{overrides[:limit]}" if overrides else str(num)
+    characters (file names stop at 255), the number keeps names unique; a '/' in a
+    value (a path) becomes '|' so that it does not nest folders."""
+    return f"{num}_{overrides.replace('/', '|')[:limit]}" if overrides else str(num)
 
 
 OmegaConf.register_new_resolver("llmzoo.asset", _asset, replace=True)

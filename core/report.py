@@ -50,17 +50,29 @@ def _sortable(value: str | None) -> tuple[int, float, str]:
         return (1, 0.0, str(value))
 
 
+def throughput(job: dict) -> float | None:
+    """Training tokens/s from metrics.csv, else the job's own figure (llmzoo-bench decode)."""
+    return last(job, "tokens_per_s") or job.get("tokens_per_s")
+
+
+# Columns shown when some job has them (llmzoo-bench decode / memory records).
+EXTRA = [("ms_per_token", "ms/token", "{:.2f}"), ("accepted_per_step", "accepted/step", "{:.2f}"),
+         ("peak_memory_mb", "peak MB", "{:.0f}")]
+
+
 def table(jobs: list[dict], keys: list[str]) -> str:
-    head = keys + ["status", "params", "final val loss", "tokens/s", "MFU", "train state MB"]
+    extra = [c for c in EXTRA if any(c[0] in j for j in jobs)]
+    head = keys + ["status", "params", "final val loss", "tokens/s", "MFU", "train state MB"] + [c[1] for c in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j in sorted(jobs, key=lambda j: [_sortable(j["params"].get(k)) for k in keys]):
-        tps, mfu = last(j, "tokens_per_s"), last(j, "mfu")
+        tps, mfu = throughput(j), last(j, "mfu")
         cells = [str(j["params"].get(k)) for k in keys] + [
             j.get("status", "?") if j.get("status") == "ok" else f"**{j.get('status')}**: {j.get('error', '')[:80]}",
             f"{j['parameters'] / 1e6:.3f}M" if "parameters" in j else "-",
-            f"{j['val_loss']:.4f}" if "val_loss" in j else "-",
+            f"{j['val_loss']:.4f}" if j.get("val_loss") is not None else "-",
             f"{tps:.0f}" if tps else "-", f"{100 * mfu:.1f}%" if mfu else "-",
             f"{j['train_state_mb']:.1f}" if "train_state_mb" in j else "-"]
+        cells += [fmt.format(j[key]) if j.get(key) is not None else "-" for key, _, fmt in extra]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -73,6 +85,8 @@ def plots(jobs: list[dict], keys: list[str], out: Path) -> list[Path]:
 
     ok = [j for j in jobs if j.get("status") == "ok"]
     files = []
+    if not any(j["rows"] for j in ok):  # no training curves (e.g. decode benchmarks): bars only
+        return files + _bars(plt, ok, keys, out)
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for j in ok:
@@ -96,10 +110,16 @@ def plots(jobs: list[dict], keys: list[str], out: Path) -> list[Path]:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     files.append(_save(fig, out / "report_loss_vs_flops.png"))
+    return files + _bars(plt, ok, keys, out)
 
-    for column, name, ylabel in (("tokens_per_s", "throughput", "training tokens/s"),
-                                 ("train_state_mb", "memory", "weights + grads + AdamW state (MB)")):
-        vals = [(label(j, keys), last(j, column) if column == "tokens_per_s" else j.get(column)) for j in ok]
+
+def _bars(plt, ok: list[dict], keys: list[str], out: Path) -> list[Path]:
+    files = []
+    training = any(j["rows"] for j in ok)
+    for column, name, ylabel in (("tokens_per_s", "throughput", "training tokens/s" if training else "tokens/s"),
+                                 ("train_state_mb", "memory", "weights + grads + AdamW state (MB)"),
+                                 ("peak_memory_mb", "peak_memory", "peak memory (MB)")):
+        vals = [(label(j, keys), throughput(j) if column == "tokens_per_s" else j.get(column)) for j in ok]
         vals = [(k, v) for k, v in vals if v]
         if not vals:
             continue
