@@ -181,7 +181,11 @@ def _generate_app(cfg: DictConfig) -> None:
         except ValueError as e:
             sys.exit(f"llmzoo-generate: {e}")
     prompts = list(cfg.prompts) if cfg.prompts else [cfg.prompt]
-    ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+    if cfg.get("chat"):  # wrap each prompt as a user turn of the tokenizer's chat template
+        pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
+        ids = [[tokenizer.bos_id] + [t for text, _ in ps for t in tokenizer.encode(text)] for ps in pieces]
+    else:
+        ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
     room = model.max_seq_len - max(len(i) for i in ids)
     if cfg.max_new_tokens > room:
         sys.exit(f"llmzoo-generate: the longest prompt has {max(len(i) for i in ids)} tokens and the model's context "

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -111,8 +112,11 @@ class LMModule(L.LightningModule):
         # The objective's own measure (cross-entropy for clm), without auxiliary terms such
         # as MoE balance losses, so that different blocks compare on equal terms.
         loss = self.objective(self.model, batch)
-        self.log("val_loss", loss.metrics.get("ce", loss.value), prog_bar=True,
-                 sync_dist=self.trainer.world_size > 1)
+        sync = self.trainer.world_size > 1
+        self.log("val_loss", loss.metrics.get("ce", loss.value), prog_bar=True, sync_dist=sync)
+        for k, v in loss.metrics.items():  # e.g. DPO's reward accuracy on held-out pairs
+            if k not in ("ce", "tokens"):
+                self.log(f"val/{k}", v, sync_dist=sync)
 
     def configure_optimizers(self):
         o = self.optim
@@ -216,7 +220,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     start = load_any(cfg.init_from) if cfg.get("init_from") else None  # a previous stage
     tokenizer = start.tokenizer if start else build_tokenizer(cfg)
-    data = TextDataModule(tokenizer, seed=cfg.seed, work_dir=str(run_dir), **OmegaConf.to_container(cfg.data, resolve=True))
+    data_kw = OmegaConf.to_container(cfg.data, resolve=True)
+    if "_target_" in data_kw:  # another data module (chat / preference / prompt records)
+        data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
+    else:
+        data = TextDataModule(tokenizer, seed=cfg.seed, work_dir=str(run_dir), **data_kw)
     if getattr(tokenizer, "is_trained", True) is False:
         data.prepare_data()  # trains the tokenizer; its vocabulary size sizes the model
     tokenizer.save(run_dir / TOKENIZER_DIR)

@@ -3,20 +3,12 @@ with an ignore index, optional z-loss on the log-partition, plus the blocks' aux
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss
+from llmzoo.losses import next_token_loss
 
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE of logits[:, t] against labels[:, t + 1] over labels != -100.
-    logits (B, T, V), labels (B, T). Returns (loss, number of counted tokens).
-    The labels are shifted (not the logits), so the logits are never copied."""
-    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
-    n = (target != IGNORE_INDEX).sum()
-    return F.cross_entropy(logits.flatten(0, 1).float(), target, ignore_index=IGNORE_INDEX), n
+__all__ = ["CausalLM", "next_token_loss"]
 
 
 class CausalLM:

@@ -14,7 +14,29 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 META = "llmzoo_tokenizer.json"
 
 
-class ByteTokenizer:
+class ChatTemplate:
+    """How a conversation becomes text, owned by the tokenizer (chat data and
+    ``llmzoo-generate`` use it). ``render_chat`` returns (text, trained) pieces: the
+    assistant's words are trained on, the rest is prompt. Subclasses change ``ROLE``
+    (the header of each turn) and ``END`` (what closes a turn)."""
+
+    ROLE = "<|{role}|>\n"
+    END = "\n"
+
+    def render_chat(self, messages: Sequence[dict], generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        pieces = []
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise ValueError(f"message {i}: needs role in system/user/assistant and a string content, got {m!r}")
+            pieces.append((self.ROLE.format(role=role), False))
+            pieces.append((content + self.END, role == "assistant"))
+        if generation_prompt:
+            pieces.append((self.ROLE.format(role="assistant"), False))
+        return pieces
+
+
+class ByteTokenizer(ChatTemplate):
     """Token i < 256 is byte i; then <bos>, <eos>, <pad>."""
 
     vocab_size = 259
@@ -35,7 +57,7 @@ class ByteTokenizer:
         return cls()
 
 
-class JsonTokenizer:
+class JsonTokenizer(ChatTemplate):
     """Any Hugging Face ``tokenizer.json``. ``path`` is the file or the folder holding it.
     Special tokens are looked up by name; a missing <bos> or <pad> falls back to <eos>."""
 

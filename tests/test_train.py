@@ -117,11 +117,13 @@ def test_checkpoint_alone_rebuilds_the_run_and_generate_cli(tmp_path):
 
 @pytest.mark.parametrize("experiment", [o.name for o in llmzoo.list_options() if o.group == "experiment"])
 def test_every_experiment_runs_a_step(tmp_path, experiment):
-    cfg = llmzoo.compose(overrides=[f"experiment={experiment}", "trainer.max_steps=2", "trainer.val_every=0",
-                                    "sample.prompts=[]", f"run_dir={tmp_path}"])
-    with open_dict(cfg):
-        cfg.trainer.enable_progress_bar = False
-        cfg.trainer.tensorboard = False
+    quiet = ["trainer.max_steps=2", "trainer.val_every=0", "sample.prompts=[]", "trainer.enable_progress_bar=false",
+             "trainer.tensorboard=false"]
+    cfg = llmzoo.compose(overrides=[f"experiment={experiment}", *quiet, f"run_dir={tmp_path / 'run'}"])
+    if cfg.get("init_from"):  # a later stage of a chain: give it a (2-step) earlier stage to start from
+        llmzoo.train(llmzoo.compose(overrides=[*quiet, f"run_dir={tmp_path / 'before'}"]))
+        with open_dict(cfg):
+            cfg.init_from = str(tmp_path / "before")
     assert llmzoo.train(cfg)["step"] == 2
 
 

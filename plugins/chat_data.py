@@ -1,0 +1,194 @@
+"""Post-training data (``data=instructions``, ``data=preferences``, ``data=prompts``):
+jsonl records, checked line by line, tokenized through the tokenizer's chat template.
+
+  instructions  {"instruction", "input" (optional), "output"}  or  {"messages": [{role, content}, ...]}
+                -> input_ids, labels (-100 on everything but the assistant's words)
+  preferences   {"prompt", "chosen", "rejected"}
+                -> chosen_input_ids / chosen_labels, rejected_input_ids / rejected_labels
+  prompts       {"prompt", "answer" (optional, for rule-based rewards)}
+                -> prompt_ids (left-padded), prompt_lens, and the answers
+
+Samples are not packed: each record is one row, right-padded to the longest in its
+batch (so no sample attends across another's boundary); records longer than
+``seq_len`` are cut (their prompt must fit). A bad record stops the run with
+``file:line`` and what is wrong, or -- with ``skip_bad_records`` -- is dropped and
+reported. Records are small, so they are read into memory (not Hugging Face datasets).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from llmzoo.data import DataError, ResumableSampler, resolve_files
+from llmzoo.interfaces import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+KINDS = {"instructions": None, "preferences": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
+
+
+def read_records(files: list[str], kind: str, skip_bad: bool) -> list[dict]:
+    """Parse and check every line; DataError names file:line (or, skipping, logs them)."""
+    records, bad = [], []
+    for file in files:
+        lines = Path(file).read_text(encoding="utf-8").splitlines()
+        if not any(line.strip() for line in lines):
+            raise DataError(f"{file}: empty file")
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                problem = check_record(rec, kind)
+            except json.JSONDecodeError as e:
+                problem = f"not valid JSON ({e.msg})"
+            if problem:
+                if not skip_bad:
+                    raise DataError(f"{file}:{n}: {problem} (set data.skip_bad_records=true to drop such records)")
+                bad.append(f"{file}:{n}: {problem}")
+                continue
+            records.append(rec)
+    if bad:
+        log.warning("dropped %d bad records:\n  %s", len(bad), "\n  ".join(bad[:20]))
+    if not records:
+        raise DataError(f"no usable {kind} records in {files}")
+    return records
+
+
+def check_record(rec: Any, kind: str) -> str | None:
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    if kind == "instructions":
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                return "'messages' must be a non-empty list"
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+                return "'messages' has no assistant turn to train on"
+            return None
+        fields = ("instruction", "output")
+    else:
+        fields = KINDS[kind]
+    for f in fields:
+        if not isinstance(rec.get(f), str) or not rec[f]:
+            return f"missing or empty string field {f!r} (a {kind} record needs {list(fields)}; has {sorted(rec)})"
+    return None
+
+
+def _messages(rec: dict) -> list[dict]:
+    if "messages" in rec:
+        return rec["messages"]
+    user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+
+
+def encode_pieces(tokenizer, pieces: list[tuple[str, bool]], seq_len: int, eos: bool) -> tuple[list[int], list[int]]:
+    """(ids, labels) with bos first; labels are -100 on untrained pieces."""
+    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    for text, trained in pieces:
+        toks = tokenizer.encode(text)
+        ids += toks
+        labels += toks if trained else [IGNORE_INDEX] * len(toks)
+    if eos:
+        ids.append(tokenizer.eos_id), labels.append(tokenizer.eos_id)
+    return ids[:seq_len], labels[:seq_len]
+
+
+def prompt_pieces(tokenizer, prompt: str) -> list[tuple[str, bool]]:
+    return tokenizer.render_chat([{"role": "user", "content": prompt}], generation_prompt=True)
+
+
+def encode_record(tokenizer, rec: dict, kind: str, seq_len: int) -> dict[str, list[int]] | None:
+    if kind == "instructions":
+        ids, labels = encode_pieces(tokenizer, tokenizer.render_chat(_messages(rec)), seq_len, eos=True)
+        return {"input_ids": ids, "labels": labels} if any(l != IGNORE_INDEX for l in labels) else None
+    prompt = prompt_pieces(tokenizer, rec["prompt"])
+    if kind == "prompts":
+        ids, _ = encode_pieces(tokenizer, prompt, seq_len, eos=False)
+        return {"prompt_ids": ids, "answer": rec.get("answer")}
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids, labels = encode_pieces(tokenizer, prompt + [(rec[side], True)], seq_len, eos=True)
+        if all(l == IGNORE_INDEX for l in labels):
+            return None
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
+    return out
+
+
+def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
+
+
+class RecordsDataModule(L.LightningDataModule):
+    def __init__(self, tokenizer: Any, *, path: str, kind: str, seq_len: int, batch_size: int = 8,
+                 val_fraction: float = 0.05, seed: int = 0, skip_bad_records: bool = False, num_workers: int = 0,
+                 work_dir: str | None = None, **_: Any):
+        super().__init__()
+        if kind not in KINDS:
+            raise DataError(f"data.kind={kind!r} is not one of {list(KINDS)}")
+        self.tokenizer, self.path, self.kind, self.seq_len = tokenizer, path, kind, seq_len
+        self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
+        self.skip_bad, self.num_workers = skip_bad_records, num_workers
+        self.train_rows: list[dict] | None = None
+        self.train_sampler: ResumableSampler | None = None
+
+    def texts(self) -> list[str]:
+        """All text of the records (a BPE tokenizer trains on it)."""
+        files, _ = resolve_files(self.path, "jsonl")
+        return [json.dumps(r) for r in read_records(files, self.kind, self.skip_bad)]
+
+    def prepare_data(self) -> None:
+        if getattr(self.tokenizer, "is_trained", True) is False:
+            self.tokenizer.fit(self.texts())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is not None:
+            return
+        files, _ = resolve_files(self.path, "jsonl")
+        records = read_records(files, self.kind, self.skip_bad)
+        rows = [r for r in (encode_record(self.tokenizer, rec, self.kind, self.seq_len) for rec in records) if r]
+        if len(rows) < len(records):
+            log.warning("%d records had nothing to train on after cutting to seq_len=%d", len(records) - len(rows),
+                        self.seq_len)
+        random.Random(self.seed).shuffle(rows)
+        n_val = int(len(rows) * self.val_fraction)
+        self.val_rows, self.train_rows = rows[:n_val], rows[n_val:]
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        self.train_sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed, rank=rank,
+                                              world_size=world)
+        log.info("%s: %d train / %d val records from %s", self.kind, len(self.train_rows), len(self.val_rows), self.path)
+
+    def collate(self, rows: list[dict]) -> dict[str, Any]:
+        pad_id = self.tokenizer.pad_id
+        if self.kind == "instructions":
+            return {"input_ids": pad([r["input_ids"] for r in rows], pad_id),
+                    "labels": pad([r["labels"] for r in rows], IGNORE_INDEX)}
+        if self.kind == "prompts":
+            return {"prompt_ids": pad([r["prompt_ids"] for r in rows], pad_id, left=True),
+                    "prompt_lens": torch.tensor([len(r["prompt_ids"]) for r in rows]),
+                    "answers": [r["answer"] for r in rows],
+                    "input_ids": pad([r["prompt_ids"] for r in rows], pad_id, left=True)}
+        batch = {k: pad([r[k] for r in rows], IGNORE_INDEX if k.endswith("labels") else pad_id)
+                 for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
+        batch["input_ids"] = batch["chosen_input_ids"]  # what the trainer counts tokens on
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_rows, batch_size=self.batch_size, sampler=self.train_sampler,
+                          collate_fn=self.collate, num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_rows:
+            return []
+        return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)

@@ -1,0 +1,179 @@
+"""Post-training: data formats, SFT masking, the DPO / IPO / reward losses against their
+formulas, and the pretrain -> SFT -> DPO / reward chain on the bundled data."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import random
+
+import pytest
+import torch
+
+import llmzoo
+from conftest import FAST, ROOT, run_cli, tiny_cfg
+from llmzoo.data import DataError
+from llmzoo.interfaces import IGNORE_INDEX
+from llmzoo.losses import sequence_logprobs
+from llmzoo_plugins.chat_data import RecordsDataModule, encode_record
+from llmzoo_plugins.dpo import dpo_loss
+from llmzoo_plugins.reward import RewardModel
+from llmzoo_plugins.sft import SFT
+from llmzoo_plugins.tokenizers import ByteTokenizer
+
+
+# ----------------------------------------------------------------------------- losses vs formulas
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_dpo_loss_and_gradient_equal_the_paper_formulas(loss_type, eps):
+    beta = 0.3
+    vals = {"pc": [-3.0, -10.0, -1.5], "pr": [-4.0, -8.0, -1.0], "rc": [-3.5, -9.0, -2.0], "rr": [-3.9, -9.5, -0.5]}
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=k in ("pc", "pr")) for k, v in vals.items()}
+    losses = dpo_loss(t["pc"], t["pr"], t["rc"], t["rr"], beta, loss_type, eps)
+    losses.sum().backward()
+    for i in range(3):
+        h = (vals["pc"][i] - vals["rc"][i]) - (vals["pr"][i] - vals["rr"][i])
+        if loss_type == "ipo":  # (h - 1/(2 beta))^2, dL/dh = 2 (h - 1/(2 beta))
+            want, dh = (h - 1 / (2 * beta)) ** 2, 2 * (h - 1 / (2 * beta))
+        else:  # -(1-eps) log s(bh) - eps log s(-bh), dL/dh = -b [(1-eps) s(-bh) - eps s(bh)]
+            want = -(1 - eps) * math.log(_sig(beta * h)) - eps * math.log(_sig(-beta * h))
+            dh = -beta * ((1 - eps) * _sig(-beta * h) - eps * _sig(beta * h))
+        assert losses[i].item() == pytest.approx(want, rel=1e-12)
+        assert t["pc"].grad[i].item() == pytest.approx(dh, rel=1e-12)  # dh/d(log pi_chosen) = 1
+        assert t["pr"].grad[i].item() == pytest.approx(-dh, rel=1e-12)
+
+
+def test_sequence_logprobs_sum_the_labelled_tokens():
+    logits = torch.randn(1, 4, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[IGNORE_INDEX, 2, IGNORE_INDEX, 4]])
+    logp = logits.log_softmax(-1)
+    assert sequence_logprobs(logits, labels).item() == pytest.approx((logp[0, 0, 2] + logp[0, 2, 4]).item(), rel=1e-6)
+
+
+def test_reward_loss_is_bradley_terry():
+    model = llmzoo.build_model(tiny_cfg("model.vocab_size=259")).eval()
+    rm = RewardModel()
+    rm.setup(model)
+    torch.nn.init.normal_(rm.head.weight)
+    tok = ByteTokenizer()
+    rows = [encode_record(tok, {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No thanks."}, "preferences", 64),
+            encode_record(tok, {"prompt": "2 + 2?", "chosen": "4.", "rejected": "5."}, "preferences", 64)]
+    batch = RecordsDataModule(tok, path="-", kind="preferences", seq_len=64).collate(rows)
+    loss = rm(model, batch)
+    with torch.no_grad():
+        r = [[rm.score(model, torch.tensor([row[f"{s}_input_ids"]]), torch.tensor([len(row[f"{s}_input_ids"]) - 1])).item()
+              for s in ("chosen", "rejected")] for row in rows]
+    want = sum(-math.log(_sig(c - w)) for c, w in r) / 2
+    assert loss.value.item() == pytest.approx(want, rel=1e-5)
+    assert loss.metrics["accuracy"].item() == sum(c > w for c, w in r) / 2
+
+
+# ----------------------------------------------------------------------------- SFT and data
+def test_sft_takes_no_loss_and_no_gradient_on_prompt_tokens():
+    tok = ByteTokenizer()
+    rec = {"instruction": "What is 2 + 2?", "input": "", "output": "2 + 2 = 4."}
+    row = encode_record(tok, rec, "instructions", 128)
+    ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+    model = llmzoo.build_model(tiny_cfg("model.vocab_size=259"))
+    kept = {}
+
+    class Recorder(torch.nn.Module):  # keeps the logits so their gradient can be read
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            out.logits.retain_grad()
+            kept["logits"] = out.logits
+            return out
+
+    SFT()(Recorder(model), {"input_ids": ids, "labels": labels}).value.backward()
+    grad = kept["logits"].grad[0].abs().sum(-1)  # (T,): position t predicts token t + 1
+    predicts_response = torch.tensor(row["labels"][1:] + [IGNORE_INDEX]) != IGNORE_INDEX
+    assert (grad[~predicts_response] == 0).all() and (grad[predicts_response] > 0).all()
+    assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "2 + 2 = 4.\n"  # + eos
+
+
+def test_chat_records_train_on_every_assistant_turn_only():
+    tok = ByteTokenizer()
+    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                        {"role": "assistant", "content": "Bye!"}]}
+    row = encode_record(tok, rec, "instructions", 256)
+    trained = tok.decode([t for t in row["labels"] if t != IGNORE_INDEX])
+    assert trained == "Hello\nBye!\n"
+    assert tok.decode(row["input_ids"][1:]).startswith("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello\n")
+
+
+def test_bad_records_are_reported_with_file_and_line(tmp_path):
+    f = tmp_path / "prefs.jsonl"
+    f.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a", "chosen": "b"}\n{oops\n')
+    dm = RecordsDataModule(ByteTokenizer(), path=str(f), kind="preferences", seq_len=64, batch_size=1, val_fraction=0)
+    with pytest.raises(DataError, match=rf"{f.name}:3: missing or empty string field 'rejected'"):
+        dm.setup()
+    dm = RecordsDataModule(ByteTokenizer(), path=str(f), kind="preferences", seq_len=64, batch_size=1,
+                           val_fraction=0, skip_bad_records=True)
+    dm.setup()
+    assert len(dm.train_rows) == 1
+    f.write_text('{"instruction": "x"}\n')
+    with pytest.raises(DataError, match=r":1: missing or empty string field 'output'"):
+        RecordsDataModule(ByteTokenizer(), path=str(f), kind="instructions", seq_len=64).setup()
+
+
+# ----------------------------------------------------------------------------- the chain, end to end
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _heldout_pairs(n=200):
+    spec = importlib.util.spec_from_file_location("make_posttrain_data", ROOT / "scripts" / "make_posttrain_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = random.Random(12345)  # not the bundled file's seed
+    return [mod.preference(r) for _ in range(n)]
+
+
+@torch.no_grad()
+def preference_stats(run_dir, pairs):
+    """Fraction of pairs where the model gives the chosen answer the higher log-prob, and
+    the mean log-prob margin."""
+    run = llmzoo.load_run(run_dir)
+    margins = []
+    for p in pairs:
+        row = encode_record(run.tokenizer, p, "preferences", 128)
+        lp = [sequence_logprobs(run.model(torch.tensor([row[f"{s}_input_ids"]])).logits,
+                                torch.tensor([row[f"{s}_labels"]]))[0].item() for s in ("chosen", "rejected")]
+        margins.append(lp[0] - lp[1])
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def test_pretrain_sft_dpo_and_reward_chain(tmp_path):
+    pre, sft, dpo, rm = (tmp_path / n for n in ("pretrain", "sft", "dpo", "reward"))
+    run_cli("llmzoo-train", f"run_dir={pre}", "trainer.max_steps=300", *FAST)
+    run_cli("llmzoo-train", "experiment=sft_after_pretrain", f"init_from={pre}", f"run_dir={sft}",
+            "trainer.max_steps=150", *FAST)
+    run_cli("llmzoo-train", "experiment=dpo_after_sft", f"init_from={sft}", f"run_dir={dpo}", *FAST)
+    run_cli("llmzoo-train", "experiment=reward_after_sft", f"init_from={sft}", f"run_dir={rm}",
+            "trainer.max_steps=80", *FAST)
+    pairs = _heldout_pairs()
+    acc_sft, margin_sft = preference_stats(sft, pairs)
+    acc_dpo, margin_dpo = preference_stats(dpo, pairs)
+    print(f"held-out preference accuracy {acc_sft:.2f} -> {acc_dpo:.2f}, margin {margin_sft:.2f} -> {margin_dpo:.2f}")
+    assert acc_dpo > acc_sft + 0.1 and margin_dpo > margin_sft
+    val_acc = [float(r["val/reward_accuracy"]) for r in read_metrics(dpo) if r.get("val/reward_accuracy")]
+    assert val_acc[-1] > 0.6
+    rm_acc = [float(r["val/accuracy"]) for r in read_metrics(rm) if r.get("val/accuracy")]
+    print(f"reward model held-out accuracy: {rm_acc[-1]:.2f}")
+    assert rm_acc[-1] > 0.7
+    assert (rm / "objective.safetensors").exists()  # the reward head is saved with the run
+    reward_run = llmzoo.load_run(rm)
+    assert isinstance(reward_run.objective, RewardModel) and reward_run.objective.head is not None
+    # the SFT model answers in the chat format and stops
+    out = run_cli("llmzoo-generate", f"run_dir={sft}", "chat=true", "prompt=Say hello to Ada.", "max_new_tokens=30")
+    assert out.stdout.startswith("Say hello to Ada.Hello, ")
