@@ -41,11 +41,15 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel
                          init_std=m.get("init_std", 0.02))
 
 
-def build_objective(cfg: DictConfig, model: nn.Module | None = None):
-    """The configured objective; given the model, its optional ``setup(model)`` runs."""
+def build_objective(cfg: DictConfig, model: nn.Module | None = None, tokenizer: Any = None):
+    """The configured objective; given the model, its optional ``setup(model)`` runs
+    (``setup(model, tokenizer=...)`` when it takes one: RL objectives decode text)."""
+    import inspect
+
     objective = instantiate(cfg.objective, _convert_="all")
     if model is not None and hasattr(objective, "setup"):
-        objective.setup(model)
+        takes_tokenizer = "tokenizer" in inspect.signature(objective.setup).parameters
+        objective.setup(model, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
     return objective
 
 
@@ -94,7 +98,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     tokenizer = tokenizer_from_files(cfg, meta["tokenizer"])
     model = build_model(cfg, vocab_size=meta["vocab_size"])
     model.load_state_dict(_prefixed(ckpt["state_dict"], "model."))
-    objective = build_objective(cfg, model)
+    objective = build_objective(cfg, model, tokenizer)
     if isinstance(objective, nn.Module) and list(objective.state_dict()):
         objective.load_state_dict(_prefixed(ckpt["state_dict"], "objective."))
         objective.eval()
@@ -144,7 +148,7 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
     load_model(model, str(weights))
     objective = None
     if (run_dir / OBJECTIVE_FILE).exists():
-        objective = build_objective(cfg, model)
+        objective = build_objective(cfg, model, tokenizer)
         load_model(objective, str(run_dir / OBJECTIVE_FILE))
         objective.eval()
     return Run(model.eval(), tokenizer, cfg, objective)

@@ -114,7 +114,7 @@ def bench_memory(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
     run = _model(cfg, b)
     device = torch.device(b.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = run.model.to(device).train()
-    objective = build_objective(cfg, model)
+    objective = build_objective(cfg, model, run.tokenizer)
     before = peak_memory_mb(device)
     ids = torch.randint(0, model.vocab_size, (cfg.data.batch_size, cfg.data.seq_len), device=device)
     opt = torch.optim.AdamW(param_groups([model], 0.0), lr=1e-4)

@@ -240,7 +240,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
                 "vocab_size": model.vocab_size}
-    objective = build_objective(cfg, model)
+    objective = build_objective(cfg, model, tokenizer)
     module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps, run_info)
     trainer = build_trainer(cfg, run_dir, strategy)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))

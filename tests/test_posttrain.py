@@ -177,3 +177,60 @@ def test_pretrain_sft_dpo_and_reward_chain(tmp_path):
     # the SFT model answers in the chat format and stops
     out = run_cli("llmzoo-generate", f"run_dir={sft}", "chat=true", "prompt=Say hello to Ada.", "max_new_tokens=30")
     assert out.stdout.startswith("Say hello to Ada.Hello, ")
+
+
+# ----------------------------------------------------------------------------- GRPO
+def test_group_advantages_are_normalised_within_each_group():
+    from llmzoo_plugins.grpo import group_advantages
+
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(r, 4)
+    g1 = (r[:4] - 0.5) / (0.5 + 1e-4)  # mean 0.5, population std 0.5
+    torch.testing.assert_close(adv[:4], g1)
+    assert (adv[4:] == 0).all()  # equal rewards: nothing to prefer
+
+
+def test_rule_based_rewards():
+    from llmzoo_plugins.rewards import ExactAnswer, Keyword, Length
+
+    assert ExactAnswer()("What is 2 + 3?", "2 + 3 = 5.", "5") == 1.0
+    assert ExactAnswer()("What is 2 + 3?", "2 + 3 = 6.", "5") == 0.0
+    assert Keyword("Fox")("", "the little fox", None) == 1.0 and Keyword("owl")("", "the fox", None) == 0.0
+    assert Length(10)("", "x" * 10, None) == 1.0 and Length(10)("", "x" * 15, None) == 0.5
+
+
+def test_grpo_needs_a_reward_and_prompt_data():
+    from llmzoo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="objective=grpo needs a reward"):
+        tiny_cfg("objective=grpo", "data=prompts")
+    with pytest.raises(ConfigError, match="use data=prompts"):
+        tiny_cfg("objective=grpo", "reward=keyword", "data=instructions")
+
+
+@torch.no_grad()
+def mean_reward(run_dir, reward, n_prompts=16, group=4):
+    from llmzoo_plugins.chat_data import encode_record
+    from llmzoo_plugins.sampling import Sample
+
+    run = llmzoo.load_run(run_dir)
+    prompts = [encode_record(run.tokenizer, {"prompt": f"What is {i} + {i + 3}?"}, "prompts", 128)["prompt_ids"]
+               for i in range(n_prompts)] * group
+    outs = Sample(temperature=1.0, seed=0).generate(run.model, prompts, max_new_tokens=32, eos_id=run.tokenizer.eos_id)
+    return sum(reward("", run.tokenizer.decode(o), None) for o in outs) / len(outs)
+
+
+@pytest.mark.parametrize("block", ["dense", "mamba2"])
+def test_grpo_raises_a_rule_based_reward(tmp_path, block):
+    """Keyword reward ("the"): asked arithmetic questions, the pretrained tiny model
+    answers with a story word about half the time; GRPO makes it the rule."""
+    from llmzoo_plugins.rewards import Keyword
+
+    pre, rl = tmp_path / "pre", tmp_path / "grpo"
+    run_cli("llmzoo-train", f"block={block}", f"run_dir={pre}", "trainer.max_steps=150", *FAST)
+    run_cli("llmzoo-train", f"block={block}", "objective=grpo", "data=prompts", "reward=keyword", "reward.word=the", f"init_from={pre}",
+            f"run_dir={rl}", "trainer.max_steps=40", "trainer.val_every=0", "data.batch_size=8", "optim.lr=1e-3",
+            "optim.warmup_steps=5", *FAST)
+    before, after = mean_reward(pre, Keyword("the")), mean_reward(rl, Keyword("the"))
+    print(f"{block}: mean keyword reward {before:.2f} -> {after:.2f}")
+    assert after > before + 0.25

@@ -1,0 +1,124 @@
+"""Group Relative Policy Optimization (``objective=grpo`` with ``data=prompts`` and a
+``reward=...``; Shao et al. 2024, DeepSeekMath).
+
+Each training step, for every prompt of the batch:
+  1. sample ``group_size`` responses with the configured decoder (any decoder plugin);
+  2. score them with the reward (rule-based, see rewards.py);
+  3. advantage of a response = (r - mean of its group) / (std of its group + 1e-4) --
+     no value model;
+  4. loss per response token = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+     + beta * KL, with ratio = pi / pi_old and the k3 estimator
+     KL = ref / pi - log(ref / pi) - 1 against the frozen starting model; averaged over
+     each response's tokens, then over responses.
+One optimisation step per rollout batch, so pi_old = pi (ratio 1, gradient of log pi).
+Validation samples responses for the held-out prompts and reports their mean reward
+(``val_loss`` is minus that).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from llmzoo import hookimpl
+from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss
+from llmzoo.losses import shifted_labels
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards (N * G,) in groups of G consecutive responses -> normalised advantages."""
+    g = rewards.view(-1, group_size)
+    return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True, unbiased=False) + 1e-4)).flatten()
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log p of each next labelled token, and the (B, T) mask of those positions."""
+    target = shifted_labels(labels)
+    mask = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return logp * mask, mask
+
+
+class GRPO(nn.Module):
+    needs = frozenset({"prompt_ids", "prompt_lens"})
+
+    def __init__(self, reward: Any, decoder: Any, group_size: int = 4, max_new_tokens: int = 32,
+                 beta: float = 0.04, clip: float = 0.2, seed: int | None = 0):
+        super().__init__()
+        if reward is None:
+            raise ValueError("objective=grpo needs a reward: reward=exact_answer|keyword|length")
+        if group_size < 2:
+            raise ValueError(f"objective.group_size must be >= 2 (advantages compare a group), got {group_size}")
+        self.reward, self.decoder, self.group_size = reward, decoder, group_size
+        self.max_new_tokens, self.beta, self.clip = max_new_tokens, beta, clip
+        self.seed, self.rollouts = seed, 0  # rollout i samples with seed + i (repeatable runs)
+        self.ref: list[nn.Module] = []  # frozen starting model, not trained or saved
+        self.tokenizer = None
+
+    def setup(self, model: nn.Module, tokenizer: Any = None) -> None:
+        self.ref = [copy.deepcopy(model).eval().requires_grad_(False)]
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def rollout(self, model: nn.Module, batch: Batch) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+        """Prompts, sampled responses and their rewards (group_size per prompt, consecutive)."""
+        ids, lens = batch["prompt_ids"], batch["prompt_lens"].tolist()
+        prompts = [ids[i, ids.shape[1] - n:].tolist() for i, n in enumerate(lens) for _ in range(self.group_size)]
+        answers = [a for a in batch.get("answers", [None] * len(lens)) for _ in range(self.group_size)]
+        sampler = getattr(self.decoder, "sampler", None)
+        if self.seed is not None and sampler is not None:
+            sampler.seed = self.seed + self.rollouts
+        self.rollouts += 1
+        was_training = model.training
+        model.eval()
+        responses = self.decoder.generate(model, prompts, max_new_tokens=self.max_new_tokens,
+                                          eos_id=self.tokenizer.eos_id)
+        model.train(was_training)
+        rewards = torch.tensor([self.reward(self.tokenizer.decode(p), self.tokenizer.decode(r), a)
+                                for p, r, a in zip(prompts, responses, answers)], dtype=torch.float32)
+        return prompts, responses, rewards
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
+        prompts, responses, rewards = self.rollout(model, batch)
+        metrics = {"reward": rewards.mean(), "reward_std": rewards.std(),
+                   "response_tokens": torch.tensor([len(r) for r in responses], dtype=torch.float32).mean()}
+        if not torch.is_grad_enabled():  # validation: how good are the samples
+            return Loss(-rewards.mean(), metrics)
+        device = batch["prompt_ids"].device
+        width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
+        labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+            labels[i, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+        ids, labels = ids.to(device), labels.to(device)
+        adv = group_advantages(rewards, self.group_size).to(device)[:, None]
+        logp, mask = token_logprobs(model(ids).logits, labels)
+        with torch.no_grad():
+            ref_logp, _ = token_logprobs(self.ref[0].to(device)(ids).logits, labels)
+        ratio = torch.exp(logp - logp.detach())  # pi / pi_old: 1 in value, grad of log pi
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        per_token = (-surrogate + self.beta * kl) * mask
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+        return Loss(loss, metrics)
+
+
+@hookimpl
+def llmzoo_validate(cfg: DictConfig) -> list[str]:
+    obj = cfg.get("objective")
+    if not isinstance(obj, DictConfig) or obj.get("_target_") != f"{__name__}.GRPO":
+        return []
+    problems = []
+    if cfg.get("reward") is None:
+        problems.append("objective=grpo needs a reward: add reward=exact_answer, reward=keyword or reward=length")
+    data = cfg.get("data")
+    if isinstance(data, DictConfig) and data.get("kind") != "prompts":
+        problems.append(f"objective=grpo samples responses to prompts: use data=prompts (data.kind is "
+                        f"{data.get('kind')!r})")
+    return problems
