@@ -31,3 +31,25 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
     return (picked * mask).sum(-1)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log p of each next labelled token (0 elsewhere), and the (B, T) bool mask of
+    those positions: position t scores labels[:, t + 1]."""
+    target = shifted_labels(labels)
+    mask = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return logp * mask, mask
+
+
+def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                          device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, labels) of prompt + response rows, labels only on the response
+    (what RL objectives score)."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        labels[i, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device), labels.to(device)

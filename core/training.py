@@ -74,9 +74,14 @@ class LMModule(L.LightningModule):
     is stored in every checkpoint so that one ``.ckpt`` rebuilds the run."""
 
     def __init__(self, model: nn.Module, objective: Any, optim: dict[str, Any], max_steps: int,
-                 run_info: dict[str, Any] | None = None):
+                 run_info: dict[str, Any] | None = None, clip_val: float | None = None):
         super().__init__()
         self.model, self.objective = model, objective
+        # An objective that takes several optimizer steps per batch (PPO's epochs over a
+        # rollout) says ``manual_optimization = True`` and steps through ``train_step(module,
+        # batch)``: module.optimizers(), module.manual_backward(), module.clip_val.
+        self.automatic_optimization = not getattr(objective, "manual_optimization", False)
+        self.clip_val = clip_val
         # An objective with its own parameters (value head, Medusa heads) trains with the model.
         self.objective_module = objective if isinstance(objective, nn.Module) else None
         self.optim, self.max_steps, self.run_info = optim, max_steps, run_info or {}
@@ -84,7 +89,10 @@ class LMModule(L.LightningModule):
         self._metric_sources = metric_sources(model)
 
     def training_step(self, batch, batch_idx):
-        loss = self.objective(self.model, batch)
+        if self.automatic_optimization:
+            loss = self.objective(self.model, batch)
+        else:
+            loss = self.objective.train_step(self, batch)
         sync = self.trainer.world_size > 1
         self.log("train_loss", loss.value, prog_bar=True, sync_dist=sync)
         for k, v in loss.metrics.items():
@@ -92,7 +100,7 @@ class LMModule(L.LightningModule):
         for k, v in block_metrics(self._metric_sources).items():
             self.log(k, v, sync_dist=sync)
         self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * self.trainer.world_size
-        return loss.value
+        return loss.value if self.automatic_optimization else None
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t0 is None:
@@ -179,7 +187,7 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = False) -> L.Trainer:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -201,7 +209,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any) -> L.Trainer:
     return L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.get("num_nodes", 1), precision=t.precision, strategy=strategy.lightning_strategy(),
-        gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches,
+        # manual optimization (PPO) clips and accumulates itself
+        gradient_clip_val=None if manual else t.gradient_clip_val,
+        accumulate_grad_batches=1 if manual else t.accumulate_grad_batches,
         log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every or None,
         check_val_every_n_epoch=None if t.val_every else 1, limit_val_batches=t.limit_val_batches if t.val_every else 0,
         num_sanity_val_steps=0, enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers,
@@ -241,8 +251,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
                 "vocab_size": model.vocab_size}
     objective = build_objective(cfg, model, tokenizer)
-    module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps, run_info)
-    trainer = build_trainer(cfg, run_dir, strategy)
+    module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps,
+                      run_info, clip_val=cfg.trainer.gradient_clip_val)
+    trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
 
     d = cfg.data

@@ -25,22 +25,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
-from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss
-from llmzoo.losses import shifted_labels
+from llmzoo.interfaces import Batch, Loss
+from llmzoo.losses import prompt_response_batch, token_logprobs
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """rewards (N * G,) in groups of G consecutive responses -> normalised advantages."""
     g = rewards.view(-1, group_size)
     return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True, unbiased=False) + 1e-4)).flatten()
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) log p of each next labelled token, and the (B, T) mask of those positions."""
-    target = shifted_labels(labels)
-    mask = target != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return logp * mask, mask
 
 
 class GRPO(nn.Module):
@@ -89,13 +81,7 @@ class GRPO(nn.Module):
         if not torch.is_grad_enabled():  # validation: how good are the samples
             return Loss(-rewards.mean(), metrics)
         device = batch["prompt_ids"].device
-        width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long)
-        labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            labels[i, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
-        ids, labels = ids.to(device), labels.to(device)
+        ids, labels = prompt_response_batch(prompts, responses, self.tokenizer.pad_id, device)
         adv = group_advantages(rewards, self.group_size).to(device)[:, None]
         logp, mask = token_logprobs(model(ids).logits, labels)
         with torch.no_grad():

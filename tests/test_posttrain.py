@@ -177,6 +177,13 @@ def test_pretrain_sft_dpo_and_reward_chain(tmp_path):
     # the SFT model answers in the chat format and stops
     out = run_cli("llmzoo-generate", f"run_dir={sft}", "chat=true", "prompt=Say hello to Ada.", "max_new_tokens=30")
     assert out.stdout.startswith("Say hello to Ada.Hello, ")
+    # the RLHF path's last stage: PPO against the learned reward model
+    ppo = tmp_path / "ppo"
+    run_cli("llmzoo-train", "experiment=ppo_after_reward", f"init_from={sft}", f"objective.reward_model={rm}",
+            f"run_dir={ppo}", "trainer.max_steps=8", "data.batch_size=8", "trainer.log_every_n_steps=1", *FAST)
+    rewards = [float(r["train/reward"]) for r in read_metrics(ppo) if r.get("train/reward")]
+    assert rewards and all(math.isfinite(x) for x in rewards)
+    assert llmzoo.load_run(ppo).objective.value_head is not None  # the value head is saved
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -233,4 +240,51 @@ def test_grpo_raises_a_rule_based_reward(tmp_path, block):
             "optim.warmup_steps=5", *FAST)
     before, after = mean_reward(pre, Keyword("the")), mean_reward(rl, Keyword("the"))
     print(f"{block}: mean keyword reward {before:.2f} -> {after:.2f}")
+    assert after > before + 0.25
+
+
+# ----------------------------------------------------------------------------- PPO
+def test_gae_equals_hand_computed_values():
+    from llmzoo_plugins.ppo import gae
+
+    # one row: a prompt position, three response tokens, a padding position
+    rewards = torch.tensor([[9.0, 0.0, 0.0, 1.0, 9.0]])
+    values = torch.tensor([[5.0, 0.5, 0.6, 0.7, 5.0]])
+    mask = torch.tensor([[False, True, True, True, False]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    # delta = (0.1, 0.1, 0.3); A_2 = 0.3, A_1 = 0.1 + 0.9 * 0.3, A_0 = 0.1 + 0.9 * 0.37
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.433, 0.37, 0.3, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.0, 0.933, 0.97, 1.0, 0.0]]))
+    adv_g, _ = gae(rewards, values, mask, gamma=0.5, lam=1.0)  # delta_t = r_t + 0.5 V_t+1 - V_t
+    d = [0.3 - 0.5, 0.35 - 0.6, 1.0 - 0.7]
+    want = [d[0] + 0.5 * (d[1] + 0.5 * d[2]), d[1] + 0.5 * d[2], d[2]]
+    torch.testing.assert_close(adv_g[0, 1:4], torch.tensor(want))
+
+
+def test_clipped_policy_and_value_losses_equal_hand_computed_values():
+    from llmzoo_plugins.ppo import policy_loss, value_loss
+
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv, mask = torch.tensor([[1.0, -1.0, 2.0]]), torch.ones(1, 3, dtype=torch.bool)
+    loss, clipfrac = policy_loss(logp, old, adv, mask, clip=0.2)
+    # max(-A r, -A clip(r)): max(-1.5, -1.2) = -1.2; max(0.5, 0.8) = 0.8; max(-2.2, -2.2) = -2.2
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3, rel=1e-6)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    v, v_old, ret = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 2.0]]), torch.tensor([[2.0, 1.0]])
+    # token 1: max((1-2)^2, (0.7-2)^2) = 1.69; token 2: max(1, 1) = 1
+    assert value_loss(v, v_old, ret, torch.ones(1, 2, dtype=torch.bool), 0.2).item() == pytest.approx(0.5 * 2.69 / 2)
+
+
+@pytest.mark.parametrize("block", ["dense", "mamba2"])
+def test_ppo_raises_a_rule_based_reward(tmp_path, block):
+    from llmzoo_plugins.rewards import Keyword
+
+    pre, rl = tmp_path / "pre", tmp_path / "ppo"
+    run_cli("llmzoo-train", f"block={block}", f"run_dir={pre}", "trainer.max_steps=150", *FAST)
+    run_cli("llmzoo-train", f"block={block}", "objective=ppo", "data=prompts", "reward=keyword", "reward.word=the",
+            f"init_from={pre}", f"run_dir={rl}", "trainer.max_steps=100", "trainer.val_every=0",
+            "data.batch_size=16", "optim.lr=2e-4", "optim.warmup_steps=5", *FAST)
+    before, after = mean_reward(pre, Keyword("the")), mean_reward(rl, Keyword("the"))
+    print(f"{block}: mean keyword reward {before:.2f} -> {after:.2f} (PPO)")
     assert after > before + 0.25

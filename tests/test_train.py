@@ -124,6 +124,11 @@ def test_every_experiment_runs_a_step(tmp_path, experiment):
         llmzoo.train(llmzoo.compose(overrides=[*quiet, f"run_dir={tmp_path / 'before'}"]))
         with open_dict(cfg):
             cfg.init_from = str(tmp_path / "before")
+    if cfg.objective.get("reward_model"):  # PPO against a learned reward: give it a (2-step) one
+        llmzoo.train(llmzoo.compose(overrides=[*quiet, "objective=reward", "data=preferences",
+                                               f"init_from={tmp_path / 'before'}", f"run_dir={tmp_path / 'rm'}"]))
+        with open_dict(cfg):
+            cfg.objective.reward_model = str(tmp_path / "rm")
     assert llmzoo.train(cfg)["step"] == 2
 
 
