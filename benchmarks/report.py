@@ -77,7 +77,20 @@ def decode_rows(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-RENDER = {"train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows}
+def posttrain_rows(records: list[dict]) -> str:
+    r = records[-1]
+    return (f"{r['time']} on {r['device']}; tiny dense model (0.13M), end to end per run (setup included)\n\n"
+            "| measurement | value |\n|---|---|\n"
+            f"| DPO optimizer steps/s (16 pairs, policy + reference) | {r['dpo_steps_per_s']:.2f} |\n"
+            f"| GRPO samples/s (rollout + update, 32 responses/step) | {r['grpo_samples_per_s']:.1f} |\n"
+            f"| PPO samples/s (rollout + 4 updates, 16 responses/rollout) | {r['ppo_samples_per_s']:.1f} |\n"
+            f"| GRPO mean reward, first -> last step | {r['grpo_reward_first_last'][0]:.2f} -> "
+            f"{r['grpo_reward_first_last'][1]:.2f} |\n"
+            f"| PPO mean reward, first -> last rollout | {r['ppo_reward_first_last'][0]:.2f} -> "
+            f"{r['ppo_reward_first_last'][1]:.2f} |\n\n![rewards](results/posttrain_rewards.png)")
+
+
+RENDER = {"train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows, "posttrain": posttrain_rows}
 
 
 def load(paths: list[str]) -> dict[str, list[dict]]:

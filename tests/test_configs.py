@@ -21,6 +21,8 @@ def test_every_group_has_options():
 def test_option_composes_and_instantiates(group, name, tmp_path):
     # quantize is a group of llmzoo-generate's config only (a model transform for decoding)
     overrides = [f"+{group}={name}" if group == "quantize" else f"{group}={name}"]
+    if (group, name) in (("objective", "grpo"), ("objective", "ppo")):  # RL: needs prompts and a reward
+        overrides += ["data=prompts", "reward=keyword"]
     if (group, name) == ("tokenizer", "file"):
         from llmzoo_plugins.tokenizers import BPETokenizer
 
@@ -43,7 +45,7 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
         assert model(ids).logits.shape == (1, 8, model.vocab_size)
     if group == "model" and name == "tiny":
         assert model.num_parameters() < 1e6
-    llmzoo.build_objective(cfg, model)
+    llmzoo.build_objective(cfg, model, tokenizer)
     llmzoo.build_decoder(cfg)
     if group == "quantize":
         import copy
