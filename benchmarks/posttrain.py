@@ -68,9 +68,10 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, rd, per_batch in (("GRPO (8 prompts x 4 samples / step)", grpo, 1), ("PPO (16 prompts / rollout, 4 steps each)", ppo, 4)):
-        pts = rewards(rd)
-        ax.plot([s / per_batch for s, _ in pts], [r for _, r in pts], "o-", ms=3, label=name)
+    for name, rd in (("GRPO (8 prompts x 4 samples per rollout, 1 step)", grpo),
+                     ("PPO (16 prompts per rollout, 4 steps)", ppo)):
+        pts = rewards(rd)  # logged once per rollout batch
+        ax.plot(range(len(pts)), [r for _, r in pts], "o-", ms=3, label=name)
     ax.set(xlabel="rollout batch", ylabel="mean reward (response contains 'the')", ylim=(-0.05, 1.05),
            title="RL on a tiny pretrained model (CPU), keyword reward")
     ax.grid(alpha=0.3)
