@@ -141,8 +141,12 @@ class Objective(Protocol):
 
     An objective may hold extra modules (a value head, Medusa heads, a frozen
     reference model); if it is an ``nn.Module`` its trainable parameters are
-    optimised together with the model's. Optional ``setup(model)`` is called once with
-    the built model before training or loading (to size heads to its vocabulary).
+    optimised together with the model's. Optional ``setup(model)`` (or ``setup(model,
+    tokenizer=...)``) is called once with the built model before training or loading
+    (to size heads, copy a reference model); optional ``on_fit_start(module)`` runs when
+    training starts (e.g. precomputing reference log-probs over the data); an objective
+    with ``manual_optimization = True`` steps the optimizer itself in
+    ``train_step(module, batch) -> Loss`` (PPO's epochs over a rollout).
     """
 
     needs: frozenset[str]

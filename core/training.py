@@ -102,6 +102,11 @@ class LMModule(L.LightningModule):
         self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * self.trainer.world_size
         return loss.value if self.automatic_optimization else None
 
+    def on_fit_start(self):
+        hook = getattr(self.objective, "on_fit_start", None)  # e.g. DPO precomputing reference log-probs
+        if hook is not None:
+            hook(self)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t0 is None:
             self._t0, self._tokens = time.perf_counter(), 0

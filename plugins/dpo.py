@@ -9,7 +9,8 @@ the losses are
 where log pi(y|x) sums the response tokens' log-probabilities (IPO uses their mean).
 
 The reference is the model as training starts (``init_from``: the SFT run), frozen;
-or ``reference: <run folder or .ckpt>``. Metrics: rewards beta * (log pi - log ref)
+or ``reference: <run folder or .ckpt>``. With ``precompute_reference: true`` its
+log-probs of every pair are computed once before training and the model is dropped. Metrics: rewards beta * (log pi - log ref)
 of chosen and rejected, their margin, and the accuracy (chosen reward > rejected).
 """
 
@@ -41,7 +42,7 @@ class DPO(nn.Module):
     needs = frozenset({"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"})
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: str | None = None):
+                 reference: str | None = None, precompute_reference: bool = False):
         super().__init__()
         if loss_type not in LOSSES:
             raise ValueError(f"objective.loss_type={loss_type!r} is not one of {list(LOSSES)}")
@@ -51,6 +52,8 @@ class DPO(nn.Module):
             raise ValueError(f"objective.beta must be > 0, got {beta}")
         self.beta, self.loss_type, self.label_smoothing, self.reference_path = beta, loss_type, label_smoothing, reference
         self.ref: list[nn.Module] = []  # a list: the frozen copy is neither trained nor saved
+        self.precompute_reference = precompute_reference
+        self.cache: dict[tuple, tuple[float, float]] | None = None  # pair -> reference log-probs
 
     def setup(self, model: nn.Module) -> None:
         if self.reference_path:
@@ -73,13 +76,58 @@ class DPO(nn.Module):
             logp = logp / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
         return logp.chunk(2)
 
-    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
+    @staticmethod
+    def keys(batch: Batch) -> list[tuple]:
+        """One hashable key per pair: its chosen and rejected tokens up to their last label."""
+        out = []
+        for i in range(len(batch["chosen_input_ids"])):
+            key = []
+            for side in ("chosen", "rejected"):
+                n = int((batch[f"{side}_labels"][i] != IGNORE_INDEX).nonzero().max()) + 1
+                key.append(tuple(batch[f"{side}_input_ids"][i, :n].tolist()))
+            out.append(tuple(key))
+        return out
+
+    @torch.no_grad()
+    def precompute(self, batches) -> None:
+        """Reference log-probs of every pair, once; then the reference model is dropped
+        (``precompute_reference: true`` -- one model in memory while training)."""
+        ref, self.cache = self.ref[0], {}
+        for batch in batches:
+            rc, rr = self.logprobs(ref, batch)
+            self.cache.update(zip(self.keys(batch), zip(rc.tolist(), rr.tolist())))
+        self.ref = []
+
+    def on_fit_start(self, module) -> None:
+        """Called by the trainer's module before training: precompute if configured."""
+        dm = module.trainer.datamodule
+        if not self.precompute_reference or self.cache is not None or dm is None:
+            return
+        rows = list(dm.train_rows) + list(dm.val_rows)
+        size = dm.batch_size
+        device = module.device
+        self.ref[0].to(device)
+        self.precompute({k: v.to(device) if torch.is_tensor(v) else v for k, v in dm.collate(rows[i:i + size]).items()}
+                        for i in range(0, len(rows), size))
+
+    def reference_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is not None:
+            try:
+                pairs = [self.cache[k] for k in self.keys(batch)]
+            except KeyError as e:
+                raise KeyError("DPO: a preference pair without a precomputed reference log-prob (was the "
+                               "data changed after precompute?)") from e
+            rc, rr = torch.tensor(pairs, device=batch["chosen_input_ids"].device).unbind(-1)
+            return rc, rr
         if not self.ref:
             raise RuntimeError("DPO has no reference model: call setup(model) first (llmzoo.train does)")
         ref = self.ref[0].to(batch["chosen_input_ids"].device)
-        pc, pr = self.logprobs(model, batch)
         with torch.no_grad():
-            rc, rr = self.logprobs(ref, batch)
+            return self.logprobs(ref, batch)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
+        pc, pr = self.logprobs(model, batch)
+        rc, rr = self.reference_logprobs(batch)
         losses = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing)
         chosen, rejected = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
         return Loss(losses.mean(), {"rewards_chosen": chosen.mean(), "rewards_rejected": rejected.mean(),

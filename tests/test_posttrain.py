@@ -158,7 +158,8 @@ def test_pretrain_sft_dpo_and_reward_chain(tmp_path):
     run_cli("llmzoo-train", f"run_dir={pre}", "trainer.max_steps=300", *FAST)
     run_cli("llmzoo-train", "experiment=sft_after_pretrain", f"init_from={pre}", f"run_dir={sft}",
             "trainer.max_steps=150", *FAST)
-    run_cli("llmzoo-train", "experiment=dpo_after_sft", f"init_from={sft}", f"run_dir={dpo}", *FAST)
+    run_cli("llmzoo-train", "experiment=dpo_after_sft", f"init_from={sft}", f"run_dir={dpo}",
+            "objective.precompute_reference=true", *FAST)  # the reference model is dropped after one pass
     run_cli("llmzoo-train", "experiment=reward_after_sft", f"init_from={sft}", f"run_dir={rm}",
             "trainer.max_steps=80", *FAST)
     pairs = _heldout_pairs()
@@ -288,3 +289,25 @@ def test_ppo_raises_a_rule_based_reward(tmp_path, block):
     before, after = mean_reward(pre, Keyword("the")), mean_reward(rl, Keyword("the"))
     print(f"{block}: mean keyword reward {before:.2f} -> {after:.2f} (PPO)")
     assert after > before + 0.25
+
+
+def test_dpo_with_precomputed_reference_equals_the_live_reference():
+    from llmzoo_plugins.dpo import DPO
+
+    tok = ByteTokenizer()
+    dm = RecordsDataModule(tok, path=str(ROOT / "core" / "assets" / "preferences.jsonl"), kind="preferences",
+                           seq_len=128, batch_size=4)
+    rows = [encode_record(tok, r, "preferences", 128) for r in _heldout_pairs(8)]
+    batches = [dm.collate(rows[:4]), dm.collate(rows[4:])]
+    model = llmzoo.build_model(tiny_cfg("model.vocab_size=259"))
+    live, cached = DPO(beta=0.2), DPO(beta=0.2, precompute_reference=True)
+    live.setup(model), cached.setup(model)
+    with torch.no_grad():  # move the policy away from the reference so the loss is not trivial
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cached.precompute(batches)
+    assert cached.ref == []  # the reference model is gone
+    for b in batches:
+        a, c = live(model, b), cached(model, b)
+        torch.testing.assert_close(c.value, a.value, atol=1e-5, rtol=1e-5)
+        assert a.value.item() != pytest.approx(math.log(2))  # not the untrained value
