@@ -5,7 +5,7 @@ Python API::
     import llmzoo
     cfg = llmzoo.compose(overrides=["model=tiny", "block=dense"])
     model = llmzoo.build_model(cfg)
-    run = llmzoo.load_run("runs/quickstart")   # (model, tokenizer, cfg)
+    run = llmzoo.load_run("runs/quickstart")   # run.model, run.tokenizer, run.cfg, run.objective
 """
 
 from .hookspecs import hookimpl  # noqa: I001 - plugins import the marker first
