@@ -89,8 +89,11 @@ def tokenizer_from_files(cfg: DictConfig, files: dict[str, str]):
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
-    """Model, tokenizer and config from one Lightning checkpoint, with no other file."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    """Model, tokenizer and config from one Lightning checkpoint, with no other file. A
+    sharded checkpoint (a folder written by several processes, e.g. parallel=fsdp) is
+    consolidated into this one process."""
+    ckpt = read_sharded(Path(path)) if Path(path).is_dir() else \
+        torch.load(path, map_location=map_location, weights_only=False)
     meta = ckpt.get("llmzoo")
     if meta is None:
         raise ValueError(f"{path}: not an llmzoo checkpoint (no 'llmzoo' entry)")
@@ -103,6 +106,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         objective.load_state_dict(_prefixed(ckpt["state_dict"], "objective."))
         objective.eval()
     return Run(model.eval(), tokenizer, cfg, objective if isinstance(objective, nn.Module) else None)
+
+
+def read_sharded(folder: Path) -> dict[str, Any]:
+    """A distributed (torch.distributed.checkpoint) Lightning checkpoint folder as one dict."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (folder / ".metadata").exists():
+        raise ValueError(f"{folder}: a folder, but not a sharded checkpoint (no .metadata)")
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(str(folder), f"{d}/full.pt")
+        ckpt = torch.load(f"{d}/full.pt", map_location="cpu", weights_only=False)
+    meta = folder / "meta.pt"  # Lightning's non-tensor entries (loops, our run info)
+    if meta.exists():
+        ckpt.update(torch.load(meta, map_location="cpu", weights_only=False))
+    return ckpt
 
 
 def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import time
@@ -74,8 +75,11 @@ class LMModule(L.LightningModule):
     is stored in every checkpoint so that one ``.ckpt`` rebuilds the run."""
 
     def __init__(self, model: nn.Module, objective: Any, optim: dict[str, Any], max_steps: int,
-                 run_info: dict[str, Any] | None = None, clip_val: float | None = None):
+                 run_info: dict[str, Any] | None = None, clip_val: float | None = None,
+                 parallelize: Any = None):
         super().__init__()
+        # Strategies that need Lightning's device mesh (FSDP, TP) shard in configure_model.
+        self._parallelize = parallelize
         self.model, self.objective = model, objective
         # An objective that takes several optimizer steps per batch (PPO's epochs over a
         # rollout) says ``manual_optimization = True`` and steps through ``train_step(module,
@@ -101,6 +105,11 @@ class LMModule(L.LightningModule):
             self.log(k, v, sync_dist=sync)
         self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * self.trainer.world_size
         return loss.value if self.automatic_optimization else None
+
+    def configure_model(self):
+        if self._parallelize is not None:
+            self.model = self._parallelize(self.model, self.device_mesh)
+            self._parallelize = None
 
     def on_fit_start(self):
         hook = getattr(self.objective, "on_fit_start", None)  # e.g. DPO precomputing reference log-probs
@@ -249,7 +258,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if start:
         init_weights(model, start.model, cfg.init_from)
     strategy = build_strategy(cfg)
-    model = strategy.parallelize(model, None)
+    uses_mesh = getattr(strategy, "uses_device_mesh", False)
+    if not uses_mesh:
+        model = strategy.parallelize(model, None)
     if cfg.trainer.get("compile"):
         compile_blocks(model)
     log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
@@ -257,7 +268,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "vocab_size": model.vocab_size}
     objective = build_objective(cfg, model, tokenizer)
     module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps,
-                      run_info, clip_val=cfg.trainer.gradient_clip_val)
+                      run_info, clip_val=cfg.trainer.gradient_clip_val,
+                      parallelize=strategy.parallelize if uses_mesh else None)
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
 
@@ -271,12 +283,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                "tokens_seen": trainer.global_step * d.batch_size * d.seq_len * cfg.trainer.accumulate_grad_batches
                * trainer.world_size, "flops_per_token": model.flops_per_token(d.seq_len),
                **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
+    summary.update(per_process_memory(module))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # collective: every rank calls it
+    model = unsharded(module.model, cfg)  # collective for sharded models; the model itself otherwise
     if trainer.is_global_zero:
         save_final(run_dir, model, objective)
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if cfg.get("sample") and cfg.sample.get("prompts"):
             summary["samples"] = sample_text(model, tokenizer, cfg, objective)
     return summary
+
+
+def _local_bytes(tensors) -> int:
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nelement() * t.element_size() for t in tensors)
+
+
+def per_process_memory(module: L.LightningModule) -> dict[str, float]:
+    """Bytes of parameters and optimizer state this process holds (its shards under FSDP)."""
+    opt = module.trainer.optimizers[0] if module.trainer.optimizers else None
+    states = [v for s in (opt.state.values() if opt else []) for v in s.values() if torch.is_tensor(v)]
+    return {"param_mb_per_process": _local_bytes(module.model.parameters()) / 2**20,
+            "optimizer_mb_per_process": _local_bytes(states) / 2**20}
+
+
+def unsharded(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """A plain single-process copy of a sharded (DTensor) model, gathered on every rank
+    (a collective); an unsharded model is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    plain = build_model(cfg, vocab_size=model.vocab_size)
+    if full:  # rank 0 (the others get an empty dict)
+        plain.load_state_dict(full)
+    return plain
 
 
 def init_weights(model: nn.Module, source: nn.Module, where: str) -> None:
