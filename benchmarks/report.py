@@ -90,7 +90,20 @@ def posttrain_rows(records: list[dict]) -> str:
             f"{r['ppo_reward_first_last'][1]:.2f} |\n\n![rewards](results/posttrain_rewards.png)")
 
 
-RENDER = {"train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows, "posttrain": posttrain_rows}
+def parallel_rows(records: list[dict]) -> str:
+    r = records[-1]
+    out = [f"{r['time']} on {r['device']}; model={r['model']}, global batch {r['global_batch']} x {r['seq_len']}, "
+           f"{r['steps']} steps; 2-process runs share the same 2 cores\n",
+           "| strategy | tokens/s | vs single | params MB / process | AdamW MB / process | state vs single |",
+           "|---|---|---|---|---|---|"]
+    for name, m in r["results"].items():
+        out.append(f"| {name} | {m['tokens_per_s']:.0f} | {m['tokens_per_s_vs_single']:.2f}x "
+                   f"| {m['param_mb_per_process']:.2f} | {m['optimizer_mb_per_process']:.2f} "
+                   f"| **{m['state_per_process_vs_single']:.2f}x** |")
+    return "\n".join(out)
+
+
+RENDER = {"parallel": parallel_rows, "train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows, "posttrain": posttrain_rows}
 
 
 def load(paths: list[str]) -> dict[str, list[dict]]:

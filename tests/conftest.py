@@ -36,3 +36,20 @@ def tiny_cfg(*overrides):
     import llmzoo
 
     return llmzoo.compose(overrides=["model=tiny", *overrides])
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """pretrained(block="dense", steps=300) -> a run folder of the tiny model trained on the
+    bundled corpus; made once per session for each (block, steps) and shared by tests
+    that start from a pretrained model (Medusa, the post-training chain, RL)."""
+    cache = {}
+
+    def make(block: str = "dense", steps: int = 300):
+        if (block, steps) not in cache:
+            run = tmp_path_factory.mktemp(f"pretrained_{block}_{steps}") / "run"
+            run_cli("llmzoo-train", f"block={block}", f"run_dir={run}", f"trainer.max_steps={steps}", *FAST)
+            cache[block, steps] = run
+        return cache[block, steps]
+
+    return make

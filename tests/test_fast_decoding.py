@@ -195,10 +195,9 @@ def test_medusa_on_mamba_is_rejected_at_config_time():
         tiny_cfg("block=mamba", "decoder=medusa")  # compose validates
 
 
-def test_medusa_heads_trained_on_the_corpus_accept_more_than_1_5_tokens_per_step(tmp_path):
+def test_medusa_heads_trained_on_the_corpus_accept_more_than_1_5_tokens_per_step(tmp_path, pretrained):
     """Pretrain the tiny model, train Medusa-1 heads on it (init_from), decode through the CLI."""
-    pre, med = tmp_path / "pre", tmp_path / "medusa"
-    run_cli("llmzoo-train", f"run_dir={pre}", "trainer.max_steps=300", *FAST)
+    pre, med = pretrained("dense", 300), tmp_path / "medusa"
     run_cli("llmzoo-train", f"run_dir={med}", "objective=medusa", f"init_from={pre}", "trainer.max_steps=200", *FAST)
     prompts = '["Once upon a time","The little fox","12 + 7 =","Ada and Otto"]'
     greedy = run_cli("llmzoo-generate", f"run_dir={med}", "max_new_tokens=80", f"prompts={prompts}")

@@ -153,9 +153,9 @@ def preference_stats(run_dir, pairs):
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
-def test_pretrain_sft_dpo_and_reward_chain(tmp_path):
-    pre, sft, dpo, rm = (tmp_path / n for n in ("pretrain", "sft", "dpo", "reward"))
-    run_cli("llmzoo-train", f"run_dir={pre}", "trainer.max_steps=300", *FAST)
+def test_pretrain_sft_dpo_and_reward_chain(tmp_path, pretrained):
+    pre = pretrained("dense", 300)
+    sft, dpo, rm = (tmp_path / n for n in ("sft", "dpo", "reward"))
     run_cli("llmzoo-train", "experiment=sft_after_pretrain", f"init_from={pre}", f"run_dir={sft}",
             "trainer.max_steps=150", *FAST)
     run_cli("llmzoo-train", "experiment=dpo_after_sft", f"init_from={sft}", f"run_dir={dpo}",
@@ -229,13 +229,12 @@ def mean_reward(run_dir, reward, n_prompts=16, group=4):
 
 
 @pytest.mark.parametrize("block", ["dense", "mamba2"])
-def test_grpo_raises_a_rule_based_reward(tmp_path, block):
+def test_grpo_raises_a_rule_based_reward(tmp_path, block, pretrained):
     """Keyword reward ("the"): asked arithmetic questions, the pretrained tiny model
     answers with a story word about half the time; GRPO makes it the rule."""
     from llmzoo_plugins.rewards import Keyword
 
-    pre, rl = tmp_path / "pre", tmp_path / "grpo"
-    run_cli("llmzoo-train", f"block={block}", f"run_dir={pre}", "trainer.max_steps=150", *FAST)
+    pre, rl = pretrained(block, 150), tmp_path / "grpo"
     run_cli("llmzoo-train", f"block={block}", "objective=grpo", "data=prompts", "reward=keyword", "reward.word=the", f"init_from={pre}",
             f"run_dir={rl}", "trainer.max_steps=40", "trainer.val_every=0", "data.batch_size=8", "optim.lr=1e-3",
             "optim.warmup_steps=5", *FAST)
@@ -278,11 +277,10 @@ def test_clipped_policy_and_value_losses_equal_hand_computed_values():
 
 
 @pytest.mark.parametrize("block", ["dense", "mamba2"])
-def test_ppo_raises_a_rule_based_reward(tmp_path, block):
+def test_ppo_raises_a_rule_based_reward(tmp_path, block, pretrained):
     from llmzoo_plugins.rewards import Keyword
 
-    pre, rl = tmp_path / "pre", tmp_path / "ppo"
-    run_cli("llmzoo-train", f"block={block}", f"run_dir={pre}", "trainer.max_steps=150", *FAST)
+    pre, rl = pretrained(block, 150), tmp_path / "ppo"
     run_cli("llmzoo-train", f"block={block}", "objective=ppo", "data=prompts", "reward=keyword", "reward.word=the",
             f"init_from={pre}", f"run_dir={rl}", "trainer.max_steps=100", "trainer.val_every=0",
             "data.batch_size=16", "optim.lr=2e-4", "optim.warmup_steps=5", *FAST)
