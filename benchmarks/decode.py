@@ -29,7 +29,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 import llmzoo
 from llmzoo.analysis import device_description

@@ -141,3 +141,24 @@ def finish(tokens: list[int], max_new_tokens: int, eos_id: int | None) -> tuple[
         tokens = tokens[: tokens.index(eos_id) + 1]
         return tokens[:max_new_tokens], True
     return tokens[:max_new_tokens], len(tokens) >= max_new_tokens
+
+
+@torch.no_grad()
+def sample_responses(model: nn.Module, decoder, batch: dict, *, eos_id: int, max_new_tokens: int,
+                     repeat: int = 1, seed: int | None = None) -> tuple[list[list[int]], list[list[int]], list]:
+    """RL rollouts: each prompt of a ``data=prompts`` batch (left-padded ``prompt_ids`` and
+    ``prompt_lens``) ``repeat`` times in a row, answered by ``decoder`` in eval mode.
+    ``seed`` reseeds a decoder that has a ``sampler``. Returns (prompts, responses, answers)."""
+    ids, lens = batch["prompt_ids"], batch["prompt_lens"].tolist()
+    prompts = [ids[i, ids.shape[1] - n:].tolist() for i, n in enumerate(lens) for _ in range(repeat)]
+    answers = [a for a in batch.get("answers", [None] * len(lens)) for _ in range(repeat)]
+    sampler = getattr(decoder, "sampler", None)
+    if seed is not None and sampler is not None:
+        sampler.seed = seed
+    was_training = model.training
+    model.eval()
+    try:
+        responses = decoder.generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id)
+    finally:
+        model.train(was_training)
+    return prompts, responses, answers

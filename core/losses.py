@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from .interfaces import IGNORE_INDEX
 
 
-def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """labels (B, T) -> targets (B, T): targets[:, t] = labels[:, t + 1], the last is ignored."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+def shifted_labels(labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    """labels (B, T) -> targets (B, T): targets[:, t] = labels[:, t + shift], the last
+    ``shift`` positions ignored."""
+    return F.pad(labels[:, shift:], (0, shift), value=IGNORE_INDEX)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

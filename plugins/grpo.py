@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
+from llmzoo.decoding import sample_responses
 from llmzoo.interfaces import Batch, Loss
 from llmzoo.losses import prompt_response_batch, token_logprobs
 
@@ -58,18 +59,10 @@ class GRPO(nn.Module):
     @torch.no_grad()
     def rollout(self, model: nn.Module, batch: Batch) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
         """Prompts, sampled responses and their rewards (group_size per prompt, consecutive)."""
-        ids, lens = batch["prompt_ids"], batch["prompt_lens"].tolist()
-        prompts = [ids[i, ids.shape[1] - n:].tolist() for i, n in enumerate(lens) for _ in range(self.group_size)]
-        answers = [a for a in batch.get("answers", [None] * len(lens)) for _ in range(self.group_size)]
-        sampler = getattr(self.decoder, "sampler", None)
-        if self.seed is not None and sampler is not None:
-            sampler.seed = self.seed + self.rollouts
+        prompts, responses, answers = sample_responses(
+            model, self.decoder, batch, eos_id=self.tokenizer.eos_id, max_new_tokens=self.max_new_tokens,
+            repeat=self.group_size, seed=None if self.seed is None else self.seed + self.rollouts)
         self.rollouts += 1
-        was_training = model.training
-        model.eval()
-        responses = self.decoder.generate(model, prompts, max_new_tokens=self.max_new_tokens,
-                                          eos_id=self.tokenizer.eos_id)
-        model.train(was_training)
         rewards = torch.tensor([self.reward(self.tokenizer.decode(p), self.tokenizer.decode(r), a)
                                 for p, r, a in zip(prompts, responses, answers)], dtype=torch.float32)
         return prompts, responses, rewards

@@ -32,6 +32,7 @@ from torch import nn
 from llmzoo import hookimpl
 from llmzoo.decoding import Sampler, check_prompts, finish
 from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss
+from llmzoo.losses import shifted_labels
 
 
 # ============================================================================ heads and their loss
@@ -49,7 +50,7 @@ class MedusaHead(nn.Module):
 
 def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CE of logits[:, t] against labels[:, t + shift]; returns (loss, top-1 accuracy)."""
-    target = F.pad(labels[:, shift:], (0, shift), value=IGNORE_INDEX)
+    target = shifted_labels(labels, shift)
     mask = target != IGNORE_INDEX
     ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX)
     acc = (logits.argmax(-1) == target)[mask].float().mean()

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
+from llmzoo.decoding import sample_responses
 from llmzoo.interfaces import Batch, Loss
 from llmzoo.losses import prompt_response_batch, token_logprobs
 
@@ -134,20 +135,13 @@ class PPO(nn.Module):
 
     @torch.no_grad()
     def rollout(self, model: nn.Module, batch: Batch) -> dict[str, Any]:
-        ids, lens = batch["prompt_ids"], batch["prompt_lens"].tolist()
-        prompts = [ids[i, ids.shape[1] - n:].tolist() for i, n in enumerate(lens)]
-        answers = batch.get("answers", [None] * len(prompts))
-        sampler = getattr(self.decoder, "sampler", None)
-        if self.seed is not None and sampler is not None:
-            sampler.seed = self.seed + self.rollouts
+        ids = batch["prompt_ids"]
+        prompts, responses, answers = sample_responses(
+            model, self.decoder, batch, eos_id=self.tokenizer.eos_id, max_new_tokens=self.max_new_tokens,
+            seed=None if self.seed is None else self.seed + self.rollouts)
         self.rollouts += 1
-        was_training = model.training
-        model.eval()
-        responses = self.decoder.generate(model, prompts, max_new_tokens=self.max_new_tokens,
-                                          eos_id=self.tokenizer.eos_id)
         seq, labels = prompt_response_batch(prompts, responses, self.tokenizer.pad_id, ids.device)
-        logp, values, mask = self.forward_scored(model, seq, labels)
-        model.train(was_training)
+        logp, values, mask = self.forward_scored(model, seq, labels)  # pi_old, in the mode updates run in
         ref_logp, _ = token_logprobs(self.ref[0].to(ids.device)(seq).logits, labels)
         score = self.rewards(prompts, responses, answers, seq, labels)
         kl = (logp - ref_logp) * mask

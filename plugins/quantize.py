@@ -187,11 +187,6 @@ class Quantize:
         return model
 
 
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer: what a decode step reads."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
 def save_quantized(model: nn.Module, path: str | Path) -> None:
     """Quantized weights (integers + scales) to one safetensors file."""
     from safetensors.torch import save_file

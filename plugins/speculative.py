@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from llmzoo.decoding import Sampler, check_prompts, finish
-from llmzoo.interfaces import KV_CACHE, STATEFUL
+from llmzoo.interfaces import STATEFUL
 
 
 class EarlyExit(nn.Module):
