@@ -1,6 +1,7 @@
 """Parallel strategies on CPU against one process, in one run: training tokens/s and the
 parameter + AdamW bytes each process holds, for parallel=single (1 process, batch B),
-ddp and fsdp (2 processes, batch B/2 each: the same global batch).
+ddp and fsdp (2 processes, batch B/2 each: the same global batch), tp and pipeline
+(2 processes sharing each batch of B: split layers / split stages, 4 micro-batches).
 
     python benchmarks/parallel.py [--steps 30] [--model small]
 
@@ -41,8 +42,10 @@ def main() -> None:
     args = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as d:
-        for name, strategy, devices in (("single", "single", 1), ("ddp", "ddp", 2), ("fsdp", "fsdp", 2)):
-            s = run(strategy, devices, args.batch // devices, args.steps, args.model, Path(d) / name)
+        # (name, strategy, processes, data-parallel ranks: each gets batch / ranks sequences)
+        for name, strategy, devices, dp in (("single", "single", 1, 1), ("ddp", "ddp", 2, 2), ("fsdp", "fsdp", 2, 2),
+                                            ("tp", "tp", 2, 1), ("pipeline", "pipeline", 2, 1)):
+            s = run(strategy, devices, args.batch // dp, args.steps, args.model, Path(d) / name)
             results[name] = {k: s.get(k) for k in ("tokens_per_s", "param_mb_per_process", "optimizer_mb_per_process")}
             print(name, results[name], flush=True)
     base = results["single"]

@@ -129,13 +129,14 @@ def core_problems(cfg: DictConfig) -> list[str]:
     seq_len = cfg.data.get("seq_len")
     if isinstance(seq_len, int) and isinstance(m.get("max_seq_len"), int) and seq_len > m.max_seq_len:
         problems.append(f"data.seq_len={seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-    needs = _class_attr(cfg.decoder, "requires")
-    for part, caps in (block_capabilities(cfg) or {}).items() if needs else ():
-        if not needs <= caps:
-            problems.append(
-                f"decoder={_choice(cfg, 'decoder')} requires block capabilities {sorted(needs)}, "
-                f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(needs - caps)} (it has {sorted(caps)})"
-            )
+    for group in ("decoder", "parallel"):  # what the decoder / the strategy needs from the blocks
+        needs = _class_attr(cfg[group], "requires")
+        for part, caps in (block_capabilities(cfg) or {}).items() if needs else ():
+            if not needs <= caps:
+                problems.append(
+                    f"{group}={_choice(cfg, group)} requires block capabilities {sorted(needs)}, "
+                    f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(needs - caps)} (it has {sorted(caps)})"
+                )
     return problems
 
 

@@ -121,6 +121,15 @@ def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, cle
 
 
 # ----------------------------------------------------------------------------- sampling
+def data_rank(trainer: Any) -> tuple[int, int]:
+    """(this process's data rank, number of data ranks): the data-parallel ones. The
+    processes of one tensor-parallel or pipeline group share a rank: same batches."""
+    if trainer is None:
+        return 0, 1
+    kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kw.get("rank", trainer.global_rank)), int(kw.get("num_replicas", trainer.world_size))
+
+
 class ResumableSampler(Sampler[int]):
     """Shuffles with seed + epoch, splits across ranks, and can start mid-epoch.
 
@@ -203,8 +212,7 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_ds is None:
             self._build()
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = data_rank(getattr(self, "trainer", None))
         self.train_sampler = ResumableSampler(len(self.train_ds), self.batch_size, seed=self.seed,
                                               rank=rank, world_size=world)
 

@@ -116,6 +116,10 @@ STATIC_STATE = "static_state"
 # before a forward of T candidates, then ``state.keep(start, index)`` keeps the
 # accepted ones (Medusa's one-forward verification).
 TREE_MASK = "tree_mask"
+# the block has a ``tensor_parallel_plan``: {submodule name: "colwise" | "rowwise" | "norm"}
+# whose column-/row-wise split keeps the math unchanged (parallel=tp; a mixer or ffn
+# declares its own plan, ResidualBlock joins them).
+TENSOR_PARALLEL = "tensor_parallel"
 
 
 @runtime_checkable
@@ -125,7 +129,15 @@ class ParallelStrategy(Protocol):
     ``lightning_strategy()`` is what ``lightning.Trainer(strategy=...)`` receives.
     ``parallelize(model, device_mesh)`` returns the distributed model (it may modify
     ``model`` in place); strategies that leave the model alone return it unchanged.
-    ``requires`` lists the block capabilities the strategy needs.
+    ``requires`` lists the block capabilities the strategy needs (checked at config time).
+
+    Optional members, used when present:
+      uses_device_mesh = True      parallelize() runs in LightningModule.configure_model
+                                   with Lightning's device mesh (FSDP, TP, pipeline)
+      train_step(module, batch)    the whole optimizer step of one batch, under manual
+      eval_step(module, batch)     optimization (a pipeline schedule); return ``Loss``
+      full_state_dict(model)       the complete weights on global rank 0 (a collective),
+                                   when the model is split in a way DTensor does not describe
     """
 
     requires: frozenset[str]

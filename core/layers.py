@@ -31,7 +31,13 @@ def swiglu_hidden(dim: int, hidden: int | None = None, multiple_of: int = 32) ->
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up share one matmul. (B, T, D) -> (B, T, D).
-    ``hidden`` None: Llama's 8/3 * dim rounded up to 32."""
+    ``hidden`` None: Llama's 8/3 * dim rounded up to 32.
+
+    The rows of ``gate_up`` interleave the two: gate_0, up_0, gate_1, up_1, ... so that a
+    contiguous slice of rows (a tensor-parallel shard) holds matching gate and up units.
+    """
+
+    tensor_parallel_plan = {"gate_up": "colwise", "down": "rowwise"}
 
     def __init__(self, dim: int, hidden: int | None = None):
         super().__init__()
@@ -41,8 +47,8 @@ class SwiGLU(nn.Module):
         self.down.residual_out = True  # scaled at init, see LanguageModel.reset_parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate_up = self.gate_up(x).unflatten(-1, (-1, 2))
+        return self.down(F.silu(gate_up[..., 0]) * gate_up[..., 1])
 
     def flops_per_token(self, seq_len: int) -> float:
         return 2 * self.down.out_features * self.hidden * 3
@@ -65,7 +71,19 @@ class ResidualBlock(nn.Module):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset(getattr(self.mixer, "capabilities", frozenset()))
+        caps = frozenset(getattr(self.mixer, "capabilities", frozenset()))
+        if self.ffn is not None and not hasattr(self.ffn, "tensor_parallel_plan"):
+            caps -= {"tensor_parallel"}  # the mixer alone cannot make the block tensor-parallel
+        return caps
+
+    @property
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """The mixer's and the ffn's plans under their names here, the norms as "norm"
+        (sharded along the sequence under sequence parallelism)."""
+        plan = {"mixer_norm": "norm", **{f"mixer.{k}": v for k, v in self.mixer.tensor_parallel_plan.items()}}
+        if self.ffn is not None:
+            plan.update({"ffn_norm": "norm", **{f"ffn.{k}": v for k, v in self.ffn.tensor_parallel_plan.items()}})
+        return plan
 
     def forward(self, x: torch.Tensor, *, state: Any = None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), state=state)

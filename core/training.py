@@ -24,7 +24,7 @@ from .analysis import device_peak_flops, mfu
 from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_decoder, build_model, build_objective, build_strategy,
                   build_tokenizer, load_any, save_final, tokenizer_files)
 from .config import validate_config
-from .data import TextDataModule
+from .data import TextDataModule, data_rank
 from .plugins import get_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -70,21 +70,56 @@ def block_metrics(sources: list[nn.Module]) -> dict[str, torch.Tensor]:
     return {k: torch.stack(v).sum() if "dropped" in k else torch.stack(v).mean() for k, v in found.items()}
 
 
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, group: Any = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model mixing plain tensors and DTensors
+    on different meshes (tensor parallel leaves norms plain; a pipeline stage holds only
+    its layers: ``group`` is then the process group whose squared norms add up).
+    Returns the total norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_layout: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:  # one reduction per (mesh, placements), as torch does for one mesh
+        key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
+        by_layout.setdefault(key, []).append(g)
+    squares = []
+    for key, gs in by_layout.items():
+        n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs]))
+        squares.append((n.full_tensor() if isinstance(n, DTensor) else n) ** 2)
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(total, group=group)
+    total = total.sqrt()
+    coef = float(max_norm) / (float(total) + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
 class LMModule(L.LightningModule):
     """Model + objective + optimizer. ``run_info`` (resolved config, tokenizer files)
     is stored in every checkpoint so that one ``.ckpt`` rebuilds the run."""
 
     def __init__(self, model: nn.Module, objective: Any, optim: dict[str, Any], max_steps: int,
                  run_info: dict[str, Any] | None = None, clip_val: float | None = None,
-                 parallelize: Any = None):
+                 parallelize: Any = None, strategy: Any = None):
         super().__init__()
-        # Strategies that need Lightning's device mesh (FSDP, TP) shard in configure_model.
+        # Strategies that need Lightning's device mesh (FSDP, TP, pipeline) shard in configure_model.
         self._parallelize = parallelize
         self.model, self.objective = model, objective
         # An objective that takes several optimizer steps per batch (PPO's epochs over a
         # rollout) says ``manual_optimization = True`` and steps through ``train_step(module,
-        # batch)``: module.optimizers(), module.manual_backward(), module.clip_val.
-        self.automatic_optimization = not getattr(objective, "manual_optimization", False)
+        # batch)``: module.optimizers(), module.manual_backward(), module.clip_val. So does a
+        # strategy whose step is more than forward + backward (a pipeline schedule): its
+        # ``train_step(module, batch)`` and ``eval_step(module, batch)`` run the batch.
+        self._step_owner = objective if getattr(objective, "manual_optimization", False) else (
+            strategy if hasattr(strategy, "train_step") else None)
+        self._eval_step = getattr(strategy, "eval_step", None)
+        self.automatic_optimization = self._step_owner is None
         self.clip_val = clip_val
         # An objective with its own parameters (value head, Medusa heads) trains with the model.
         self.objective_module = objective if isinstance(objective, nn.Module) else None
@@ -96,20 +131,39 @@ class LMModule(L.LightningModule):
         if self.automatic_optimization:
             loss = self.objective(self.model, batch)
         else:
-            loss = self.objective.train_step(self, batch)
+            loss = self._step_owner.train_step(self, batch)
         sync = self.trainer.world_size > 1
         self.log("train_loss", loss.value, prog_bar=True, sync_dist=sync)
+        share = data_rank(self.trainer)[1] / self.trainer.world_size  # tensor/pipeline groups see one batch
         for k, v in loss.metrics.items():
-            self.log(f"train/{k}", v, sync_dist=sync, reduce_fx="sum" if k == "tokens" else "mean")
+            if k == "tokens":  # summed over processes: each batch counted once
+                self.log(f"train/{k}", v * share, sync_dist=sync, reduce_fx="sum")
+            else:
+                self.log(f"train/{k}", v, sync_dist=sync)
         for k, v in block_metrics(self._metric_sources).items():
             self.log(k, v, sync_dist=sync)
-        self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * self.trainer.world_size
+        self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * data_rank(self.trainer)[1]
         return loss.value if self.automatic_optimization else None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._mixed_layouts():
+            clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _mixed_layouts(self) -> bool:
+        """Plain tensors beside DTensors, or DTensors on more than one layout (tensor
+        parallel): torch's clipping refuses those, ours handles them."""
+        from torch.distributed.tensor import DTensor
+
+        kinds = {(p.device_mesh, p.placements) if isinstance(p, DTensor) else None for p in self.parameters()}
+        return len(kinds) > 1
 
     def configure_model(self):
         if self._parallelize is not None:
             self.model = self._parallelize(self.model, self.device_mesh)
             self._parallelize = None
+            self._metric_sources = metric_sources(self.model)  # the blocks this process still holds
 
     def on_fit_start(self):
         hook = getattr(self.objective, "on_fit_start", None)  # e.g. DPO precomputing reference log-probs
@@ -133,7 +187,7 @@ class LMModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         # The objective's own measure (cross-entropy for clm), without auxiliary terms such
         # as MoE balance losses, so that different blocks compare on equal terms.
-        loss = self.objective(self.model, batch)
+        loss = self._eval_step(self, batch) if self._eval_step else self.objective(self.model, batch)
         sync = self.trainer.world_size > 1
         self.log("val_loss", loss.metrics.get("ce", loss.value), prog_bar=True, sync_dist=sync)
         for k, v in loss.metrics.items():  # e.g. DPO's reward accuracy on held-out pairs
@@ -173,8 +227,15 @@ class SaveOnCrash(Callback):
         self.path = path
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+        if trainer.global_step == 0:
+            return
+        if trainer.world_size > 1 and not isinstance(exception, KeyboardInterrupt):
+            # Saving is a collective: when one process failed alone, the others never join.
+            log.error("process %d failed (%s: %s); not writing %s (the other processes may not be there to "
+                      "save with it): resume from the last periodic checkpoint", trainer.global_rank,
+                      type(exception).__name__, exception, self.path.name)
+            return
+        trainer.save_checkpoint(self.path)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -269,7 +330,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     objective = build_objective(cfg, model, tokenizer)
     module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps,
                       run_info, clip_val=cfg.trainer.gradient_clip_val,
-                      parallelize=strategy.parallelize if uses_mesh else None)
+                      parallelize=strategy.parallelize if uses_mesh else None, strategy=strategy)
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
 
@@ -281,11 +342,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     summary = {"run_dir": str(run_dir), "step": trainer.global_step, "parameters": n_params, **memory,
                "tokens_seen": trainer.global_step * d.batch_size * d.seq_len * cfg.trainer.accumulate_grad_batches
-               * trainer.world_size, "flops_per_token": model.flops_per_token(d.seq_len),
+               * data_rank(trainer)[1], "flops_per_token": model.flops_per_token(d.seq_len),
                **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
     summary.update(per_process_memory(module))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # collective: every rank calls it
-    model = unsharded(module.model, cfg)  # collective for sharded models; the model itself otherwise
+    model = unsharded(module.model, cfg, strategy)  # collective for sharded models; the model itself otherwise
     if trainer.is_global_zero:
         save_final(run_dir, model, objective)
         (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -306,16 +367,19 @@ def per_process_memory(module: L.LightningModule) -> dict[str, float]:
             "optimizer_mb_per_process": _local_bytes(states) / 2**20}
 
 
-def unsharded(model: nn.Module, cfg: DictConfig) -> nn.Module:
-    """A plain single-process copy of a sharded (DTensor) model, gathered on every rank
-    (a collective); an unsharded model is returned as it is."""
+def unsharded(model: nn.Module, cfg: DictConfig, strategy: Any = None) -> nn.Module:
+    """A plain single-process copy of a sharded (DTensor) or pipelined model, gathered on
+    rank 0 (a collective); an unsharded model is returned as it is. A strategy that
+    splits the model otherwise gathers it with its ``full_state_dict(model)``."""
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    gather = getattr(strategy, "full_state_dict", None)
+    if gather is None and not any(isinstance(p, DTensor) for p in model.parameters()):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = gather(model) if gather else get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     plain = build_model(cfg, vocab_size=model.vocab_size)
     if full:  # rank 0 (the others get an empty dict)
         plain.load_state_dict(full)

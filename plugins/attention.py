@@ -6,8 +6,12 @@ Attention backends (``backend:``):
   sdpa       torch.nn.functional.scaled_dot_product_attention
   flash      flash-attn's kernels (CUDA, fp16/bf16, flash-attn installed)
   auto       flash when it can run on the input, else sdpa
-The weight layout matches Llama's, so Hugging Face ``LlamaForCausalLM`` weights map
-onto it one to one (tests/test_hf_parity.py).
+Weight layout: one fused ``qkv`` projection whose output rows are grouped by key/value
+head -- for each KV head g: its n_heads/n_kv_heads query heads, then k_g, then v_g
+(Megatron-Core's GQA layout). A contiguous slice of rows is then a set of whole head
+groups, so tensor parallelism shards it column-wise as it is (``tensor_parallel_plan``)
+and the forward works unchanged on the local heads. ``hf_llama_state_dict`` /
+``split_qkv`` give Llama's separate q/k/v weights (tests/test_hf_parity.py).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
-from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK
+from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -191,7 +195,9 @@ def pick_backend(requested: str, x: torch.Tensor) -> str:
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions. (B, T, D) -> (B, T, D)."""
 
-    capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK})
+    capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK, TENSOR_PARALLEL})
+    # Tensor parallel: whole head groups per process (see the module docstring).
+    tensor_parallel_plan = {"qkv": "colwise", "out": "rowwise"}
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int,
                  rope_theta: float = 10000.0, backend: str = "auto", layer_idx: int = 0):
@@ -213,16 +219,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, state: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        group, hd = self.n_heads // self.n_kv_heads, self.head_dim
+        # (B, T, kv heads, group + 2, hd); "kv heads" are the local ones under tensor parallel
+        qkv = self.qkv(x).view(B, T, -1, group + 2, hd)
+        q, k, v = qkv[:, :, :, :group].flatten(2, 3), qkv[:, :, :, group], qkv[:, :, :, group + 1]
         if state is None:
             cos, sin = self.cos[:T], self.sin[:T]
         else:
             positions = state.positions(T, x.device)
             cos, sin = self.cos[positions], self.sin[positions]
-        q = apply_rope(q.view(B, T, H, hd), cos, sin).transpose(1, 2)
-        k = apply_rope(k.view(B, T, Hkv, hd), cos, sin).transpose(1, 2)
-        v = v.view(B, T, Hkv, hd).transpose(1, 2)
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
         mask = None
         if state is not None:
             k, v, mask = state.append(k, v)
@@ -231,7 +239,7 @@ class Attention(nn.Module):
             if self.layer_idx == 0:
                 log.info("attention backend: %s (requested %s)", self.backend_used, self.backend)
         y = KERNELS[self.backend_used](q, k, v, mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, H * hd))
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections, plus QK^T and AV over the full context (as dense kernels compute them)."""
@@ -262,15 +270,31 @@ class DenseBlock(ResidualBlock):
 
 
 # ----------------------------------------------------------------------------- Hugging Face
+def split_qkv(attn: Attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Llama's separate q, k, v projection weights from ``attn``'s grouped fused one."""
+    group, hd = attn.n_heads // attn.n_kv_heads, attn.head_dim
+    w = attn.qkv.weight.view(attn.n_kv_heads, group + 2, hd, -1)
+    return w[:, :group].reshape(attn.n_heads * hd, -1), w[:, group].reshape(-1, w.shape[-1]), \
+        w[:, group + 1].reshape(-1, w.shape[-1])
+
+
+def fuse_qkv(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``split_qkv``: Llama's q, k, v weights in ``attn``'s fused layout."""
+    group, hd = attn.n_heads // attn.n_kv_heads, attn.head_dim
+    q = q.view(attn.n_kv_heads, group, hd, -1)
+    k, v = k.view(attn.n_kv_heads, 1, hd, -1), v.view(attn.n_kv_heads, 1, hd, -1)
+    return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
+
+
 def hf_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A dense ``LanguageModel``'s weights under ``transformers.LlamaForCausalLM``'s names
     (load with strict=False: Llama's rotary buffers are not in it)."""
     sd = {"model.embed_tokens.weight": model.embedding.weight, "model.norm.weight": model.norm.weight,
           "lm_head.weight": model.head.weight}
     for i, b in enumerate(model.blocks):
-        a, hd = b.mixer, b.mixer.head_dim
-        q, k, v = a.qkv.weight.split([a.n_heads * hd, a.n_kv_heads * hd, a.n_kv_heads * hd])
-        gate, up = b.ffn.gate_up.weight.chunk(2)
+        a = b.mixer
+        q, k, v = split_qkv(a)
+        gate, up = b.ffn.gate_up.weight[0::2], b.ffn.gate_up.weight[1::2]  # interleaved, see SwiGLU
         p = f"model.layers.{i}."
         sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": a.out.weight,

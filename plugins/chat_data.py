@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from llmzoo.data import DataError, ResumableSampler, resolve_files
+from llmzoo.data import DataError, ResumableSampler, data_rank, resolve_files
 from llmzoo.interfaces import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ class RecordsDataModule(L.LightningDataModule):
         random.Random(self.seed).shuffle(rows)
         n_val = int(len(rows) * self.val_fraction)
         self.val_rows, self.train_rows = rows[:n_val], rows[n_val:]
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
+        rank, world = data_rank(self.trainer)
         self.train_sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed, rank=rank,
                                               world_size=world)
         log.info("%s: %d train / %d val records from %s", self.kind, len(self.train_rows), len(self.val_rows), self.path)

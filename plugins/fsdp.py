@@ -70,21 +70,24 @@ class FSDP:
                                      save_distributed_checkpoint=self.save_distributed_checkpoint,
                                      process_group_backend=backend)
 
-    def parallelize(self, model: nn.Module, device_mesh: Any) -> nn.Module:
+    def shard(self, module: nn.Module, device_mesh: Any, reshard_after_forward: bool) -> None:
+        """``fully_shard(module)`` over the data-parallel dimension with this config's policies."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        mesh = device_mesh["data_parallel"] if device_mesh is not None else None
-        kw: dict[str, Any] = {"mesh": mesh}
+        kw: dict[str, Any] = {"mesh": device_mesh["data_parallel"] if device_mesh is not None else None}
         if self.mixed_precision:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=PRECISIONS[self.mixed_precision],
                                                    reduce_dtype=torch.float32)
         if self.cpu_offload:
             kw["offload_policy"] = CPUOffloadPolicy()
+        fully_shard(module, reshard_after_forward=reshard_after_forward, **kw)
+
+    def parallelize(self, model: nn.Module, device_mesh: Any) -> nn.Module:
         for block in model.blocks:
             if self.activation_checkpointing:
                 checkpointed(block)
-            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **kw)
-        fully_shard(model, reshard_after_forward=False, **kw)  # embedding, final norm, head
+            self.shard(block, device_mesh, self.reshard_after_forward)
+        self.shard(model, device_mesh, reshard_after_forward=False)  # embedding, final norm, head
         return model
 
 

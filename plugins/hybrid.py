@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from llmzoo import hookimpl
+from llmzoo.interfaces import TENSOR_PARALLEL
 from llmzoo.layers import ResidualBlock
 
 
@@ -40,8 +41,13 @@ class HybridBlock(ResidualBlock):
     def part_capabilities(node: DictConfig) -> dict[str, frozenset[str]]:
         """Capabilities of each mixer the pattern uses, for config-time checks."""
         used = [n for n in dict.fromkeys(node.mixer_pattern) if n in node.mixers]  # unknown names: see validate
+        ffns = [node.ffns[n] for n in dict.fromkeys(node.ffn_pattern) if n in node.ffns and node.ffns[n]]
+        # tensor parallel needs a plan for every ffn too
+        no_plan = frozenset({TENSOR_PARALLEL}) if any(
+            not hasattr(_class(f._target_), "tensor_parallel_plan") for f in ffns) else frozenset()
         return {f"hybrid mixer {name!r} ({node.mixers[name]._target_})":
-                frozenset(getattr(_class(node.mixers[name]._target_), "capabilities", frozenset())) for name in used}
+                frozenset(getattr(_class(node.mixers[name]._target_), "capabilities", frozenset())) - no_plan
+                for name in used}
 
 
 @hookimpl

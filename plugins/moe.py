@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
+from llmzoo.interfaces import TENSOR_PARALLEL
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -210,16 +211,19 @@ class MoEBlock(ResidualBlock):
                   z_loss_weight, backend)
         super().__init__(mixer_module, moe, dim, norm_eps)
 
+    # The experts have no tensor-parallel plan (expert parallelism is not built yet), so
+    # an MoE block is not tensor-parallel whatever its mixer is.
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset(getattr(self.mixer, "capabilities", frozenset()))
+        return frozenset(getattr(self.mixer, "capabilities", frozenset())) - {TENSOR_PARALLEL}
 
     @staticmethod
     def part_capabilities(node: DictConfig) -> dict[str, frozenset[str]]:
         target = node.mixer._target_
         module, _, name = target.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-        return {f"moe mixer ({target})": frozenset(getattr(cls, "capabilities", frozenset()))}
+        return {f"moe mixer ({target}) with experts": frozenset(getattr(cls, "capabilities", frozenset()))
+                - {TENSOR_PARALLEL}}
 
 
 @hookimpl

@@ -38,6 +38,20 @@ def tiny_cfg(*overrides):
     return llmzoo.compose(overrides=["model=tiny", *overrides])
 
 
+# Two fp32 AdamW steps on a fixed global batch: the runs that parallel strategies are
+# compared against (tests/test_fsdp.py, tests/test_parallel.py).
+PARALLEL_COMMON = [*FAST, "trainer.max_steps=2", "trainer.val_every=0", "trainer.log_every_n_steps=1",
+                   "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3"]
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tmp_path_factory):
+    """One process, global batch 8, the tiny model: the reference for every strategy."""
+    run_dir = tmp_path_factory.mktemp("parallel_reference") / "single"
+    run_cli("llmzoo-train", "parallel=single", "data.batch_size=8", f"run_dir={run_dir}", *PARALLEL_COMMON)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     """pretrained(block="dense", steps=300) -> a run folder of the tiny model trained on the

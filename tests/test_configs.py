@@ -23,6 +23,8 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
     overrides = [f"+{group}={name}" if group == "quantize" else f"{group}={name}"]
     if (group, name) in (("objective", "grpo"), ("objective", "ppo")):  # RL: needs prompts and a reward
         overrides += ["data=prompts", "reward=keyword"]
+    if (group, name) == ("parallel", "fsdp_tp"):  # a (2, 2) mesh: four processes
+        overrides.append("trainer.devices=4")
     if (group, name) == ("tokenizer", "file"):
         from llmzoo_plugins.tokenizers import BPETokenizer
 

@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import llmzoo
-from conftest import FAST, run_cli, tiny_cfg
+from conftest import PARALLEL_COMMON, run_cli, tiny_cfg
 from llmzoo.config import ConfigError
 
-COMMON = [*FAST, "trainer.max_steps=2", "trainer.val_every=0", "trainer.log_every_n_steps=1",
-          "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3"]
+COMMON = PARALLEL_COMMON
 
 
 def losses(run_dir, column="train_loss"):
@@ -22,9 +21,9 @@ def losses(run_dir, column="train_loss"):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, single_process_run):
     root = tmp_path_factory.mktemp("fsdp")
-    run_cli("llmzoo-train", "parallel=single", "data.batch_size=8", f"run_dir={root / 'single'}", *COMMON)
+    (root / "single").symlink_to(single_process_run)
     run_cli("llmzoo-train", "parallel=fsdp", "trainer.devices=2", "data.batch_size=4", f"run_dir={root / 'fsdp'}",
             *COMMON)
     return root
@@ -63,6 +62,7 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_loads_into_one(runs, tm
     assert out.stdout.startswith("Once")
 
 
+@pytest.mark.slow  # kept out of the default run for time (~20 s)
 @pytest.mark.distributed
 def test_fsdp_activation_checkpointing_gives_the_same_losses(runs, tmp_path):
     run_cli("llmzoo-train", "parallel=fsdp", "trainer.devices=2", "data.batch_size=4",
@@ -79,7 +79,7 @@ def test_fsdp_config_errors_name_the_keys():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("block", ["moe", "mamba"])
+@pytest.mark.parametrize("block", [pytest.param("moe", marks=pytest.mark.slow), "mamba"])  # moe: slow, for time
 def test_fsdp_shards_moe_and_mamba_blocks_too(tmp_path, block):
     run_cli("llmzoo-train", f"block={block}", "parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'one'}",
             *COMMON)
