@@ -30,25 +30,25 @@ def swiglu_hidden(dim: int, hidden: int | None = None, multiple_of: int = 32) ->
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); gate and up share one matmul. (B, T, D) -> (B, T, D).
+    """down(silu(gate(x)) * up(x)). (B, T, D) -> (B, T, D).
     ``hidden`` None: Llama's 8/3 * dim rounded up to 32.
 
-    The rows of ``gate_up`` interleave the two: gate_0, up_0, gate_1, up_1, ... so that a
-    contiguous slice of rows (a tensor-parallel shard) holds matching gate and up units.
+    Separate gate and up projections (as Llama's): tensor parallelism splits each by
+    hidden units, and on CPU two matmuls cost no more than one fused one plus its split.
     """
 
-    tensor_parallel_plan = {"gate_up": "colwise", "down": "rowwise"}
+    tensor_parallel_plan = {"gate": "colwise", "up": "colwise", "down": "rowwise"}
 
     def __init__(self, dim: int, hidden: int | None = None):
         super().__init__()
         self.hidden = hidden = swiglu_hidden(dim, hidden)
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
         self.down.residual_out = True  # scaled at init, see LanguageModel.reset_parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x).unflatten(-1, (-1, 2))
-        return self.down(F.silu(gate_up[..., 0]) * gate_up[..., 1])
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
     def flops_per_token(self, seq_len: int) -> float:
         return 2 * self.down.out_features * self.hidden * 3

@@ -6,12 +6,11 @@ Attention backends (``backend:``):
   sdpa       torch.nn.functional.scaled_dot_product_attention
   flash      flash-attn's kernels (CUDA, fp16/bf16, flash-attn installed)
   auto       flash when it can run on the input, else sdpa
-Weight layout: one fused ``qkv`` projection whose output rows are grouped by key/value
-head -- for each KV head g: its n_heads/n_kv_heads query heads, then k_g, then v_g
-(Megatron-Core's GQA layout). A contiguous slice of rows is then a set of whole head
-groups, so tensor parallelism shards it column-wise as it is (``tensor_parallel_plan``)
-and the forward works unchanged on the local heads. ``hf_llama_state_dict`` /
-``split_qkv`` give Llama's separate q/k/v weights (tests/test_hf_parity.py).
+Separate q, k, v and out projections, named and laid out as Llama's (q_proj, ...), so
+Hugging Face ``LlamaForCausalLM`` weights map one to one (``hf_llama_state_dict``,
+tests/test_hf_parity.py) and tensor parallelism splits q, k and v column-wise by
+heads and out row-wise (``tensor_parallel_plan``); the forward works unchanged on the
+local heads.
 """
 
 from __future__ import annotations
@@ -196,15 +195,17 @@ class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary positions. (B, T, D) -> (B, T, D)."""
 
     capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK, TENSOR_PARALLEL})
-    # Tensor parallel: whole head groups per process (see the module docstring).
-    tensor_parallel_plan = {"qkv": "colwise", "out": "rowwise"}
+    # Tensor parallel: whole heads per process (n_kv_heads divisible by the degree).
+    tensor_parallel_plan = {"q": "colwise", "k": "colwise", "v": "colwise", "out": "rowwise"}
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int,
                  rope_theta: float = 10000.0, backend: str = "auto", layer_idx: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.backend, self.backend_used, self.layer_idx = backend, None, layer_idx
-        self.qkv = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
+        self.q = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.k = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self.out.residual_out = True
         self.rope_theta, self.max_seq_len = rope_theta, max_seq_len
@@ -219,10 +220,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, state: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        group, hd = self.n_heads // self.n_kv_heads, self.head_dim
-        # (B, T, kv heads, group + 2, hd); "kv heads" are the local ones under tensor parallel
-        qkv = self.qkv(x).view(B, T, -1, group + 2, hd)
-        q, k, v = qkv[:, :, :, :group].flatten(2, 3), qkv[:, :, :, group], qkv[:, :, :, group + 1]
+        hd = self.head_dim
+        # -1: the heads this process holds (all of them unless tensor parallel)
+        q, k, v = self.q(x).view(B, T, -1, hd), self.k(x).view(B, T, -1, hd), self.v(x).view(B, T, -1, hd)
         if state is None:
             cos, sin = self.cos[:T], self.sin[:T]
         else:
@@ -243,7 +243,7 @@ class Attention(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections, plus QK^T and AV over the full context (as dense kernels compute them)."""
-        return 2 * (self.qkv.in_features * self.qkv.out_features + self.out.in_features * self.out.out_features) \
+        return 2 * sum(m.in_features * m.out_features for m in (self.q, self.k, self.v, self.out)) \
             + 4 * seq_len * self.n_heads * self.head_dim
 
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None,
@@ -270,22 +270,6 @@ class DenseBlock(ResidualBlock):
 
 
 # ----------------------------------------------------------------------------- Hugging Face
-def split_qkv(attn: Attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Llama's separate q, k, v projection weights from ``attn``'s grouped fused one."""
-    group, hd = attn.n_heads // attn.n_kv_heads, attn.head_dim
-    w = attn.qkv.weight.view(attn.n_kv_heads, group + 2, hd, -1)
-    return w[:, :group].reshape(attn.n_heads * hd, -1), w[:, group].reshape(-1, w.shape[-1]), \
-        w[:, group + 1].reshape(-1, w.shape[-1])
-
-
-def fuse_qkv(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``split_qkv``: Llama's q, k, v weights in ``attn``'s fused layout."""
-    group, hd = attn.n_heads // attn.n_kv_heads, attn.head_dim
-    q = q.view(attn.n_kv_heads, group, hd, -1)
-    k, v = k.view(attn.n_kv_heads, 1, hd, -1), v.view(attn.n_kv_heads, 1, hd, -1)
-    return torch.cat([q, k, v], dim=1).reshape(-1, q.shape[-1])
-
-
 def hf_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A dense ``LanguageModel``'s weights under ``transformers.LlamaForCausalLM``'s names
     (load with strict=False: Llama's rotary buffers are not in it)."""
@@ -293,12 +277,10 @@ def hf_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
           "lm_head.weight": model.head.weight}
     for i, b in enumerate(model.blocks):
         a = b.mixer
-        q, k, v = split_qkv(a)
-        gate, up = b.ffn.gate_up.weight[0::2], b.ffn.gate_up.weight[1::2]  # interleaved, see SwiGLU
         p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": a.out.weight,
-                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+        sd.update({p + "self_attn.q_proj.weight": a.q.weight, p + "self_attn.k_proj.weight": a.k.weight,
+                   p + "self_attn.v_proj.weight": a.v.weight, p + "self_attn.o_proj.weight": a.out.weight,
+                   p + "mlp.gate_proj.weight": b.ffn.gate.weight, p + "mlp.up_proj.weight": b.ffn.up.weight,
                    p + "mlp.down_proj.weight": b.ffn.down.weight, p + "input_layernorm.weight": b.mixer_norm.weight,
                    p + "post_attention_layernorm.weight": b.ffn_norm.weight})
     return {k: v.detach().clone() for k, v in sd.items()}

@@ -11,7 +11,7 @@ LightningModule runs it through ``Pipeline.train_step`` with manual optimization
 (zero_grad, schedule, clip over all stages, optimizer and LR-scheduler step).
 
 Each process keeps only its stage's parameters under their usual names
-(``blocks.3.mixer.qkv.weight``); the blocks held elsewhere become ``Elsewhere``
+(``blocks.3.mixer.q.weight``); the blocks held elsewhere become ``Elsewhere``
 placeholders, so checkpoints and the gathered final weights look like a single-process
 model's. With ``data_parallel > 1`` each stage is sharded with FSDP2 over the data
 dimension (FSDP x pipeline).

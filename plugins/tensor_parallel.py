@@ -7,7 +7,7 @@ layers and see the same batch; data-parallel groups see different batches and, w
 ``data_parallel > 1``, shard the rest with FSDP2 (``llmzoo_plugins.fsdp``).
 
 Each block says how its linears split (``tensor_parallel_plan``, capability
-``tensor_parallel``): column-wise layers (attention's fused qkv, SwiGLU's gate_up)
+``tensor_parallel``): column-wise layers (attention's q, k, v, SwiGLU's gate and up)
 produce whole heads / hidden units per process, row-wise layers (attention's out,
 SwiGLU's down) sum their partial outputs (one all-reduce after attention and one
 after the MLP per block). The embedding is split by vocabulary rows and the head by

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmzoo import LanguageModel
-from llmzoo_plugins.attention import Attention, split_qkv
+from llmzoo_plugins.attention import Attention
 from llmzoo_plugins.mamba import Mamba2Block, MambaBlock
 from llmzoo_plugins.moe import MoEBlock
 
@@ -49,9 +49,8 @@ def test_moe_matches_mixtral():
     sd = common(ours, "model")
     for i, b in enumerate(ours.blocks):
         p, hd = f"model.layers.{i}.", DIM // 4
-        q, k, v = split_qkv(b.mixer)
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.mixer.out.weight,
+        sd.update({p + "self_attn.q_proj.weight": b.mixer.q.weight, p + "self_attn.k_proj.weight": b.mixer.k.weight,
+                   p + "self_attn.v_proj.weight": b.mixer.v.weight, p + "self_attn.o_proj.weight": b.mixer.out.weight,
                    p + "mlp.gate.weight": b.ffn.router.weight,
                    p + "mlp.experts.gate_up_proj": b.ffn.w_gate_up.transpose(1, 2),
                    p + "mlp.experts.down_proj": b.ffn.w_down.transpose(1, 2),
