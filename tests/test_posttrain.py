@@ -161,7 +161,7 @@ def test_pretrain_sft_dpo_and_reward_chain(tmp_path, pretrained):
     run_cli("llmzoo-train", "experiment=dpo_after_sft", f"init_from={sft}", f"run_dir={dpo}",
             "objective.precompute_reference=true", *FAST)  # the reference model is dropped after one pass
     run_cli("llmzoo-train", "experiment=reward_after_sft", f"init_from={sft}", f"run_dir={rm}",
-            "trainer.max_steps=80", *FAST)
+            "trainer.max_steps=150", *FAST)
     pairs = _heldout_pairs()
     acc_sft, margin_sft = preference_stats(sft, pairs)
     acc_dpo, margin_dpo = preference_stats(dpo, pairs)
@@ -170,9 +170,9 @@ def test_pretrain_sft_dpo_and_reward_chain(tmp_path, pretrained):
     val_acc = [float(r["val/reward_accuracy"]) for r in read_metrics(dpo) if r.get("val/reward_accuracy")]
     assert val_acc[-1] > 0.6
     rm_acc = [float(r["val/accuracy"]) for r in read_metrics(rm) if r.get("val/accuracy")]
-    print(f"reward model held-out accuracy: {rm_acc[-1]:.2f}")
-    # 100 held-out pairs: 0.65 is above chance at p < 0.003 (measured 0.68-0.75 across weight layouts)
-    assert rm_acc[-1] > 0.65
+    print(f"reward model held-out accuracy: {rm_acc}")
+    # 100 held-out pairs (measured 0.49 -> 0.76 over the 150 steps; 0.7 is chance at p < 1e-4)
+    assert rm_acc[-1] > 0.7
     assert (rm / "objective.safetensors").exists()  # the reward head is saved with the run
     reward_run = llmzoo.load_run(rm)
     assert isinstance(reward_run.objective, RewardModel) and reward_run.objective.head is not None
