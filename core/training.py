@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -134,7 +135,8 @@ class LMModule(L.LightningModule):
             loss = self._step_owner.train_step(self, batch)
         sync = self.trainer.world_size > 1
         self.log("train_loss", loss.value, prog_bar=True, sync_dist=sync)
-        share = data_rank(self.trainer)[1] / self.trainer.world_size  # tensor/pipeline groups see one batch
+        data_ranks = data_rank(self.trainer)[1]
+        share = data_ranks / self.trainer.world_size  # tensor/pipeline groups see one batch
         for k, v in loss.metrics.items():
             if k == "tokens":  # summed over processes: each batch counted once
                 self.log(f"train/{k}", v * share, sync_dist=sync, reduce_fx="sum")
@@ -142,18 +144,20 @@ class LMModule(L.LightningModule):
                 self.log(f"train/{k}", v, sync_dist=sync)
         for k, v in block_metrics(self._metric_sources).items():
             self.log(k, v, sync_dist=sync)
-        self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * data_rank(self.trainer)[1]
+        self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * data_ranks
         return loss.value if self.automatic_optimization else None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._mixed_layouts():
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._mixed_layouts:
             clip_grad_norm_(self.parameters(), gradient_clip_val)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    @functools.cached_property
     def _mixed_layouts(self) -> bool:
         """Plain tensors beside DTensors, or DTensors on more than one layout (tensor
-        parallel): torch's clipping refuses those, ours handles them."""
+        parallel): torch's clipping refuses those, ours handles them. Layouts are fixed
+        once configure_model has run, so this is asked once."""
         from torch.distributed.tensor import DTensor
 
         kinds = {(p.device_mesh, p.placements) if isinstance(p, DTensor) else None for p in self.parameters()}

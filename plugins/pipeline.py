@@ -138,36 +138,36 @@ def load_stage_checkpoint(module: nn.Module, optimizers: list[Any], path: Path) 
     return torch.load(path / "meta.pt", weights_only=False)
 
 
-class PipelineStrategy:  # built lazily: Lightning is imported only when training
-    @staticmethod
-    def create(data_parallel: int, stages: int, backend: str | None, save_distributed_checkpoint: bool) -> Any:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-        from torch.distributed.device_mesh import init_device_mesh
+def pipeline_strategy(data_parallel: int, stages: int, backend: str | None, save_distributed_checkpoint: bool) -> Any:
+    """Lightning's ModelParallelStrategy with a (data_parallel, pipeline) mesh (the class is
+    defined here so that Lightning is imported only when training)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.device_mesh import init_device_mesh
 
-        class _Strategy(ModelParallelStrategy):
-            """Lightning's ModelParallelStrategy with a (data_parallel, pipeline) mesh."""
+    class _Strategy(ModelParallelStrategy):
+        """Lightning's ModelParallelStrategy with a (data_parallel, pipeline) mesh."""
 
-            def setup_environment(self) -> None:
-                super().setup_environment()  # processes, and a (data_parallel, tensor_parallel) mesh we rename
-                self._device_mesh = init_device_mesh(self.root_device.type, (data_parallel, stages),
-                                                     mesh_dim_names=("data_parallel", "pipeline"))
-                self.lightning_module._device_mesh = self._device_mesh
+        def setup_environment(self) -> None:
+            super().setup_environment()  # processes, and a (data_parallel, tensor_parallel) mesh we rename
+            self._device_mesh = init_device_mesh(self.root_device.type, (data_parallel, stages),
+                                                 mesh_dim_names=("data_parallel", "pipeline"))
+            self.lightning_module._device_mesh = self._device_mesh
 
-            # Each stage holds different parameters, so the optimizer's param_groups differ
-            # per process: they are saved flattened, one entry per parameter name (torch's
-            # default keeps one copy, rank 0's, which another stage could not load).
-            def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        # Each stage holds different parameters, so the optimizer's param_groups differ
+        # per process: they are saved flattened, one entry per parameter name (torch's
+        # default keeps one copy, rank 0's, which another stage could not load).
+        def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-                optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
-                return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(
-                    cpu_offload=True, flatten_optimizer_state_dict=True))
+            optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's own
+            return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(
+                cpu_offload=True, flatten_optimizer_state_dict=True))
 
-            def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-                return load_stage_checkpoint(self.model, self.optimizers, Path(self.broadcast(checkpoint_path)))
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            return load_stage_checkpoint(self.model, self.optimizers, Path(self.broadcast(checkpoint_path)))
 
-        return _Strategy(data_parallel_size=data_parallel, tensor_parallel_size=stages,
-                         save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=backend)
+    return _Strategy(data_parallel_size=data_parallel, tensor_parallel_size=stages,
+                     save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=backend)
 
 
 class Pipeline:
@@ -191,7 +191,7 @@ class Pipeline:
         self.objective: Any = None
 
     def lightning_strategy(self) -> Any:
-        return PipelineStrategy.create(self.dp, self.pp, None if self.backend == "auto" else self.backend,
+        return pipeline_strategy(self.dp, self.pp, None if self.backend == "auto" else self.backend,
                                        self.save_distributed_checkpoint)
 
     # -------------------------------------------------------------- building the stages

@@ -81,7 +81,7 @@ class TensorParallel:
                              f"({type(model.blocks[missing[0]]).__name__}); use parallel=fsdp or ddp")
         tp_mesh = device_mesh["tensor_parallel"]
         style = styles(self.sequence_parallel)
-        outer = self._outer_plan(model)
+        outer = self._outer_plan(model, style)
         if outer:
             parallelize_module(model, tp_mesh, outer)
         for block in model.blocks:
@@ -91,15 +91,13 @@ class TensorParallel:
             self.fsdp.parallelize(model, device_mesh)
         return model
 
-
-    def _outer_plan(self, model: nn.Module) -> dict[str, Any]:
+    def _outer_plan(self, model: nn.Module, style: dict[str, Any]) -> dict[str, Any]:
         """Embedding, final norm and head: split by vocabulary (unless tied or
         ``shard_vocab=false``); with sequence parallel they also move the activations
         between the full sequence and its shards."""
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput
 
-        style = styles(self.sequence_parallel)
         if self.shard_vocab and model.head.weight is not model.embedding.weight:
             plan = {"embedding": style["embedding"], "head": style["head"]}
         elif self.sequence_parallel:  # replicated vocabulary, sequence-split stream

@@ -44,6 +44,14 @@ PARALLEL_COMMON = [*FAST, "trainer.max_steps=2", "trainer.val_every=0", "trainer
                    "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3"]
 
 
+def logged(run_dir, column="train_loss"):
+    """[(step, value)] of ``column`` in a run's metrics.csv (rows that have it)."""
+    import csv
+
+    with open(run_dir / "metrics.csv") as fh:
+        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(fh) if r.get(column)]
+
+
 @pytest.fixture(scope="session")
 def single_process_run(tmp_path_factory):
     """One process, global batch 8, the tiny model: the reference for every strategy."""

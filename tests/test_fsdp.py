@@ -1,7 +1,6 @@
 """FSDP2 over 2 CPU processes (gloo) against one process on the same global batch;
 sharded checkpoints: resume on 2 processes, consolidate into 1 for generation."""
 
-import csv
 import json
 
 import pytest
@@ -10,14 +9,10 @@ from safetensors.torch import load_file
 
 import llmzoo
 from conftest import PARALLEL_COMMON, run_cli, tiny_cfg
+from conftest import logged as losses
 from llmzoo.config import ConfigError
 
 COMMON = PARALLEL_COMMON
-
-
-def losses(run_dir, column="train_loss"):
-    with open(run_dir / "metrics.csv") as fh:
-        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(fh) if r.get(column)]
 
 
 @pytest.fixture(scope="module")

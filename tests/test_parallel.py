@@ -5,7 +5,6 @@ The tiny model has 2 blocks: 2 pipeline stages of one block each.
 Tolerance: fp32 losses within 1e-5 per step and weights within 1e-5 after two AdamW
 steps (the sums are the same, only their order differs)."""
 
-import csv
 
 import pytest
 import torch
@@ -13,17 +12,13 @@ from safetensors.torch import load_file
 
 import llmzoo
 from conftest import PARALLEL_COMMON, run_cli, tiny_cfg
+from conftest import logged as losses
 from llmzoo.config import ConfigError
 from llmzoo_plugins.pipeline import balanced_split
 
 COMMON = PARALLEL_COMMON
 RESUME = [o for o in COMMON if not o.startswith("trainer.max_steps")]
 LAYERS4 = [*COMMON, "model.n_layers=4"]  # interleaved pipelines: 4 stages of one block
-
-
-def losses(run_dir, column="train_loss"):
-    with open(run_dir / "metrics.csv") as fh:
-        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(fh) if r.get(column)]
 
 
 def assert_same_run(one, other, loss_tol=1e-5, weight_tol=1e-5):
