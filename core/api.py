@@ -11,6 +11,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .errors import CheckpointError
 from .model import LanguageModel
 
 CONFIG_FILE = "config.yaml"
@@ -79,31 +80,147 @@ def tokenizer_files(tokenizer: Any) -> dict[str, str]:
         return {p.name: p.read_text() for p in Path(d).iterdir()}
 
 
-def tokenizer_from_files(cfg: DictConfig, files: dict[str, str]):
+def tokenizer_from_files(cfg: DictConfig, files: dict[str, str], where: Any = "checkpoint"):
+    """The tokenizer stored in a checkpoint. Its file names must be plain names (no
+    folders, no ``..``, not absolute): they are written into a folder of our own."""
     import tempfile
 
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where}: the stored tokenizer is not a {{file name: text}} mapping")
+    for name, text in files.items():
+        if not (isinstance(name, str) and isinstance(text, str)) or name in ("", ".", "..") \
+                or Path(name).name != name or "\\" in name or "\0" in name or name.startswith("."):
+            raise CheckpointError(f"{where}: refused: stored tokenizer file name {name!r} is not a plain file name "
+                                  "(it could write outside the folder it is unpacked into)")
     with tempfile.TemporaryDirectory() as d:
         for name, text in files.items():
             (Path(d) / name).write_text(text)
         return get_class(cfg.tokenizer._target_).load(d)
 
 
+# ----------------------------------------------------------------------------- safe loading
+def registered_targets() -> frozenset[str]:
+    """Every class a stored config may name: the ``_target_`` values found in the
+    config groups of installed llmzoo plugins (nested nodes included)."""
+    from .config import registered_targets as found
+
+    return found()
+
+
+def check_stored_config(cfg: Any, where: Any) -> DictConfig:
+    """A config read from a file (a run's config.yaml, a checkpoint) as a DictConfig,
+    refused if any of its ``_target_`` nodes names a class that no installed plugin's
+    configs name: instantiating it could call anything (``torch.load``, ``os.system``)."""
+    if not isinstance(cfg, (dict, DictConfig)):
+        raise CheckpointError(f"{where}: the stored config is not a mapping")
+    allowed = registered_targets()
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, (dict, DictConfig)):
+            items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
+            for k, v in items:
+                if k == "_target_" and v not in allowed:
+                    raise CheckpointError(
+                        f"{where}: refused: the stored config names {key}._target_={v!r}, which is not a class "
+                        "that an installed llmzoo plugin registers (only those may be instantiated from a file)")
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, (list, tuple)) or OmegaConf.is_list(node):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+
+    walk(cfg, "")
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain types only, never pickled
+    code. A file that needs more, or a truncated one, is one clear CheckpointError."""
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise CheckpointError(f"{path}: refused: loading it needs pickle, which can run code ({why}); llmzoo loads "
+                              "only tensors and plain values (weights_only=True)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise CheckpointError(f"{path}: no such file") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+
+
+_DCP_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner")
+
+
+def check_dcp_metadata(folder: Path) -> None:
+    """torch.distributed.checkpoint reads a folder's ``.metadata`` with plain pickle; read
+    it first with an unpickler that only builds DCP's own metadata records, dtypes and
+    sizes, so that a crafted folder is refused before DCP opens it."""
+    import dataclasses
+    import enum
+    import importlib
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in (("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):
+                return super().find_class(module, name)
+            if (module, name) == ("torch.serialization", "_get_layout"):  # layout by name, e.g. "torch.strided"
+                return super().find_class(module, name)
+            if module == "torch":
+                obj = getattr(torch, name, None)
+                if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                    return obj
+            if module in _DCP_SAFE_MODULES:
+                obj = getattr(importlib.import_module(module), name, None)
+                if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                    return obj
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    meta = folder / ".metadata"
+    if not meta.exists():
+        raise CheckpointError(f"{folder}: a folder, but not a sharded checkpoint (no .metadata)")
+    try:
+        with open(meta, "rb") as fh:
+            Restricted(fh).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{meta}: refused: {e} (loading it could run code)") from None
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt
+        raise CheckpointError(f"{meta}: not a readable checkpoint index (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def check_checkpoint_path(path: str | Path) -> None:
+    """What Lightning will load on ``ckpt_path=`` is safe: a file is loaded with
+    weights_only=True by our CheckpointIO; a sharded folder's index is checked here."""
+    path = Path(path)
+    if path.is_dir():
+        check_dcp_metadata(path)
+    elif not path.exists():
+        raise CheckpointError(f"ckpt_path={path}: no such file or folder")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
     """Model, tokenizer and config from one Lightning checkpoint, with no other file. A
     sharded checkpoint (a folder written by several processes, e.g. parallel=fsdp) is
     consolidated into this one process."""
-    ckpt = read_sharded(Path(path)) if Path(path).is_dir() else \
-        torch.load(path, map_location=map_location, weights_only=False)
-    meta = ckpt.get("llmzoo")
-    if meta is None:
-        raise ValueError(f"{path}: not an llmzoo checkpoint (no 'llmzoo' entry)")
-    cfg = OmegaConf.create(meta["config"])
-    tokenizer = tokenizer_from_files(cfg, meta["tokenizer"])
-    model = build_model(cfg, vocab_size=meta["vocab_size"])
-    model.load_state_dict(_prefixed(ckpt["state_dict"], "model."))
+    ckpt = read_sharded(Path(path)) if Path(path).is_dir() else safe_torch_load(path, map_location)
+    meta = ckpt.get("llmzoo") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or not {"config", "tokenizer", "vocab_size"} <= set(meta) \
+            or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not an llmzoo checkpoint (no 'llmzoo' entry with config, tokenizer "
+                              "and vocab_size, or no state_dict)")
+    cfg = check_stored_config(meta["config"], path)
+    tokenizer = tokenizer_from_files(cfg, meta["tokenizer"], path)
+    model = build_model(cfg, vocab_size=int(meta["vocab_size"]))
+    _load_state(model, _prefixed(ckpt["state_dict"], "model."), path)
     objective = build_objective(cfg, model, tokenizer)
     if isinstance(objective, nn.Module) and list(objective.state_dict()):
-        objective.load_state_dict(_prefixed(ckpt["state_dict"], "objective."))
+        _load_state(objective, _prefixed(ckpt["state_dict"], "objective."), path)
         objective.eval()
     return Run(model.eval(), tokenizer, cfg, objective if isinstance(objective, nn.Module) else None)
 
@@ -114,15 +231,39 @@ def read_sharded(folder: Path) -> dict[str, Any]:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    if not (folder / ".metadata").exists():
-        raise ValueError(f"{folder}: a folder, but not a sharded checkpoint (no .metadata)")
+    check_dcp_metadata(folder)
     with tempfile.TemporaryDirectory() as d:
-        dcp_to_torch_save(str(folder), f"{d}/full.pt")
-        ckpt = torch.load(f"{d}/full.pt", map_location="cpu", weights_only=False)
+        try:
+            dcp_to_torch_save(str(folder), f"{d}/full.pt")
+        except Exception as e:  # noqa: BLE001 - a missing or truncated shard
+            raise CheckpointError(f"{folder}: sharded checkpoint cannot be read (missing or corrupt shard?): "
+                                  f"{type(e).__name__}: {str(e).strip()[:200]}") from None
+        ckpt = safe_torch_load(f"{d}/full.pt")
     meta = folder / "meta.pt"  # Lightning's non-tensor entries (loops, our run info)
     if meta.exists():
-        ckpt.update(torch.load(meta, map_location="cpu", weights_only=False))
+        ckpt.update(safe_torch_load(meta))
     return ckpt
+
+
+def _load_state(module: nn.Module, state: dict[str, Any], where: Any) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: its weights do not fit the model its config describes: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+
+
+def _load_safetensors(module: nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        load_model(module, str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit the model config.yaml describes: "
+                              f"{str(e).strip().splitlines()[0]}") from None
 
 
 def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -135,7 +276,7 @@ def load_any(path: str | Path) -> Run:
     if path.is_file():
         return load_checkpoint(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a run folder or a .ckpt file")
+        raise CheckpointError(f"{path} does not exist: give a run folder or a .ckpt file")
     return load_run(path)
 
 
@@ -145,8 +286,6 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
     ``checkpoint``: None (the final ``model.safetensors``, else ``checkpoints/last.ckpt``),
     ``"last"``, ``"best"`` or a path to a ``.ckpt`` file.
     """
-    from safetensors.torch import load_model
-
     run_dir = Path(run_dir)
     if checkpoint and checkpoint not in ("last", "best"):
         return load_checkpoint(checkpoint)
@@ -157,19 +296,24 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
         ckpt = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
         if not ckpt.exists():
             found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-            raise FileNotFoundError(f"{ckpt} does not exist (checkpoints there: {found or 'none'})")
+            raise CheckpointError(f"{ckpt} does not exist (checkpoints there: {found or 'none'})")
         return load_checkpoint(ckpt)
     if not (run_dir / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{run_dir} is not an llmzoo run folder (no {CONFIG_FILE})")
-    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+        raise CheckpointError(f"{run_dir} is not an llmzoo run folder (no {CONFIG_FILE})")
+    try:
+        stored = OmegaConf.load(run_dir / CONFIG_FILE)
+        meta = json.loads((run_dir / "model.json").read_text())
+        vocab_size = int(meta["vocab_size"])
+    except Exception as e:  # noqa: BLE001 - yaml/json syntax, a missing file or key
+        raise CheckpointError(f"{run_dir}: broken run folder ({type(e).__name__}: {e})") from None
+    cfg = check_stored_config(stored, run_dir / CONFIG_FILE)
     tokenizer = get_class(cfg.tokenizer._target_).load(run_dir / TOKENIZER_DIR)
-    meta = json.loads((run_dir / "model.json").read_text())
-    model = build_model(cfg, vocab_size=meta["vocab_size"])
-    load_model(model, str(weights))
+    model = build_model(cfg, vocab_size=vocab_size)
+    _load_safetensors(model, weights)
     objective = None
     if (run_dir / OBJECTIVE_FILE).exists():
         objective = build_objective(cfg, model, tokenizer)
-        load_model(objective, str(run_dir / OBJECTIVE_FILE))
+        _load_safetensors(objective, run_dir / OBJECTIVE_FILE)
         objective.eval()
     return Run(model.eval(), tokenizer, cfg, objective)
 
@@ -179,6 +323,12 @@ def save_final(run_dir: Path, model: LanguageModel, objective: Any = None) -> No
     the objective's own weights (if any) beside them."""
     from safetensors.torch import save_model
 
+    from .errors import NonFiniteError
+
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"the final weights hold NaN/inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): "
+                             f"{run_dir / WEIGHTS_FILE} was not written")
     save_model(model, str(run_dir / WEIGHTS_FILE))
     if isinstance(objective, nn.Module) and list(objective.state_dict()):
         save_model(objective, str(run_dir / OBJECTIVE_FILE))

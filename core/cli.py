@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, open_dict
 
-from .config import CONF_PACKAGE, ConfigError, list_options, validate_config
+from .config import CONF_PACKAGE, list_options, validate_config
+from .errors import Interrupted, UserError, debug, reported
 from .plugins import get_plugin_manager
 
 log = logging.getLogger("llmzoo")
@@ -62,19 +63,21 @@ def _is_multirun() -> bool:
 def _train_app(cfg: DictConfig) -> dict[str, Any] | float:
     from .training import train
 
-    return _job(cfg, train)
+    return _job(cfg, train, "llmzoo-train")
 
 
 @hydra.main(config_path=CONF, config_name="bench", version_base="1.3")
 def _bench_app(cfg: DictConfig) -> dict[str, Any] | float:
     from .bench import run_bench
 
-    return _job(cfg, run_bench)
+    return _job(cfg, run_bench, "llmzoo-bench")
 
 
-def _job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any] | float:
+def _job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]], prog: str) -> dict[str, Any] | float:
     """Run one job (a training run or a benchmark) in its Hydra folder; in a sweep a
     failure is recorded and the sweep goes on."""
+    global _ENTERED
+    _ENTERED = True
     _quiet_libraries()
     hc = HydraConfig.get()
     with open_dict(cfg):
@@ -84,11 +87,18 @@ def _job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]]) -> dict[
     try:
         validate_config(cfg)
         summary = work(cfg)
+    except Interrupted as e:
+        if _is_multirun():  # the sweep stops here; its summary says which jobs did not finish
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RESULT_FILE).write_text(json.dumps({"status": "interrupted", "overrides": overrides,
+                                                           "run_dir": str(run_dir), "error": str(e)}))
+            write_sweep_summary(Path(hc.sweep.dir), interrupted=True)
+        raise
     except Exception as e:
         if not _is_multirun():
-            if isinstance(e, ConfigError):
-                print(str(e), file=sys.stderr)
-                sys.exit(2)
+            if isinstance(e, UserError) and not debug():
+                print(f"{prog}: {e}", file=sys.stderr)
+                sys.exit(e.exit_code)
             raise
         # In a sweep one failing job must not stop the others: record it and go on.
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,20 +132,30 @@ class SweepSummary(HydraCallback):
     processes or on other machines (joblib, submitit)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        jobs = []
-        for job_dir in sorted((p.parent for p in sweep_dir.glob("*/.hydra")), key=_job_number):
-            result = job_dir / RESULT_FILE
-            jobs.append(json.loads(result.read_text()) if result.exists() else
-                        {"status": "failed", "run_dir": str(job_dir), "error": "the job ended without a result"})
-        (sweep_dir / "summary.json").write_text(json.dumps(jobs, indent=2, default=str))
-        failed = [j for j in jobs if j.get("status") != "ok"]
-        print(f"sweep finished: {len(jobs) - len(failed)} ok, {len(failed)} failed; see {sweep_dir / 'summary.json'}")
-        for j in failed:
-            print(f"  FAILED {' '.join(j.get('overrides', [j['run_dir']]))}: {j.get('error')}", file=sys.stderr)
-        if failed:
+        if write_sweep_summary(Path(config.hydra.sweep.dir)):
             sys.exit(1)
+
+
+def write_sweep_summary(sweep_dir: Path, interrupted: bool = False) -> list[dict[str, Any]]:
+    """``summary.json``: every job's result (a job without one is marked failed; after a
+    signal, a last entry says that the later jobs were not started). Returns the jobs
+    that did not finish ok."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for job_dir in sorted((p.parent for p in sweep_dir.glob("*/.hydra")), key=_job_number):
+        result = job_dir / RESULT_FILE
+        jobs.append(json.loads(result.read_text()) if result.exists() else
+                    {"status": "failed", "run_dir": str(job_dir), "error": "the job ended without a result"})
+    if interrupted:
+        jobs.append({"status": "not started", "error": "the sweep was stopped by a signal: later jobs did not run"})
+    (sweep_dir / "summary.json").write_text(json.dumps(jobs, indent=2, default=str))
+    failed = [j for j in jobs if j.get("status") != "ok"]
+    word = "interrupted" if interrupted else "finished"
+    print(f"sweep {word}: {len(jobs) - len(failed)} ok, {len(failed)} not ok; see {sweep_dir / 'summary.json'}")
+    for j in failed:
+        print(f"  {j['status'].upper()} {' '.join(j.get('overrides', [j.get('run_dir', '')]))}: {j.get('error')}",
+              file=sys.stderr)
+    return failed
 
 
 def _job_number(job_dir: Path) -> tuple[int, str]:
@@ -143,33 +163,57 @@ def _job_number(job_dir: Path) -> tuple[int, str]:
     return (int(head), job_dir.name) if head.isdigit() else (1 << 30, job_dir.name)
 
 
+_ENTERED = False  # whether Hydra got as far as our code (else its exit 1 is a config error)
+
+
+def _hydra_entry(prog: str, app: Callable[[], Any]) -> None:
+    """Run a Hydra app: user errors print one message (exit 2, 3 for NaN, 128+N for a
+    signal); Hydra's own composition errors (an unknown option or key) exit 2 as well."""
+    try:
+        with reported(prog):
+            app()
+    except KeyboardInterrupt:
+        if debug():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit as e:
+        if e.code == 1 and not _ENTERED:
+            sys.exit(2)
+        raise
+
+
 def train_main() -> None:
     """llmzoo-train [overrides...]: train a model (``--help`` lists the config groups)."""
-    _train_app()
+    _hydra_entry("llmzoo-train", _train_app)
 
 
 def bench_main() -> None:
     """llmzoo-bench bench.kind=train|decode|memory [overrides...] (``--help`` for examples)."""
-    _bench_app()
+    _hydra_entry("llmzoo-bench", _bench_app)
 
 
 @hydra.main(config_path=CONF, config_name="generate", version_base="1.3")
 def _generate_app(cfg: DictConfig) -> None:
+    global _ENTERED
+    _ENTERED = True
+    with reported("llmzoo-generate"):  # inside Hydra, which would print its own traceback-free exit 1
+        _generate(cfg)
+
+
+def _generate(cfg: DictConfig) -> None:
     import torch
 
     from .api import build_decoder, load_run
 
     _quiet_libraries()
     if cfg.run_dir is None:
-        sys.exit("llmzoo-generate: give run_dir=<folder of a training run>")
+        raise UserError("give run_dir=<folder of a training run>")
     run = load_run(cfg.run_dir, cfg.checkpoint)
     model, tokenizer, run_cfg = run.model, run.tokenizer, run.cfg
     with open_dict(run_cfg):
         run_cfg.decoder = cfg.decoder
-    try:
-        validate_config(run_cfg)
-    except ConfigError as e:
-        sys.exit(str(e))
+    validate_config(run_cfg)
     decoder = build_decoder(run_cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
@@ -179,7 +223,7 @@ def _generate_app(cfg: DictConfig) -> None:
         try:
             decoder.setup(run._replace(model=model))
         except ValueError as e:
-            sys.exit(f"llmzoo-generate: {e}")
+            raise UserError(str(e)) from None
     prompts = list(cfg.prompts) if cfg.prompts else [cfg.prompt]
     if cfg.get("chat"):  # wrap each prompt as a user turn of the tokenizer's chat template
         pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
@@ -188,7 +232,7 @@ def _generate_app(cfg: DictConfig) -> None:
         ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
     room = model.max_seq_len - max(len(i) for i in ids)
     if cfg.max_new_tokens > room:
-        sys.exit(f"llmzoo-generate: the longest prompt has {max(len(i) for i in ids)} tokens and the model's context "
+        raise UserError(f"the longest prompt has {max(len(i) for i in ids)} tokens and the model's context "
                  f"is model.max_seq_len={model.max_seq_len}: use max_new_tokens <= {max(room, 0)}")
     t0 = time.perf_counter()
     outs = decoder.generate(model, ids, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id)
@@ -220,7 +264,7 @@ def _quantize(model, cfg: DictConfig, run_dir: Path):
 
 def generate_main() -> None:
     """llmzoo-generate run_dir=<folder> prompt="..." max_new_tokens=N decoder=greedy|sample"""
-    _generate_app()
+    _hydra_entry("llmzoo-generate", _generate_app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .errors import UserError
 from .plugins import get_plugin_manager
 
 CONF_PACKAGE = "llmzoo_conf"
@@ -23,7 +24,7 @@ GROUPS = ("tokenizer", "model", "block", "objective", "decoder", "parallel", "da
           "experiment", "hparams_search")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A composed config that cannot work. The message lists every problem found."""
 
     def __init__(self, problems: Sequence[str]):
@@ -64,23 +65,31 @@ def compose(config_name: str = "train", overrides: Iterable[str] = (), *, valida
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Run every plugin's ``llmzoo_validate`` and the core checks; raise ConfigError."""
-    problems = core_problems(cfg)
-    for found in get_plugin_manager().hook.llmzoo_validate(cfg=cfg):
-        problems.extend(found or [])
-    if problems:
-        raise ConfigError(problems)
+    """Run the core checks, every ``_target_`` class's own ``check`` and every plugin's
+    ``llmzoo_validate``; raise one ConfigError listing every problem."""
+    # In stages: a later stage may assume what an earlier one checked (types, imports).
+    for stage in (core_problems, value_problems, node_problems, _plugin_problems):
+        problems = stage(cfg)
+        if problems:
+            raise ConfigError(problems)
+
+
+def _plugin_problems(cfg: DictConfig) -> list[str]:
+    return [p for found in get_plugin_manager().hook.llmzoo_validate(cfg=cfg) for p in (found or [])]
 
 
 def _class_attr(node: Any, attr: str) -> frozenset[str] | None:
+    """A class-level set (``requires``, ``needs``, ``provides``) of a node's ``_target_``,
+    inherited ones included; a static ``<attr>_for(node)`` answers when it depends on the node."""
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if not target:
         return None
     module, _, name = target.rpartition(".")
     try:
-        value = getattr(importlib.import_module(module), name).__dict__.get(attr)
+        cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
+    value = getattr(cls, f"{attr}_for")(node) if callable(getattr(cls, f"{attr}_for", None)) else getattr(cls, attr, None)
     return frozenset(value) if isinstance(value, (set, frozenset)) else None
 
 
@@ -129,6 +138,12 @@ def core_problems(cfg: DictConfig) -> list[str]:
     seq_len = cfg.data.get("seq_len")
     if isinstance(seq_len, int) and isinstance(m.get("max_seq_len"), int) and seq_len > m.max_seq_len:
         problems.append(f"data.seq_len={seq_len} is longer than model.max_seq_len={m.max_seq_len}")
+    needs, provides = _class_attr(cfg.objective, "needs"), _class_attr(cfg.data, "provides")
+    if needs is not None and provides is not None and not needs <= provides:
+        fits = [f"data={name}" for name, node in _group_nodes("data") if needs <= (_class_attr(node, "provides") or set())]
+        problems.append(f"objective={_choice(cfg, 'objective')} needs batch fields {sorted(needs - provides)}, which "
+                        f"data={_choice(cfg, 'data')} does not provide (it provides {sorted(provides)}); "
+                        + (f"use {' or '.join(fits)}" if fits else "choose a data module that provides them"))
     for group in ("decoder", "parallel"):  # what the decoder / the strategy needs from the blocks
         needs = _class_attr(cfg[group], "requires")
         for part, caps in (block_capabilities(cfg) or {}).items() if needs else ():
@@ -140,6 +155,19 @@ def core_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _group_nodes(group: str) -> list[tuple[str, DictConfig]]:
+    """(option name, its config node) of every option of a config group."""
+    import yaml
+
+    out = []
+    for _, path in get_plugin_manager().conf_paths():
+        folder = _conf_root(path) / group
+        if folder.is_dir():
+            out += [(f.name[:-5], OmegaConf.create(yaml.safe_load(f.read_text()) or {}))
+                    for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")]
+    return out
+
+
 def _choice(cfg: DictConfig, group: str) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -147,6 +175,219 @@ def _choice(cfg: DictConfig, group: str) -> str:
         return str(HydraConfig.get().runtime.choices.get(group))
     except Exception:  # noqa: BLE001 - no Hydra context (plain compose)
         return str(OmegaConf.select(cfg, f"{group}._target_"))
+
+
+# ----------------------------------------------------------------------------- values and keys
+@dataclass(frozen=True)
+class Rule:
+    """What a numeric or boolean setting may hold: ``kind`` in (int, float, bool), an
+    inclusive ``low`` (exclusive with ``above``), an inclusive ``high``, None allowed or not."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    nullable: bool = False
+
+    def describe(self) -> str:
+        kind = {int: "an integer", float: "a number", bool: "true or false"}[self.kind]
+        bounds = [f"{'>' if self.above else '>='} {self.low}" if self.low is not None else "",
+                  f"<= {self.high}" if self.high is not None else ""]
+        text = " ".join([kind, " and ".join(b for b in bounds if b)]).strip()
+        return text + (" or null" if self.nullable else "")
+
+    def problem(self, key: str, v: Any) -> str | None:
+        import math
+
+        if v is None:
+            return None if self.nullable else f"{key} must be set: {self.describe()}"
+        if self.kind is bool:
+            ok = isinstance(v, bool)
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (self.kind is float or isinstance(v, int))
+            ok = ok and math.isfinite(v) and (self.low is None or (v > self.low if self.above else v >= self.low)) \
+                and (self.high is None or v <= self.high)
+        return None if ok else f"{key}={v!r} is not allowed: {self.describe()}"
+
+
+_POS, _NONNEG = Rule(int, 1), Rule(int, 0)
+# Settings of the groups that have no class of their own to check them (model, trainer,
+# optim, sample) and the data fields every data module shares.
+RULES: dict[str, Rule] = {
+    "seed": _NONNEG,
+    **{f"model.{k}": _POS for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")},
+    "model.ffn_hidden": Rule(int, 1, nullable=True), "model.vocab_size": Rule(int, 1, nullable=True),
+    "model.pad_vocab_to": Rule(int, 1, nullable=True), "model.tie_embeddings": Rule(bool),
+    "model.norm_eps": Rule(float, 0, 1, above=True), "model.init_std": Rule(float, 0, above=True),
+    "model.rope_theta": Rule(float, 0, above=True),
+    **{f"trainer.{k}": _POS for k in ("max_steps", "num_nodes", "accumulate_grad_batches", "log_every_n_steps",
+                                      "checkpoint_every")},
+    "trainer.val_every": _NONNEG, "trainer.gradient_clip_val": Rule(float, 0, nullable=True),
+    "trainer.progress_refresh_rate": _POS,
+    **{f"trainer.{k}": Rule(bool) for k in ("enable_progress_bar", "enable_model_summary", "tensorboard",
+                                            "deterministic", "compile")},
+    "optim.lr": Rule(float, 0, above=True), "optim.weight_decay": Rule(float, 0), "optim.eps": Rule(float, 0, above=True),
+    "optim.warmup_steps": _NONNEG, "optim.min_lr_ratio": Rule(float, 0, 1),
+    "data.batch_size": _POS, "data.seq_len": _POS, "data.val_fraction": Rule(float, 0, 0.99),
+    "data.max_val_sequences": _NONNEG, "data.num_workers": _NONNEG, "data.skip_bad_records": Rule(bool),
+    "sample.max_new_tokens": _NONNEG,
+}
+
+
+def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key; an interpolation that fails is a ConfigError."""
+    node: Any = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    if not isinstance(node, DictConfig) or parts[-1] not in node:
+        return False, None
+    try:
+        return True, node[parts[-1]]
+    except Exception as e:  # noqa: BLE001 - an interpolation that does not resolve
+        raise ConfigError([f"{key}: {e}"]) from None
+
+
+def value_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    for key, rule in RULES.items():
+        present, v = _get(cfg, key)
+        if present and (p := rule.problem(key, v)):
+            problems.append(p)
+    present, betas = _get(cfg, "optim.betas")
+    if present and not (OmegaConf.is_list(betas) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        problems.append(f"optim.betas={betas!r} is not allowed: two numbers in [0, 1)")
+    present, limit = _get(cfg, "trainer.limit_val_batches")
+    if present and not ((isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0)
+                        or (isinstance(limit, float) and 0 <= limit <= 1)):
+        problems.append(f"trainer.limit_val_batches={limit!r} is not allowed: a count >= 0 or a fraction in [0, 1]")
+    return problems + unknown_key_problems(cfg)
+
+
+_KEYS: dict[str, set[str]] | None = None
+
+
+def known_keys() -> dict[str, set[str]]:
+    """{node: keys its options define}: "" for the primary configs' top level, a group
+    name for the union of that group's options, a primary config's sub-node by name."""
+    global _KEYS
+    if _KEYS is None:
+        import yaml
+
+        keys: dict[str, set[str]] = {"": set(GROUPS) | {"reward", "quantize", "bench"}}
+        for _, path in get_plugin_manager().conf_paths():
+            root = _conf_root(path)
+            for f in root.iterdir():
+                if f.name.endswith(".yaml"):  # a primary config (train, generate, bench)
+                    doc = yaml.safe_load(f.read_text()) or {}
+                    keys[""] |= {k for k in doc if k not in ("defaults", "hydra")}
+                    for k, v in doc.items():
+                        if isinstance(v, dict) and k not in ("hydra",):
+                            keys.setdefault(k, set()).update(v)
+                elif f.is_dir() and not f.name.startswith(("_", ".")) and f.name != "hydra":
+                    keys[""].add(f.name)
+                    for option in f.iterdir():
+                        if option.name.endswith(".yaml"):
+                            doc = yaml.safe_load(option.read_text()) or {}
+                            if f.name in ("experiment", "hparams_search"):  # global packages
+                                keys[""] |= {k for k in doc if k not in ("defaults", "hydra")}
+                            else:
+                                keys.setdefault(f.name, set()).update(k for k in doc if k != "defaults")
+        _KEYS = keys
+    return _KEYS
+
+
+def _unknown(key: str, found: Iterable[str], allowed: set[str]) -> list[str]:
+    import difflib
+
+    out = []
+    for k in sorted(set(found) - allowed):
+        close = difflib.get_close_matches(k, sorted(allowed), n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"allowed: {', '.join(sorted(allowed))}"
+        out.append(f"{key + '.' if key else ''}{k} is not a known setting ({hint})")
+    return out
+
+
+def unknown_key_problems(cfg: DictConfig) -> list[str]:
+    """Keys that no option defines (a typo, or ``+trainer.logger=wandb``), for the nodes
+    without a class of their own (those are checked against the class's arguments)."""
+    known = known_keys()
+    problems = _unknown("", [k for k in cfg if not str(k).startswith("_")], known[""])
+    for name in ("model", "trainer", "optim", "sample"):
+        node = cfg.get(name)
+        if isinstance(node, DictConfig) and "_target_" not in node and name in known:
+            problems += _unknown(name, node.keys(), known[name])
+    return problems
+
+
+def _target_nodes(node: Any, key: str = "") -> Iterable[tuple[str, DictConfig]]:
+    """Every node with a ``_target_`` (nested ones included) with its dotted key."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node and key:
+            yield key, node
+        for k in node.keys():
+            child = node._get_node(k)
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from _target_nodes(child, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            child = node._get_node(i)
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from _target_nodes(child, f"{key}[{i}]")
+
+
+_SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+def _type_problem(key: str, annotation: Any, v: Any) -> str | None:
+    """A value that cannot have its parameter's simple annotation (``int``, ``float | None``, ...)."""
+    names = [a.strip() for a in str(annotation).replace("Optional[", "").rstrip("]").split("|")] \
+        if isinstance(annotation, str) else [getattr(annotation, "__name__", "?")]
+    if not names or any(n not in _SIMPLE for n in names) or OmegaConf.is_config(v):
+        return None
+    for n in names:
+        t = _SIMPLE[n]
+        if (t is type(None) and v is None) or (t is bool and isinstance(v, bool)) or \
+                (t in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and (t is float or isinstance(v, int))) or (t is str and isinstance(v, str)):
+            return None
+    return f"{key}={v!r} is not allowed: expected {' or '.join(names)}"
+
+
+def node_problems(cfg: DictConfig) -> list[str]:
+    """Each ``_target_`` node against its class: keys it does not take, values of the
+    wrong simple type, and the class's own ``check(node, cfg)`` where it defines one."""
+    import inspect
+
+    problems: list[str] = []
+    for key, node in _target_nodes(cfg):
+        if key in ("hydra",) or key.startswith("hydra."):
+            continue
+        target = node.get("_target_")
+        module, _, name = str(target).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{key}._target_={target!r} cannot be imported: {type(e).__name__}: {e}")
+            continue
+        try:
+            params = dict(inspect.signature(cls).parameters)
+        except (TypeError, ValueError):
+            params = None
+        if params is None:
+            params = {}
+        elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            problems += _unknown(key, [k for k in node.keys() if not str(k).startswith("_")], set(params))
+        for k, p in params.items():
+            if k in node and p.annotation is not inspect.Parameter.empty:
+                present, v = _get(cfg, f"{key}.{k}") if "[" not in key else (True, node[k])
+                if present and (problem := _type_problem(f"{key}.{k}", p.annotation, v)):
+                    problems.append(problem)
+        check = getattr(cls, "check", None)
+        if callable(check):
+            problems += [f"{key}: {p}" for p in check(node, cfg) or []]
+    return problems
 
 
 @dataclass(frozen=True)
@@ -157,20 +398,67 @@ class Option:
     source: str
 
 
+def _conf_root(path: str) -> Any:
+    """A search-path entry (``pkg://package.conf``, ``file://dir`` or a folder) as a traversable."""
+    if path.startswith("pkg://"):
+        return resources.files(path[len("pkg://"):].replace("/", "."))
+    return Path(path[len("file://"):] if path.startswith("file://") else path)
+
+
 def _list_yaml(path: str) -> list[tuple[str, str]]:
     """(group, option) for every ``group/option.yaml`` under a search-path entry."""
-    if path.startswith("pkg://"):
-        root: Any = resources.files(path[len("pkg://"):].replace("/", "."))
-    else:
-        root = Path(path[len("file://"):] if path.startswith("file://") else path)
     out = []
-    for group_dir in root.iterdir():
+    for group_dir in _conf_root(path).iterdir():
         if not group_dir.is_dir() or group_dir.name.startswith(("_", ".")):
             continue
         for f in group_dir.iterdir():
             if f.name.endswith(".yaml"):
                 out.append((group_dir.name, f.name[: -len(".yaml")]))
     return out
+
+
+def _yaml_files(path: str) -> Iterable[Any]:
+    """Every ``group/option.yaml`` (any depth) under a search-path entry, Hydra's own
+    ``hydra/`` group left out."""
+    stack = [d for d in _conf_root(path).iterdir() if d.is_dir() and d.name not in ("hydra",) and not d.name.startswith(("_", "."))]
+    while stack:
+        for f in stack.pop().iterdir():
+            if f.is_dir():
+                stack.append(f)
+            elif f.name.endswith(".yaml"):
+                yield f
+
+
+_TARGETS: frozenset[str] | None = None
+
+
+def registered_targets() -> frozenset[str]:
+    """Every ``_target_`` named by a config-group option of an installed plugin (nested
+    nodes included): the classes a config read from a file may instantiate."""
+    global _TARGETS
+    if _TARGETS is None:
+        import yaml
+
+        found: set[str] = set()
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k == "_target_" and isinstance(v, str):
+                        found.add(v)
+                    walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        for _, path in get_plugin_manager().conf_paths():
+            for f in _yaml_files(path):
+                try:
+                    walk(yaml.safe_load(f.read_text()))
+                except yaml.YAMLError:
+                    continue
+        _TARGETS = frozenset(found)
+    return _TARGETS
 
 
 def list_options() -> list[Option]:

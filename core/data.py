@@ -19,13 +19,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .errors import DataError  # noqa: F401 - plugins import it from here
+
 log = logging.getLogger(__name__)
 
 FORMATS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file (and line)."""
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -66,9 +65,12 @@ def _scan_lines(file: str, fmt: str, text_field: str, report: ScanReport, keep: 
     with open(file, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as e:
                 report.bad.append(f"{file}:{n}: bytes are not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if "\x00" in line:
+                report.bad.append(f"{file}:{n}: contains a NUL character (a binary file?)")
                 continue
             if fmt == "jsonl":
                 if not line.strip():
@@ -80,6 +82,9 @@ def _scan_lines(file: str, fmt: str, text_field: str, report: ScanReport, keep: 
                     continue
                 if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
                     report.bad.append(f"{file}:{n}: record has no string field {text_field!r} (set data.text_field)")
+                    continue
+                if "\x00" in rec[text_field]:
+                    report.bad.append(f"{file}:{n}: field {text_field!r} contains a NUL character")
                     continue
             report.records += 1
             if keep is not None:
@@ -94,11 +99,32 @@ def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, cle
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for f in files:
-            schema = pq.read_schema(f)
-            if text_field not in schema.names:
-                raise DataError(f"{f}: no column {text_field!r} (columns: {schema.names}); set data.text_field")
-        return files
+        import pyarrow as pa
+
+        out = []
+        for i, f in enumerate(files):
+            try:
+                table = pq.read_table(f, columns=None)
+            except Exception as e:  # noqa: BLE001 - not parquet, truncated
+                raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
+            if text_field not in table.column_names:
+                raise DataError(f"{f}: no column {text_field!r} (columns: {table.column_names}); set data.text_field")
+            col = table.column(text_field)
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                raise DataError(f"{f}: column {text_field!r} holds {col.type}, not text; set data.text_field to a "
+                                "string column")
+            nulls = col.null_count
+            if nulls and not skip_bad:
+                first = col.to_pylist().index(None)
+                raise DataError(f"{f}: row {first}: {text_field!r} is null ({nulls} of {len(col)} rows are); fix "
+                                "them, or set data.skip_bad_records=true to drop them")
+            if nulls:
+                log.warning("skipped %d of %d rows of %s: %r is null", nulls, len(col), f, text_field)
+                clean_dir.mkdir(parents=True, exist_ok=True)
+                f = str(clean_dir / f"{i:04d}_{Path(f).name}")
+                pq.write_table(table.filter(pa.compute.is_valid(col)).select([text_field]), f)
+            out.append(f)
+        return out
     out = []
     for i, f in enumerate(files):
         report = ScanReport()
@@ -169,10 +195,12 @@ class TextDataModule(L.LightningDataModule):
     """Tokenized, packed language-modelling data. Batches are dicts with ``input_ids``
     and ``labels`` (B, seq_len); documents are joined with the tokenizer's eos."""
 
+    provides = frozenset({"input_ids", "labels"})
+
     def __init__(self, tokenizer: Any, *, path: str, format: str | None = "auto", text_field: str = "text",
                  seq_len: int = 128, batch_size: int = 16, val_fraction: float = 0.05, max_val_sequences: int = 256,
                  num_workers: int = 0, skip_bad_records: bool = False, cache_dir: str | None = None,
-                 sample_by: str = "line", seed: int = 0, work_dir: str | None = None, **_: Any):
+                 sample_by: str = "line", seed: int = 0, work_dir: str | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.path, self.format, self.text_field, self.seq_len = path, format, text_field, seq_len

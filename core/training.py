@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import functools
+import os
 import json
 import logging
 import math
@@ -17,15 +19,17 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .analysis import device_peak_flops, mfu
 from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_decoder, build_model, build_objective, build_strategy,
-                  build_tokenizer, load_any, save_final, tokenizer_files)
+                  build_tokenizer, check_checkpoint_path, load_any, safe_torch_load, save_final, tokenizer_files)
 from .config import validate_config
-from .data import TextDataModule, data_rank
+from .data import data_rank
+from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError
 from .plugins import get_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -126,11 +130,13 @@ class LMModule(L.LightningModule):
         self.objective_module = objective if isinstance(objective, nn.Module) else None
         self.optim, self.max_steps, self.run_info = optim, max_steps, run_info or {}
         self._t0 = self._tokens = None
+        self.last_loss: torch.Tensor | None = None
         self._metric_sources = metric_sources(model)
 
     def training_step(self, batch, batch_idx):
         if self.automatic_optimization:
             loss = self.objective(self.model, batch)
+            self.last_loss = loss.value.detach()  # read by callbacks before the optimizer step (NaN guard)
         else:
             loss = self._step_owner.train_step(self, batch)
         sync = self.trainer.world_size > 1
@@ -231,7 +237,8 @@ class SaveOnCrash(Callback):
         self.path = path
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.global_step == 0:
+        # Not after a NaN (the last finite checkpoint stays) nor a signal (already saved at a step boundary).
+        if trainer.global_step == 0 or isinstance(exception, (NonFiniteError, Interrupted, CheckpointError)):
             return
         if trainer.world_size > 1 and not isinstance(exception, KeyboardInterrupt):
             # Saving is a collective: when one process failed alone, the others never join.
@@ -240,6 +247,146 @@ class SaveOnCrash(Callback):
                       type(exception).__name__, exception, self.path.name)
             return
         trainer.save_checkpoint(self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in the destination folder, fsynced, then
+    renamed over the old one: a kill at any moment leaves the previous complete file
+    (and no temporary one once the next save runs). Loads are ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise CheckpointError(f"{path}: no space left on the device while writing a checkpoint; "
+                                      f"the previous one (if any) is unchanged. Free space under {path.parent}") from None
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return safe_torch_load(path, map_location or "cpu")
+
+
+# ----------------------------------------------------------------------------- run folders
+RUN_ARTIFACTS = ("config.yaml", "checkpoints", "metrics.csv", "model.safetensors", "run_summary.json")
+LOCK_FILE = ".llmzoo.lock"
+
+
+class RunLock:
+    """One live run per run folder: an exclusive ``flock`` on ``<run_dir>/.llmzoo.lock``
+    (released by the OS when the process dies, so a killed run never leaves it stuck),
+    holding the owner's pid and host for the message a second run gets."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.fh = run_dir / LOCK_FILE, None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise RunFolderError(f"run_dir={self.path.parent} is in use by a live run ({owner}); "
+                                 "choose another run_dir or wait for it to finish") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fh is not None:
+            self.fh.close()  # closing releases the lock
+            self.fh = None
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """A fresh run refuses a folder that holds another run's results unless it resumes
+    (``ckpt_path=``) or says ``overwrite=true`` (then the old results are removed)."""
+    import shutil
+
+    found = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    if not found or cfg.get("ckpt_path"):
+        return
+    if not cfg.get("overwrite"):
+        raise RunFolderError(f"run_dir={run_dir} already holds a run ({', '.join(found)}): resume it with "
+                             f"ckpt_path={run_dir}/checkpoints/last.ckpt, choose another run_dir, or pass "
+                             "overwrite=true to replace it")
+    for name in (*RUN_ARTIFACTS, TOKENIZER_DIR, "model.json", "objective.safetensors", "tensorboard", "clean_data"):
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    log.warning("overwrite=true: removed the earlier run's results from %s", run_dir)
+
+
+# Keys whose stored value wins on resume (restored state), and keys that must not change.
+RESTORED_ON_RESUME = ("optim.", "seed")
+FIXED_ON_RESUME = ("model.", "block.", "tokenizer.", "objective.", "parallel.", "data.seq_len", "data.batch_size")
+IGNORED_ON_RESUME = ("run_dir", "ckpt_path", "overwrite", "sample.", "trainer.enable_progress_bar",
+                     "trainer.enable_model_summary", "trainer.progress_refresh_rate")
+
+
+def resume_changes(stored: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(changes that are reported, changes that are refused) between the config stored in
+    a checkpoint and the config of the run resuming it."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+
+    a, b = flat(stored), flat(now)
+    told, refused = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") == b.get(key, "<unset>") or key.startswith(IGNORED_ON_RESUME):
+            continue
+        change = f"{key}: {a.get(key, '<unset>')!r} in the checkpoint, {b.get(key, '<unset>')!r} now"
+        if key.startswith(FIXED_ON_RESUME):
+            refused.append(change)
+        elif key.startswith(RESTORED_ON_RESUME):
+            told.append(f"{change} -> the checkpoint's value wins (its optimizer/schedule/RNG state is restored)")
+        else:
+            told.append(f"{change} -> the new value is used")
+    return told, refused
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """Before a resume: the checkpoint is safe to load, and what changed is said (or refused)."""
+    path = Path(cfg.ckpt_path)
+    check_checkpoint_path(path)
+    meta = path / "meta.pt" if path.is_dir() else path
+    stored = (safe_torch_load(meta).get("llmzoo") or {}).get("config") if meta.exists() else None
+    if not isinstance(stored, dict):
+        return
+    told, refused = resume_changes(stored, OmegaConf.to_container(cfg, resolve=True))
+    if refused:
+        raise RunFolderError(f"ckpt_path={path}: the resuming run changes settings fixed by the checkpoint:\n  "
+                             + "\n  ".join(refused) + "\nstart a new stage with init_from= instead")
+    for change in told:
+        log.warning("resume: %s", change)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -296,24 +443,37 @@ def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = 
         num_sanity_val_steps=0, enable_progress_bar=t.enable_progress_bar, callbacks=callbacks, logger=loggers,
         default_root_dir=str(run_dir), deterministic=t.get("deterministic", False),
         use_distributed_sampler=False,  # our sampler splits the data across ranks itself
-        enable_model_summary=t.get("enable_model_summary", True),
+        enable_model_summary=t.get("enable_model_summary", True), plugins=[AtomicCheckpointIO()],
     )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured; everything goes into ``cfg.run_dir``. Returns a summary dict."""
+    """Train as configured; everything goes into ``cfg.run_dir``. Returns a summary dict.
+    The run folder is locked for the run's lifetime (one live run per folder)."""
     validate_config(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg)
+    if not _launched_first():  # processes started by a launcher for a run that rank 0 owns
+        return _train(cfg, run_dir)
+    with RunLock(run_dir):
+        claim_run_dir(cfg, run_dir)
+        return _train(cfg, run_dir)
+
+
+def _launched_first() -> bool:
+    """Whether this is the process a user started (global rank 0), not one that
+    Lightning's launcher, torchrun or SLURM started beside it."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     start = load_any(cfg.init_from) if cfg.get("init_from") else None  # a previous stage
     tokenizer = start.tokenizer if start else build_tokenizer(cfg)
-    data_kw = OmegaConf.to_container(cfg.data, resolve=True)
-    if "_target_" in data_kw:  # another data module (chat / preference / prompt records)
-        data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
-    else:
-        data = TextDataModule(tokenizer, seed=cfg.seed, work_dir=str(run_dir), **data_kw)
+    data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
     if getattr(tokenizer, "is_trained", True) is False:
         data.prepare_data()  # trains the tokenizer; its vocabulary size sizes the model
     tokenizer.save(run_dir / TOKENIZER_DIR)
@@ -336,7 +496,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                       run_info, clip_val=cfg.trainer.gradient_clip_val,
                       parallelize=strategy.parallelize if uses_mesh else None, strategy=strategy)
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     d = cfg.data
     n_params = model.num_parameters()

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
 from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
@@ -287,23 +286,25 @@ def hf_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- config checks
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    block = cfg.get("block")
-    if not isinstance(block, DictConfig) or block.get("_target_") != f"{__name__}.DenseBlock":
-        return []
+def check_heads(node: DictConfig, cfg: DictConfig) -> list[str]:
+    """Head counts that cannot split ``dim`` (called by core for every attention node,
+    nested ones -- inside block=moe or hybrid -- included)."""
     problems = []
-    dim, heads, kv = block.get("dim"), block.get("n_heads"), block.get("n_kv_heads") or block.get("n_heads")
+    dim, heads, kv = node.get("dim"), node.get("n_heads"), node.get("n_kv_heads") or node.get("n_heads")
     if not (isinstance(heads, int) and heads > 0):
-        return [f"model.n_heads must be a positive integer, got {heads!r}"]
+        return [f"n_heads must be a positive integer, got {heads!r}"]
     if dim % heads:
-        problems.append(f"model.n_heads={heads} does not divide model.dim={dim} "
+        problems.append(f"n_heads={heads} does not divide dim={dim} "
                         f"(allowed n_heads: {[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]})")
     elif (dim // heads) % 2:
-        problems.append(f"head size model.dim/model.n_heads={dim // heads} must be even for rotary embeddings")
+        problems.append(f"head size dim/n_heads={dim // heads} must be even for rotary embeddings")
     if not (isinstance(kv, int) and kv > 0 and heads % kv == 0):
-        problems.append(f"model.n_kv_heads={kv} must divide model.n_heads={heads} "
+        problems.append(f"n_kv_heads={kv} must divide n_heads={heads} "
                         f"(allowed: {[k for k in range(1, heads + 1) if heads % k == 0]})")
-    if block.get("backend") not in BACKENDS:
-        problems.append(f"block.backend={block.get('backend')!r} is not one of {list(BACKENDS)}")
+    if node.get("backend", "auto") not in BACKENDS:
+        problems.append(f"backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
     return problems
+
+
+Attention.check = staticmethod(check_heads)
+DenseBlock.check = staticmethod(check_heads)

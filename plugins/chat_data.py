@@ -39,15 +39,19 @@ def read_records(files: list[str], kind: str, skip_bad: bool) -> list[dict]:
     """Parse and check every line; DataError names file:line (or, skipping, logs them)."""
     records, bad = [], []
     for file in files:
-        lines = Path(file).read_text(encoding="utf-8").splitlines()
+        # Split on b"\n" only: str.splitlines() would also split inside JSON strings at U+2028.
+        lines = Path(file).read_bytes().split(b"\n")
         if not any(line.strip() for line in lines):
             raise DataError(f"{file}: empty file")
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
+        for n, raw in enumerate(lines, start=1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
                 rec = json.loads(line)
                 problem = check_record(rec, kind)
+            except UnicodeDecodeError as e:
+                problem = f"bytes are not valid UTF-8 ({e.reason} at byte {e.start})"
             except json.JSONDecodeError as e:
                 problem = f"not valid JSON ({e.msg})"
             if problem:
@@ -63,6 +67,9 @@ def read_records(files: list[str], kind: str, skip_bad: bool) -> list[dict]:
     return records
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def check_record(rec: Any, kind: str) -> str | None:
     if not isinstance(rec, dict):
         return f"expected a JSON object, got {type(rec).__name__}"
@@ -71,15 +78,23 @@ def check_record(rec: Any, kind: str) -> str | None:
             msgs = rec["messages"]
             if not isinstance(msgs, list) or not msgs:
                 return "'messages' must be a non-empty list"
-            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    return (f"messages[{i}] must be {{\"role\": one of {list(ROLES)}, \"content\": a string}}, "
+                            f"got {json.dumps(m)[:80]}")
+            if not any(m.get("role") == "assistant" for m in msgs):
                 return "'messages' has no assistant turn to train on"
             return None
+        if "input" in rec and not isinstance(rec["input"], (str, type(None))):
+            return f"field 'input' must be a string, got {type(rec['input']).__name__}"
         fields = ("instruction", "output")
     else:
         fields = KINDS[kind]
     for f in fields:
         if not isinstance(rec.get(f), str) or not rec[f]:
             return f"missing or empty string field {f!r} (a {kind} record needs {list(fields)}; has {sorted(rec)})"
+        if "\x00" in rec[f]:
+            return f"field {f!r} contains a NUL character"
     return None
 
 
@@ -128,10 +143,24 @@ def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
 
 
+PROVIDES = {"instructions": frozenset({"input_ids", "labels"}),
+            "preferences": frozenset({"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}),
+            "prompts": frozenset({"prompt_ids", "prompt_lens", "answers"})}
+
+
 class RecordsDataModule(L.LightningDataModule):
+    @staticmethod
+    def provides_for(node: Any) -> frozenset[str]:
+        """The batch fields this module yields for ``data.kind`` (checked against the objective's needs)."""
+        return PROVIDES.get(node.get("kind"), frozenset())
+
+    @staticmethod
+    def check(node: Any, cfg: Any) -> list[str]:
+        return [] if node.get("kind") in KINDS else [f"data.kind={node.get('kind')!r} is not one of {list(KINDS)}"]
+
     def __init__(self, tokenizer: Any, *, path: str, kind: str, seq_len: int, batch_size: int = 8,
                  val_fraction: float = 0.05, seed: int = 0, skip_bad_records: bool = False, num_workers: int = 0,
-                 work_dir: str | None = None, **_: Any):
+                 work_dir: str | None = None):
         super().__init__()
         if kind not in KINDS:
             raise DataError(f"data.kind={kind!r} is not one of {list(KINDS)}")

@@ -256,6 +256,10 @@ def llmzoo_validate(cfg: DictConfig) -> list[str]:
             return [str(e)]
         obj = cfg.get("objective")
         heads = obj.get("n_heads") if isinstance(obj, DictConfig) and obj.get("_target_") == f"{__name__}.MedusaObjective" else None
-        if heads is not None and tree.max_depth > heads:
+        if heads is None:
+            problems.append("decoder=medusa decodes with Medusa heads, which only objective=medusa trains "
+                            f"(objective._target_={obj.get('_target_') if isinstance(obj, DictConfig) else None!r}); "
+                            "train with objective=medusa, or choose another decoder")
+        elif tree.max_depth > heads:
             problems.append(f"decoder.tree is {tree.max_depth} deep but objective.n_heads={heads}")
     return problems

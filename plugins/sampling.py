@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from llmzoo.decoding import Sampler, StepDecoder, filter_logits
 
 __all__ = ["Greedy", "Sample", "filter_logits"]
@@ -26,3 +28,16 @@ class Sample(StepDecoder):
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None):
         super().__init__(Sampler(temperature, top_k, top_p, seed))
+
+    @staticmethod
+    def check(node: Any, cfg: Any) -> list[str]:
+        """Sampling settings that cannot work, found before anything is trained."""
+        t, k, p = node.get("temperature"), node.get("top_k"), node.get("top_p")
+        problems = []
+        if isinstance(t, (int, float)) and t < 0:
+            problems.append(f"temperature={t} is not allowed: a number >= 0 (0 is greedy)")
+        if isinstance(k, int) and k < 0:
+            problems.append(f"top_k={k} is not allowed: an integer >= 0 or null (0 or null: no limit)")
+        if isinstance(p, (int, float)) and not 0 < p <= 1:
+            problems.append(f"top_p={p} is not allowed: a number in (0, 1] or null")
+        return problems

@@ -21,8 +21,12 @@ def test_every_group_has_options():
 def test_option_composes_and_instantiates(group, name, tmp_path):
     # quantize is a group of llmzoo-generate's config only (a model transform for decoding)
     overrides = [f"+{group}={name}" if group == "quantize" else f"{group}={name}"]
-    if (group, name) in (("objective", "grpo"), ("objective", "ppo")):  # RL: needs prompts and a reward
-        overrides += ["data=prompts", "reward=keyword"]
+    if (group, name) in (("objective", "grpo"), ("objective", "ppo"), ("data", "prompts")):  # RL: prompts, a reward
+        overrides += ["data=prompts", "reward=keyword"] + (["objective=grpo"] if group == "data" else [])
+    if (group, name) in (("objective", "dpo"), ("objective", "reward"), ("data", "preferences")):  # preference pairs
+        overrides += ["data=preferences"] + (["objective=dpo"] if group == "data" else [])
+    if (group, name) == ("decoder", "medusa"):  # decodes with the heads objective=medusa trains
+        overrides.append("objective=medusa")
     if (group, name) == ("parallel", "fsdp_tp"):  # a (2, 2) mesh: four processes
         overrides.append("trainer.devices=4")
     if (group, name) == ("tokenizer", "file"):
@@ -65,15 +69,15 @@ def test_heads_not_dividing_dim_is_one_clear_message():
     with pytest.raises(ConfigError) as e:
         llmzoo.compose(overrides=["model=tiny", "model.n_heads=5"])
     msg = str(e.value)
-    assert "model.n_heads=5 does not divide model.dim=64" in msg and "allowed n_heads: [1, 2, 4, 8" in msg
-    with pytest.raises(ConfigError, match=r"model.n_kv_heads=3 must divide model.n_heads=4 \(allowed: \[1, 2, 4\]\)"):
+    assert "block: n_heads=5 does not divide dim=64" in msg and "allowed n_heads: [1, 2, 4, 8" in msg
+    with pytest.raises(ConfigError, match=r"block: n_kv_heads=3 must divide n_heads=4 \(allowed: \[1, 2, 4\]\)"):
         llmzoo.compose(overrides=["model=tiny", "model.n_kv_heads=3"])
 
 
 def test_other_validation_messages():
     with pytest.raises(ConfigError, match="data.seq_len=256 is longer than model.max_seq_len=128"):
         llmzoo.compose(overrides=["model=tiny", "data.seq_len=256"])
-    with pytest.raises(ConfigError, match="block.backend='cuda' is not one of"):
+    with pytest.raises(ConfigError, match="block: backend='cuda' is not one of"):
         llmzoo.compose(overrides=["block.backend=cuda"])
     with pytest.raises(ConfigError, match="parallel=single runs one process"):
         llmzoo.compose(overrides=["trainer.devices=2"])
@@ -110,7 +114,7 @@ def test_cli_unknown_block_lists_valid_options(tmp_path):
 def test_cli_bad_shape_fails_before_training(tmp_path):
     out = run_cli("llmzoo-train", "model.n_heads=3", f"run_dir={tmp_path}", *FAST, check=False)
     assert out.returncode == 2
-    assert "model.n_heads=3 does not divide model.dim=64" in out.stderr
+    assert "block: n_heads=3 does not divide dim=64" in out.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 

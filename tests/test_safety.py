@@ -1,0 +1,438 @@
+"""Trust boundary and crash safety: nothing a user loads runs code, NaN and signals stop
+the run with a resumable, finite checkpoint, run folders are owned, and every user
+error is one message with exit code 2 (no traceback)."""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+import llmzoo
+from llmzoo.config import ConfigError
+from llmzoo.errors import CheckpointError, DataError, NonFiniteError, RunFolderError
+from conftest import BIN, FAST, run_cli, tiny_cfg
+
+
+def cfg_for(run_dir, *overrides):
+    cfg = tiny_cfg(*FAST, "trainer.val_every=0", *overrides)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("safety") / "run"
+    llmzoo.train(cfg_for(run, "trainer.max_steps=3", "trainer.checkpoint_every=2"))
+    return run
+
+
+class RunsCode:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ----------------------------------------------------------------------------- loading
+def test_malicious_pickle_is_refused_by_every_loader(tmp_path, tiny_run):
+    marker = tmp_path / "PWNED"
+    bad = tmp_path / "evil.ckpt"
+    good = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    torch.save({**good, "payload": RunsCode(marker)}, bad)
+
+    loaders = [lambda: llmzoo.load_checkpoint(bad), lambda: llmzoo.load_run(tiny_run, checkpoint=str(bad)),
+               lambda: llmzoo.train(cfg_for(tmp_path / "a", f"init_from={bad}")),
+               lambda: llmzoo.train(cfg_for(tmp_path / "b", f"ckpt_path={bad}"))]
+    for load in loaders:
+        with pytest.raises(CheckpointError, match="refused: loading it needs pickle"):
+            load()
+    proc = run_cli("llmzoo-generate", f"run_dir={tiny_run}", f"checkpoint={bad}", "prompt=hi", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "needs pickle" in proc.stderr
+    assert not marker.exists(), "a loader ran the pickled command"
+
+
+def test_pickle_free_checkpoint_cannot_instantiate_or_escape(tmp_path, tiny_run):
+    good = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+
+    def variant(name, change):
+        ckpt = json.loads(json.dumps(good["llmzoo"]))
+        change(ckpt)
+        path = tmp_path / f"{name}.ckpt"
+        torch.save({**good, "llmzoo": ckpt}, path)
+        return path
+
+    copied = tmp_path / "copied"
+    target = variant("target", lambda c: c["config"]["tokenizer"].update(
+        {"_target_": "shutil.copy", "src": str(tiny_run / "config.yaml"), "dst": str(copied)}))
+    nested = variant("nested", lambda c: c["config"]["block"].update(
+        {"evil": {"_target_": "torch.load", "f": "x"}}))
+    escape_up = variant("escape_up", lambda c: c["tokenizer"].update({"../../escaped.txt": "x"}))
+    escape_abs = variant("escape_abs", lambda c: c["tokenizer"].update({str(tmp_path / "abs.txt"): "x"}))
+    for path, match in [(target, "shutil.copy"), (nested, "block.evil._target_='torch.load'"),
+                        (escape_up, "not a plain file name"), (escape_abs, "not a plain file name")]:
+        for load in (lambda: llmzoo.load_checkpoint(path),
+                     lambda: llmzoo.train(cfg_for(tmp_path / f"init_{path.stem}", f"init_from={path}"))):
+            with pytest.raises(CheckpointError, match=match.replace("(", r"\(").replace(".", r"\.")):
+                load()
+    assert not copied.exists() and not (tmp_path / "abs.txt").exists()
+    assert not list(tmp_path.parent.glob("escaped.txt")) and not list(tmp_path.glob("escaped.txt"))
+
+    # a run folder's config.yaml is a stored config too
+    run = tmp_path / "run_copy"
+    import shutil
+
+    shutil.copytree(tiny_run, run)
+    text = (run / "config.yaml").read_text().replace("llmzoo_plugins.tokenizers.ByteTokenizer", "os.system")
+    (run / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match="'os.system', which is not a class that an installed llmzoo plugin"):
+        llmzoo.load_run(run)
+
+
+def test_sharded_checkpoint_index_is_read_without_pickle(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from llmzoo.api import check_dcp_metadata
+
+    folder = tmp_path / "sharded"
+    dcp.save({"w": torch.ones(3), "nested": {"b": torch.zeros(2, dtype=torch.bfloat16)}}, checkpoint_id=folder)
+    check_dcp_metadata(folder)  # DCP's own index passes
+    marker = tmp_path / "PWNED"
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(CheckpointError, match="posix.system is not part of a checkpoint's metadata"):
+        check_dcp_metadata(folder)
+    with pytest.raises(CheckpointError, match="refused"):
+        llmzoo.load_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupt_files_are_one_line(tmp_path, tiny_run):
+    data = (tiny_run / "checkpoints" / "last.ckpt").read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.ckpt: not a readable checkpoint \(truncated or corrupt\?\)"):
+        llmzoo.load_checkpoint(cut)
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        llmzoo.load_run(run)
+    proc = run_cli("llmzoo-generate", f"run_dir={run}", "prompt=hi", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "not a readable safetensors file" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- checkpoints and run folders
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    from llmzoo.training import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+    real_save = torch.save
+
+    def dies_half_way(obj, fh):
+        fh.write(b"partial bytes")
+        raise KeyboardInterrupt  # a kill while writing
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert int(io.load_checkpoint(path)["step"]) == 1  # the previous checkpoint is whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+    (path.parent / f".last.ckpt.{os.getpid() + 1}.tmp").write_bytes(b"left by a killed run")
+    io.save_checkpoint({"step": torch.tensor(3)}, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+    import errno
+
+    def disk_full(obj, fh):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="no space left on the device"):
+        io.save_checkpoint({"step": torch.tensor(4)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert int(io.load_checkpoint(path)["step"]) == 3
+
+
+def test_run_folder_is_owned(tmp_path, tiny_run, caplog):
+    from llmzoo.training import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):  # a live run holds the folder
+        with pytest.raises(RunFolderError, match=f"pid {os.getpid()}"):
+            llmzoo.train(cfg_for(run, "trainer.max_steps=2"))
+    llmzoo.train(cfg_for(run, "trainer.max_steps=2"))
+    with pytest.raises(RunFolderError, match="already holds a run .* overwrite=true"):
+        llmzoo.train(cfg_for(run, "trainer.max_steps=2"))
+    assert llmzoo.train(cfg_for(run, "trainer.max_steps=3", "overwrite=true"))["step"] == 3
+    assert json.loads((run / "run_summary.json").read_text())["step"] == 3
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(RunFolderError, match=r"model\.dim: 64 in the checkpoint, 32 now"):
+        llmzoo.train(cfg_for(run, "trainer.max_steps=4", f"ckpt_path={ckpt}", "model.dim=32"))
+    with caplog.at_level("WARNING", logger="llmzoo.training"):
+        assert llmzoo.train(cfg_for(run, "trainer.max_steps=4", f"ckpt_path={ckpt}", "optim.lr=0.5"))["step"] == 4
+    assert "optim.lr: 0.003 in the checkpoint, 0.5 now -> the checkpoint's value wins" in caplog.text
+    assert "trainer.max_steps: 3 in the checkpoint, 4 now -> the new value is used" in caplog.text
+
+
+# ----------------------------------------------------------------------------- non-finite values
+def test_nan_stops_without_overwriting_finite_weights(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"training stopped at step \d+: non-finite .*optim\.lr=1000000\.0"):
+        llmzoo.train(cfg_for(run, "optim.lr=1e6", "trainer.max_steps=50", "trainer.checkpoint_every=1"))
+    assert not (run / "model.safetensors").exists()
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+class NanGradAt:
+    """A plugin whose callback poisons one gradient at the given steps."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    @llmzoo.hookimpl
+    def llmzoo_callbacks(self, cfg):
+        import lightning as L
+
+        steps = self.steps
+
+        class Poison(L.Callback):
+            def on_after_backward(self, trainer, module):
+                if trainer.global_step in steps:
+                    next(module.model.parameters()).grad[0, 0] = float("nan")
+
+        return [Poison()]
+
+
+def test_nan_policy_skip_leaves_the_weights_untouched_then_stops_at_the_limit(tmp_path):
+    from llmzoo.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    plugin = NanGradAt({2, 4, 5})
+    pm.register(plugin, name="nan-test")
+    try:
+        summary = llmzoo.train(cfg_for(tmp_path / "skip", "trainer.max_steps=6", "trainer.nan_policy=skip",
+                                       "trainer.nan_max_skips=3"))
+        assert summary["step"] == 6  # three updates skipped, training went on
+        run = llmzoo.load_run(tmp_path / "skip")
+        assert all(torch.isfinite(p).all() for p in run.model.parameters())
+        with pytest.raises(NonFiniteError, match=r"step 6 after 2 skipped updates \(trainer\.nan_max_skips=2\)"):
+            llmzoo.train(cfg_for(tmp_path / "limit", "trainer.max_steps=6", "trainer.nan_policy=skip",
+                                 "trainer.nan_max_skips=2"))
+        with pytest.raises(NonFiniteError, match="step 3: non-finite loss"):
+            llmzoo.train(cfg_for(tmp_path / "stop", "trainer.max_steps=6"))
+    finally:
+        pm.unregister(plugin)
+
+
+# ----------------------------------------------------------------------------- signals
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv") as fh:
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(fh)]
+
+
+def test_signals_checkpoint_exit_nonzero_and_resume_exactly(tmp_path):
+    common = [*FAST, "trainer.max_steps=40", "trainer.log_every_n_steps=1", "trainer.val_every=7",
+              "trainer.limit_val_batches=2", "trainer.checkpoint_every=3", "optim.warmup_steps=5"]
+    run_cli("llmzoo-train", f"run_dir={tmp_path / 'straight'}", *common)
+    expected = _rows(tmp_path / "straight")
+    rng = random.Random(0)
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        run = tmp_path / sig.name
+        proc = subprocess.Popen([str(BIN / "llmzoo-train"), f"run_dir={run}", *common], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 120
+        while not (run / "checkpoints").exists() and time.time() < deadline:  # training has started
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))  # a random step: mid-step, mid-validation or mid-checkpoint
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err[-3000:]
+        assert f"stopped by {sig.name} after step" in err and "Traceback" not in err
+        if "max_steps=40` reached" in err:  # the signal came after the last step: nothing to resume
+            continue
+        stopped = _rows(run)
+        assert 0 < len(stopped) < len(expected)
+        run_cli("llmzoo-train", f"run_dir={run}", *common, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+        assert _rows(run) == expected, f"{sig.name}: resumed rows differ from the uninterrupted run"
+
+
+# ----------------------------------------------------------------------------- config and data errors
+BAD_CONFIGS = [
+    "model.dim=abc", "model.dim=0", "model.dim=-8", "model.n_layers=0", "model.n_layers=1.5", "model.max_seq_len=0",
+    "model.n_heads=5", "model.n_heads=0", "model.n_kv_heads=3", "model.norm_eps=-1", "model.norm_eps=0",
+    "model.init_std=-0.1", "model.rope_theta=0", "model.tie_embeddings=maybe", "model.ffn_hidden=-1",
+    "model.vocab_size=0", "optim.lr=abc", "optim.lr=0", "optim.lr=-1", "optim.lr=inf", "optim.weight_decay=-0.1",
+    "optim.eps=0", "optim.warmup_steps=-10", "optim.min_lr_ratio=2", "optim.betas=[0.9]", "optim.betas=[0.9,1.5]",
+    "data.batch_size=0", "data.batch_size=abc", "data.seq_len=0", "data.seq_len=256", "data.val_fraction=1.5",
+    "data.num_workers=-1", "data.skip_bad_records=sometimes", "+data.shuffle=true", "trainer.max_steps=0",
+    "trainer.max_steps=abc", "trainer.checkpoint_every=0", "trainer.gradient_clip_val=-1",
+    "trainer.accumulate_grad_batches=0", "trainer.log_every_n_steps=0", "trainer.val_every=-1",
+    "trainer.limit_val_batches=-1", "trainer.limit_val_batches=1.5", "trainer.nan_policy=ignore",
+    "trainer.nan_max_skips=-1", "trainer.compile=perhaps", "+trainer.logger=wandb", "+trainer.max_step=3",
+    "+foo=1", "+optim.momentum=0.9", "+model.heads=4", "seed=-1", "sample.max_new_tokens=-1",
+    "decoder=sample decoder.temperature=-1", "decoder=sample decoder.top_p=2", "decoder=sample decoder.top_k=-3",
+    "decoder=sample decoder.top_k=abc", "decoder=medusa", "+decoder.beam=4", "objective=dpo", "objective=sft data=preferences",
+    "block=hybrid block.mixers.attention.n_heads=5", "block=moe model.n_heads=5", "block=dense block.backend=magic",
+]
+
+
+def test_config_fuzz_every_bad_config_is_one_message_naming_the_key():
+    assert len(BAD_CONFIGS) >= 50
+    silent, crashed = [], []
+    for override in BAD_CONFIGS:
+        try:
+            llmzoo.compose(overrides=["model=tiny", *override.split()])
+            silent.append(override)
+        except ConfigError as e:
+            key = override.split()[-1].lstrip("+").split("=")[0]
+            leaf = key.split(".")[-1]
+            named = key in str(e) or leaf in str(e) or any(w in str(e) for w in ("objective=", "decoder=medusa"))
+            assert named, f"{override}: the message does not name {key}: {e}"
+        except Exception as e:  # noqa: BLE001
+            crashed.append(f"{override}: {type(e).__name__}: {e}")
+    assert not silent and not crashed, f"passed silently: {silent}; crashed: {crashed}"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.dim=abc", "model.dim must be a positive integer"),
+    ("+trainer.logger=wandb", "trainer.logger is not a known setting"),
+    ("block=nope", "Could not find 'block/nope'"),          # Hydra's own message: exit 2 as well
+    ("decoder=sample", None),                               # not an error: only checks it is accepted
+])
+def test_cli_config_errors_exit_2_without_traceback(tmp_path, override, expected):
+    args = ["llmzoo-train", f"run_dir={tmp_path / 'run'}", *FAST, "trainer.max_steps=1", "trainer.val_every=0"]
+    if expected is None:
+        args += [override, "decoder.top_p=3"]
+        expected = "top_p=3 is not allowed"
+    else:
+        args.append(override)
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout and expected in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+def _write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+def _bad_data(tmp_path):
+    """(name, format or data kind, file) of malformed inputs in every format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ok_json = json.dumps({"text": "a fine record " * 20})
+    cases = []
+    add = lambda name, kind, data, ext: cases.append((name, kind, _write(tmp_path / f"{name}.{ext}", data)))  # noqa: E731
+    for n, data in enumerate([b"\xff\xfe bad bytes\n", b"ok line\n\x00\x01 binary\n", b"good\n\xc3\x28\n"]):
+        add(f"text{n}", "text", data, "txt")
+    for n, line in enumerate(["{not json", "[1, 2]", '{"text": 5}', '{"body": "x"}', '"just a string"', "{}",
+                              '{"text": null}', '{"text": "nul \\u0000 inside"}', "\x00\x00", '{"text": "a"']):
+        add(f"jsonl{n}", "jsonl", ok_json + "\n" + line + "\n" + ok_json + "\n", "jsonl")
+    add("jsonl_utf8", "jsonl", ok_json.encode() + b"\n" + b'{"text": "\xff"}\n', "jsonl")
+    for n, table in enumerate([pa.table({"text": [1, 2, 3]}), pa.table({"body": ["x"] * 3}),
+                               pa.table({"text": ["a b c " * 30, None, "d e f " * 30]})]):
+        path = tmp_path / f"parquet{n}.parquet"
+        pq.write_table(table, path)
+        cases.append((f"parquet{n}", "parquet", path))
+    cases.append(("parquet_broken", "parquet", _write(tmp_path / "broken.parquet", b"PAR1 not really")))
+    good_chat = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    for n, line in enumerate([
+        '{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+        '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}',
+        '{"messages": []}', '{"messages": "hi"}', '{"messages": [{"role": "user", "content": "x"}]}',
+        '{"instruction": "x", "input": 5, "output": "y"}', '{"instruction": "", "output": "y"}',
+        '{"instruction": "x"}', '{"output": "y"}', "not json", "[]", '{"instruction": "x", "output": 7}',
+    ]):
+        add(f"chat{n}", "instructions", good_chat + "\n" + line + "\n", "jsonl")
+    add("chat_utf8", "instructions", good_chat.encode() + b"\n" + b'{"instruction": "\xff", "output": "y"}\n', "jsonl")
+    good_pref = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    for n, line in enumerate(['{"prompt": "p", "chosen": "a"}', '{"prompt": "p", "chosen": 1, "rejected": "b"}',
+                              '{"prompt": "", "chosen": "a", "rejected": "b"}', "{oops", '{"chosen": "a", "rejected": "b"}',
+                              '{"prompt": "p", "chosen": "a\\u0000", "rejected": "b"}']):
+        add(f"pref{n}", "preferences", good_pref + "\n" + line + "\n", "jsonl")
+    for n, line in enumerate(['{"answer": "4"}', '{"prompt": 3}', "null"]):
+        add(f"prompt{n}", "prompts", json.dumps({"prompt": "2+2="}) + "\n" + line + "\n", "jsonl")
+    return cases
+
+
+def _load(kind, path, skip):
+    from llmzoo.data import TextDataModule
+    from llmzoo_plugins.chat_data import RecordsDataModule
+    from llmzoo_plugins.tokenizers import ByteTokenizer
+
+    if kind in ("text", "jsonl", "parquet"):
+        dm = TextDataModule(ByteTokenizer(), path=str(path), format=kind, seq_len=8, batch_size=1,
+                            skip_bad_records=skip, work_dir=str(path.parent / f"work_{path.stem}"))
+        return dm.load_raw()
+    dm = RecordsDataModule(ByteTokenizer(), path=str(path), kind=kind, seq_len=64, batch_size=1,
+                           skip_bad_records=skip, work_dir=str(path.parent / f"work_{path.stem}"))
+    return dm.records() if hasattr(dm, "records") else dm.load_records()
+
+
+def test_data_fuzz_every_bad_file_names_file_and_line_or_is_skipped(tmp_path, caplog):
+    from llmzoo_plugins.chat_data import read_records
+
+    cases = _bad_data(tmp_path)
+    assert len(cases) >= 40
+    problems = []
+    for name, kind, path in cases:
+        try:
+            if kind in ("text", "jsonl", "parquet"):
+                _load(kind, path, skip=False)
+            else:
+                read_records([str(path)], kind, skip_bad=False)
+            problems.append(f"{name}: passed silently")
+        except DataError as e:
+            if not (str(path) in str(e) and (f"{path}:" in str(e) or "row " in str(e) or "column" in str(e)
+                                             or "parquet file" in str(e))):
+                problems.append(f"{name}: message does not name the file and line/row: {e}")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{name}: {type(e).__name__} instead of a DataError: {e}")
+    assert not problems, "\n".join(problems)
+
+    # with skip_bad_records the bad lines are dropped and the good ones kept
+    skippable = [c for c in cases if c[0].startswith(("jsonl", "chat", "pref", "text1", "text2", "parquet2"))]
+    with caplog.at_level("WARNING"):
+        for name, kind, path in skippable:
+            if kind in ("text", "jsonl", "parquet"):
+                kept = _load(kind, path, skip=True)
+                assert len(kept) >= 1, name
+            else:
+                assert len(read_records([str(path)], kind, skip_bad=True)) >= 1, name
+    assert "skipped" in caplog.text or "dropped" in caplog.text
+
+
+def test_bom_and_line_separator_are_accepted(tmp_path):
+    from llmzoo_plugins.chat_data import read_records
+
+    path = _write(tmp_path / "chat.jsonl", b"\xef\xbb\xbf" + json.dumps(
+        {"instruction": "say \u2028 this", "output": "ok"}, ensure_ascii=False).encode() + b"\n")
+    assert read_records([str(path)], "instructions", skip_bad=False)[0]["instruction"] == "say \u2028 this"
+    text = _write(tmp_path / "t.jsonl", b"\xef\xbb\xbf" + (json.dumps({"text": "word " * 40}) + "\n").encode())
+    assert len(_load("jsonl", text, skip=False)) == 1
