@@ -22,6 +22,35 @@ Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
 
 
+class ConfigChecked(Protocol):
+    """Optional on any class a config node names with ``_target_`` (blocks, mixers,
+    decoders, objectives, data modules, strategies), nested nodes included.
+
+    ``check(node, cfg) -> list[str]`` (a staticmethod) returns the problems of its own
+    node -- e.g. ``"n_heads=5 does not divide dim=64"`` -- as sentences; core prefixes
+    each with the node's key (``block.mixers.attention: ...``) and reports them all
+    before anything is built. Core also refuses keys the class's ``__init__`` does not
+    take and values that do not match a simple annotation (``int``, ``float | None``).
+    Rules that span groups go in the ``llmzoo_validate`` hook instead.
+    """
+
+    @staticmethod
+    def check(node: Any, cfg: Any) -> list[str]: ...
+
+
+class DataModule(Protocol):
+    """A LightningDataModule named by ``data._target_``, built with ``tokenizer``,
+    ``seed`` and ``work_dir`` beside its config keys.
+
+    ``provides: frozenset[str]`` names the batch fields it yields; a module whose
+    fields depend on its config gives a static ``provides_for(node) -> frozenset[str]``
+    instead. At compose time ``objective.needs`` must be a subset, or the run is refused
+    naming the data options that fit (``objective=dpo`` -> ``use data=preferences``).
+    """
+
+    provides: frozenset[str]
+
+
 @dataclass
 class ModelOutput:
     """What ``LanguageModel.forward`` returns.

@@ -40,7 +40,9 @@ def check_causality(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 
         y2 = block(x2)
         if t > 0:
             d = _max_diff(y[:, :t], y2[:, :t])
-            assert d == 0.0, f"not causal: changing position {t} changed earlier outputs by {d:.3g}"
+            # 1e-6, not 0: a block that groups tokens (MoE) may round differently when later
+            # tokens change (seen at 7e-9 on some CPUs); a real leak moves outputs by ~1e-2
+            assert d <= 1e-6, f"not causal: changing position {t} changed earlier outputs by {d:.3g}"
         assert _max_diff(y[:, t:], y2[:, t:]) > 0, f"changing position {t} changed nothing at or after it"
 
 

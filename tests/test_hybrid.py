@@ -23,8 +23,10 @@ def test_layers_follow_the_pattern_and_decode_matches_full_forward():
     # causality of the whole hybrid stack
     ids2 = ids.clone()
     ids2[:, 10] = (ids2[:, 10] + 1) % model.vocab_size
+    # (not bit-exact: MoE groups a different set of tokens per expert, and on some CPUs the
+    # GEMM then rounds differently, ~1e-8; a leak from position 10 would be orders larger)
     with torch.no_grad():
-        assert torch.equal(model(ids2).logits[:, :10], full[:, :10])
+        torch.testing.assert_close(model(ids2).logits[:, :10], full[:, :10], atol=1e-6, rtol=0)
 
 
 def test_greedy_on_hybrid_equals_full_forward_argmax():
