@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo import hookimpl
+from llmzoo.api import safe_torch_load
 from llmzoo.interfaces import IGNORE_INDEX, Loss
 from llmzoo.losses import next_token_loss, shifted_labels
 
@@ -135,7 +136,7 @@ def load_stage_checkpoint(module: nn.Module, optimizers: list[Any], path: Path) 
         state = {f"optimizer_{i}": get_optimizer_state_dict(module, opt, options=flat)}
         dcp.load(state, checkpoint_id=path)
         set_optimizer_state_dict(module, opt, optim_state_dict=state[f"optimizer_{i}"], options=flat)
-    return torch.load(path / "meta.pt", weights_only=False)
+    return safe_torch_load(path / "meta.pt")
 
 
 def pipeline_strategy(data_parallel: int, stages: int, backend: str | None, save_distributed_checkpoint: bool) -> Any:
