@@ -99,18 +99,12 @@ def tokenizer_from_files(cfg: DictConfig, files: dict[str, str], where: Any = "c
 
 
 # ----------------------------------------------------------------------------- safe loading
-def registered_targets() -> frozenset[str]:
-    """Every class a stored config may name: the ``_target_`` values found in the
-    config groups of installed llmzoo plugins (nested nodes included)."""
-    from .config import registered_targets as found
-
-    return found()
-
-
 def check_stored_config(cfg: Any, where: Any) -> DictConfig:
     """A config read from a file (a run's config.yaml, a checkpoint) as a DictConfig,
     refused if any of its ``_target_`` nodes names a class that no installed plugin's
     configs name: instantiating it could call anything (``torch.load``, ``os.system``)."""
+    from .config import registered_targets
+
     if not isinstance(cfg, (dict, DictConfig)):
         raise CheckpointError(f"{where}: the stored config is not a mapping")
     allowed = registered_targets()
@@ -132,14 +126,14 @@ def check_stored_config(cfg: Any, where: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain types only, never pickled
     code. A file that needs more, or a truncated one, is one clear CheckpointError."""
     import pickle
     import zipfile
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
@@ -152,6 +146,9 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> dict[str, An
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
+# (_get_layout builds a layout from its name, e.g. "torch.strided")
+_PLAIN_GLOBALS = {("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                  ("torch.serialization", "_get_layout")}
 _DCP_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                      "torch.distributed.checkpoint.planner")
 
@@ -167,9 +164,7 @@ def check_dcp_metadata(folder: Path) -> None:
 
     class Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            if (module, name) in (("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):
-                return super().find_class(module, name)
-            if (module, name) == ("torch.serialization", "_get_layout"):  # layout by name, e.g. "torch.strided"
+            if (module, name) in _PLAIN_GLOBALS:
                 return super().find_class(module, name)
             if module == "torch":
                 obj = getattr(torch, name, None)

@@ -140,7 +140,8 @@ def core_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.seq_len={seq_len} is longer than model.max_seq_len={m.max_seq_len}")
     needs, provides = _class_attr(cfg.objective, "needs"), _class_attr(cfg.data, "provides")
     if needs is not None and provides is not None and not needs <= provides:
-        fits = [f"data={name}" for name, node in _group_nodes("data") if needs <= (_class_attr(node, "provides") or set())]
+        fits = [f"data={d.name}" for d in conf_docs() if d.group == "data"
+                and needs <= (_class_attr(OmegaConf.create(d.doc), "provides") or set())]
         problems.append(f"objective={_choice(cfg, 'objective')} needs batch fields {sorted(needs - provides)}, which "
                         f"data={_choice(cfg, 'data')} does not provide (it provides {sorted(provides)}); "
                         + (f"use {' or '.join(fits)}" if fits else "choose a data module that provides them"))
@@ -153,19 +154,6 @@ def core_problems(cfg: DictConfig) -> list[str]:
                     f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(needs - caps)} (it has {sorted(caps)})"
                 )
     return problems
-
-
-def _group_nodes(group: str) -> list[tuple[str, DictConfig]]:
-    """(option name, its config node) of every option of a config group."""
-    import yaml
-
-    out = []
-    for _, path in get_plugin_manager().conf_paths():
-        folder = _conf_root(path) / group
-        if folder.is_dir():
-            out += [(f.name[:-5], OmegaConf.create(yaml.safe_load(f.read_text()) or {}))
-                    for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")]
-    return out
 
 
 def _choice(cfg: DictConfig, group: str) -> str:
@@ -265,37 +253,23 @@ def value_problems(cfg: DictConfig) -> list[str]:
     return problems + unknown_key_problems(cfg)
 
 
-_KEYS: dict[str, set[str]] | None = None
-
-
 def known_keys() -> dict[str, set[str]]:
-    """{node: keys its options define}: "" for the primary configs' top level, a group
-    name for the union of that group's options, a primary config's sub-node by name."""
-    global _KEYS
-    if _KEYS is None:
-        import yaml
-
-        keys: dict[str, set[str]] = {"": set(GROUPS) | {"reward", "quantize", "bench"}}
-        for _, path in get_plugin_manager().conf_paths():
-            root = _conf_root(path)
-            for f in root.iterdir():
-                if f.name.endswith(".yaml"):  # a primary config (train, generate, bench)
-                    doc = yaml.safe_load(f.read_text()) or {}
-                    keys[""] |= {k for k in doc if k not in ("defaults", "hydra")}
-                    for k, v in doc.items():
-                        if isinstance(v, dict) and k not in ("hydra",):
-                            keys.setdefault(k, set()).update(v)
-                elif f.is_dir() and not f.name.startswith(("_", ".")) and f.name != "hydra":
-                    keys[""].add(f.name)
-                    for option in f.iterdir():
-                        if option.name.endswith(".yaml"):
-                            doc = yaml.safe_load(option.read_text()) or {}
-                            if f.name in ("experiment", "hparams_search"):  # global packages
-                                keys[""] |= {k for k in doc if k not in ("defaults", "hydra")}
-                            else:
-                                keys.setdefault(f.name, set()).update(k for k in doc if k != "defaults")
-        _KEYS = keys
-    return _KEYS
+    """{node: keys its options define}: "" for the top level (primary configs, global
+    experiment files, group names), a group name for the union of its options' keys, a
+    primary config's sub-node (``optim``, ``sample``) by name."""
+    keys: dict[str, set[str]] = {"": {"reward", "quantize", "bench"}}
+    for d in conf_docs():
+        own = {k for k in d.doc if k not in ("defaults", "hydra")}
+        if d.group in ("", "experiment", "hparams_search"):  # global packages
+            keys[""] |= own
+        else:
+            keys[""].add(d.group)
+            keys.setdefault(d.group, set()).update(own)
+        if d.group == "":
+            for k, v in d.doc.items():
+                if isinstance(v, dict) and k != "hydra":
+                    keys.setdefault(k, set()).update(v)
+    return keys
 
 
 def _unknown(key: str, found: Iterable[str], allowed: set[str]) -> list[str]:
@@ -362,7 +336,7 @@ def node_problems(cfg: DictConfig) -> list[str]:
 
     problems: list[str] = []
     for key, node in _target_nodes(cfg):
-        if key in ("hydra",) or key.startswith("hydra."):
+        if key.split(".")[0] == "hydra":
             continue
         target = node.get("_target_")
         module, _, name = str(target).rpartition(".")
@@ -373,11 +347,9 @@ def node_problems(cfg: DictConfig) -> list[str]:
             continue
         try:
             params = dict(inspect.signature(cls).parameters)
-        except (TypeError, ValueError):
-            params = None
-        if params is None:
-            params = {}
-        elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        except (TypeError, ValueError):  # no signature to check against
+            params = {"_": inspect.Parameter("_", inspect.Parameter.VAR_KEYWORD)}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             problems += _unknown(key, [k for k in node.keys() if not str(k).startswith("_")], set(params))
         for k, p in params.items():
             if k in node and p.annotation is not inspect.Parameter.empty:
@@ -405,66 +377,67 @@ def _conf_root(path: str) -> Any:
     return Path(path[len("file://"):] if path.startswith("file://") else path)
 
 
-def _list_yaml(path: str) -> list[tuple[str, str]]:
-    """(group, option) for every ``group/option.yaml`` under a search-path entry."""
-    out = []
-    for group_dir in _conf_root(path).iterdir():
-        if not group_dir.is_dir() or group_dir.name.startswith(("_", ".")):
-            continue
-        for f in group_dir.iterdir():
-            if f.name.endswith(".yaml"):
-                out.append((group_dir.name, f.name[: -len(".yaml")]))
-    return out
+@dataclass(frozen=True)
+class ConfDoc:
+    """One yaml file of a search-path entry: ``group`` is "" for a primary config."""
+
+    info: Any
+    path: str
+    group: str
+    name: str
+    doc: dict
 
 
-def _yaml_files(path: str) -> Iterable[Any]:
-    """Every ``group/option.yaml`` (any depth) under a search-path entry, Hydra's own
-    ``hydra/`` group left out."""
-    stack = [d for d in _conf_root(path).iterdir() if d.is_dir() and d.name not in ("hydra",) and not d.name.startswith(("_", "."))]
-    while stack:
-        for f in stack.pop().iterdir():
-            if f.is_dir():
-                stack.append(f)
-            elif f.name.endswith(".yaml"):
-                yield f
+_DOCS: tuple[tuple[str, ...], list[ConfDoc]] | None = None
 
 
-_TARGETS: frozenset[str] | None = None
+def conf_docs() -> list[ConfDoc]:
+    """Every primary config and ``group/option.yaml`` (Hydra's own ``hydra/`` group left
+    out) of every installed plugin, parsed; read once per set of search-path entries."""
+    import yaml
+
+    global _DOCS
+    entries = get_plugin_manager().conf_paths()
+    key = tuple(path for _, path in entries)
+    if _DOCS is None or _DOCS[0] != key:
+        docs = []
+        for info, path in entries:
+            for f in _conf_root(path).iterdir():
+                files = [("", f)] if f.name.endswith(".yaml") else [] if not f.is_dir() or f.name == "hydra" or \
+                    f.name.startswith(("_", ".")) else [(f.name, o) for o in f.iterdir() if o.name.endswith(".yaml")]
+                for group, y in files:
+                    try:
+                        doc = yaml.safe_load(y.read_text()) or {}
+                    except yaml.YAMLError:
+                        doc = {}
+                    docs.append(ConfDoc(info, path, group, y.name[: -len(".yaml")], doc if isinstance(doc, dict) else {}))
+        _DOCS = (key, docs)
+    return _DOCS[1]
 
 
 def registered_targets() -> frozenset[str]:
     """Every ``_target_`` named by a config-group option of an installed plugin (nested
     nodes included): the classes a config read from a file may instantiate."""
-    global _TARGETS
-    if _TARGETS is None:
-        import yaml
+    found: set[str] = set()
 
-        found: set[str] = set()
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            found.update(v for k, v in node.items() if k == "_target_" and isinstance(v, str))
+            node = list(node.values())
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
 
-        def walk(node: Any) -> None:
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    if k == "_target_" and isinstance(v, str):
-                        found.add(v)
-                    walk(v)
-            elif isinstance(node, list):
-                for v in node:
-                    walk(v)
-
-        for _, path in get_plugin_manager().conf_paths():
-            for f in _yaml_files(path):
-                try:
-                    walk(yaml.safe_load(f.read_text()))
-                except yaml.YAMLError:
-                    continue
-        _TARGETS = frozenset(found)
-    return _TARGETS
+    for d in conf_docs():
+        if d.group:
+            walk(d.doc)
+    return frozenset(found)
 
 
 def list_options() -> list[Option]:
     """Every option of every config group with the package that provides it."""
     seen: dict[tuple[str, str], Option] = {}
-    for info, path in get_plugin_manager().conf_paths():
-        for group, name in _list_yaml(path):
-            seen.setdefault((group, name), Option(group, name, info.distribution, path))
+    for d in conf_docs():
+        if d.group:
+            seen.setdefault((d.group, d.name), Option(d.group, d.name, d.info.distribution, d.path))
     return sorted(seen.values(), key=lambda o: (o.group, o.name))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import errno
 import functools
-import os
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -283,7 +283,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # ----------------------------------------------------------------------------- run folders
-RUN_ARTIFACTS = ("config.yaml", "checkpoints", "metrics.csv", "model.safetensors", "run_summary.json")
+# What makes a folder hold a run (a run that failed before training left only config.yaml).
+RUN_ARTIFACTS = ("checkpoints", "metrics.csv", "model.safetensors", "run_summary.json")
 LOCK_FILE = ".llmzoo.lock"
 
 
@@ -333,7 +334,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         raise RunFolderError(f"run_dir={run_dir} already holds a run ({', '.join(found)}): resume it with "
                              f"ckpt_path={run_dir}/checkpoints/last.ckpt, choose another run_dir, or pass "
                              "overwrite=true to replace it")
-    for name in (*RUN_ARTIFACTS, TOKENIZER_DIR, "model.json", "objective.safetensors", "tensorboard", "clean_data"):
+    for name in (*RUN_ARTIFACTS, CONFIG_FILE, TOKENIZER_DIR, "model.json", "objective.safetensors", "tensorboard", "clean_data"):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -342,9 +343,11 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     log.warning("overwrite=true: removed the earlier run's results from %s", run_dir)
 
 
-# Keys whose stored value wins on resume (restored state), and keys that must not change.
-RESTORED_ON_RESUME = ("optim.", "seed")
-FIXED_ON_RESUME = ("model.", "block.", "tokenizer.", "objective.", "parallel.", "data.seq_len", "data.batch_size")
+# Keys whose stored value wins on resume (restored state), and keys that must not change
+# (the model's shape, and what fixes the data order: seed, sequence and batch sizes).
+RESTORED_ON_RESUME = ("optim.",)
+FIXED_ON_RESUME = ("model.", "block.", "tokenizer.", "objective.", "parallel.", "seed", "data.seq_len",
+                   "data.batch_size")
 IGNORED_ON_RESUME = ("run_dir", "ckpt_path", "overwrite", "sample.", "trainer.enable_progress_bar",
                      "trainer.enable_model_summary", "trainer.progress_refresh_rate")
 
@@ -367,53 +370,81 @@ def resume_changes(stored: dict[str, Any], now: dict[str, Any]) -> tuple[list[st
         if key.startswith(FIXED_ON_RESUME):
             refused.append(change)
         elif key.startswith(RESTORED_ON_RESUME):
-            told.append(f"{change} -> the checkpoint's value wins (its optimizer/schedule/RNG state is restored)")
+            told.append(f"{change} -> the checkpoint's value wins (its optimizer and schedule state are restored)")
         else:
             told.append(f"{change} -> the new value is used")
     return told, refused
 
 
-def check_resume(cfg: DictConfig) -> None:
-    """Before a resume: the checkpoint is safe to load, and what changed is said (or refused)."""
+def check_resume(cfg: DictConfig) -> int | None:
+    """Before a resume: the checkpoint is safe to load, and what changed is said (or
+    refused). Returns the checkpoint's step where it records one."""
     path = Path(cfg.ckpt_path)
     check_checkpoint_path(path)
     meta = path / "meta.pt" if path.is_dir() else path
-    stored = (safe_torch_load(meta).get("llmzoo") or {}).get("config") if meta.exists() else None
+    # mmap: the config is read without reading the weights (Lightning loads them next)
+    ckpt = safe_torch_load(meta, mmap=True) if meta.exists() else {}
+    step = ckpt.get("global_step")
+    stored = (ckpt.get("llmzoo") or {}).get("config")
     if not isinstance(stored, dict):
-        return
+        return step
     told, refused = resume_changes(stored, OmegaConf.to_container(cfg, resolve=True))
     if refused:
         raise RunFolderError(f"ckpt_path={path}: the resuming run changes settings fixed by the checkpoint:\n  "
                              + "\n  ".join(refused) + "\nstart a new stage with init_from= instead")
     for change in told:
         log.warning("resume: %s", change)
+    return step
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends instead."""
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends instead,
+    after dropping the rows of steps from ``resume_step`` on (logged after that checkpoint
+    by a run that was then killed: the resumed run logs them again)."""
+
+    def __init__(self, log_dir: str, resume_step: int | None = None):
+        self.resume_step = resume_step
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
-                self.metrics_keys = next(csv.reader(fh), [])
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        self.metrics_keys = rows[0] if rows else []
+        if self.resume_step is None or "step" not in self.metrics_keys:
+            return
+        col = self.metrics_keys.index("step")
+        kept = [r for r in rows[1:] if not (len(r) > col and r[col].isdigit() and int(r[col]) >= self.resume_step)]
+        if len(kept) < len(rows) - 1:
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerows([self.metrics_keys, *kept])
+            os.replace(tmp, path)
+            log.info("metrics.csv: dropped %d rows logged after the checkpoint (step >= %d)",
+                     len(rows) - 1 - len(kept), self.resume_step)
 
 
 class RunCSVLogger(CSVLogger):
-    """CSVLogger writing ``<run_dir>/metrics.csv`` and keeping earlier rows on resume."""
+    """CSVLogger writing ``<run_dir>/metrics.csv``: rows reach the file as they are logged
+    (nothing lost to a kill), and a resumed run keeps the rows before its checkpoint."""
 
-    def __init__(self, run_dir: Path):
-        super().__init__(save_dir=str(run_dir), name="", version="")
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
+        self.resume_step = resume_step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir, resume_step=self.resume_step)
         return self._experiment
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = False) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = False,
+                  resume_step: int | None = None) -> L.Trainer:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -428,7 +459,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = 
         callbacks.extend(extra or [])
     if t.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=t.get("progress_refresh_rate", 10)))
-    loggers = [RunCSVLogger(run_dir)]
+    loggers = [RunCSVLogger(run_dir, resume_step)]
     if t.get("tensorboard", True):
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
                                          default_hp_metric=False))
@@ -453,13 +484,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("ckpt_path"):
-        check_resume(cfg)
+    resume_step = check_resume(cfg) if cfg.get("ckpt_path") else None
     if not _launched_first():  # processes started by a launcher for a run that rank 0 owns
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, resume_step)
     with RunLock(run_dir):
         claim_run_dir(cfg, run_dir)
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, resume_step)
 
 
 def _launched_first() -> bool:
@@ -468,7 +498,7 @@ def _launched_first() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     start = load_any(cfg.init_from) if cfg.get("init_from") else None  # a previous stage
@@ -495,7 +525,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps,
                       run_info, clip_val=cfg.trainer.gradient_clip_val,
                       parallelize=strategy.parallelize if uses_mesh else None, strategy=strategy)
-    trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization)
+    trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization,
+                            resume_step=resume_step)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     d = cfg.data

@@ -253,30 +253,66 @@ def _rows(run_dir):
         return [(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(fh)]
 
 
-def test_signals_checkpoint_exit_nonzero_and_resume_exactly(tmp_path):
-    common = [*FAST, "trainer.max_steps=40", "trainer.log_every_n_steps=1", "trainer.val_every=7",
+def _interrupt_then_resume(run, common, sig, rng):
+    """Start a run, send ``sig`` at a random moment once it has checkpointed (mid-step,
+    mid-validation or mid-write), check how it ended, resume it; False if it had finished."""
+    proc = subprocess.Popen([str(BIN / "llmzoo-train"), f"run_dir={run}", *common], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ready = run / "checkpoints" / ("last.ckpt" if sig == signal.SIGKILL else "")
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.0))
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if "max_steps=" in err and "reached" in err:  # the signal came after the last step
+        return False
+    assert proc.returncode == 128 + sig if sig != signal.SIGKILL else proc.returncode == -signal.SIGKILL, err[-3000:]
+    if sig != signal.SIGKILL:
+        assert f"stopped by {sig.name} after step" in err and "Traceback" not in err
+    run_cli("llmzoo-train", f"run_dir={run}", *common, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    return True
+
+
+def test_signals_and_kill_then_resume_give_the_rows_of_an_uninterrupted_run(tmp_path):
+    common = [*FAST, "trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.val_every=7",
               "trainer.limit_val_batches=2", "trainer.checkpoint_every=3", "optim.warmup_steps=5"]
     run_cli("llmzoo-train", f"run_dir={tmp_path / 'straight'}", *common)
     expected = _rows(tmp_path / "straight")
     rng = random.Random(0)
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+    resumed = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
         run = tmp_path / sig.name
-        proc = subprocess.Popen([str(BIN / "llmzoo-train"), f"run_dir={run}", *common], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + 120
-        while not (run / "checkpoints").exists() and time.time() < deadline:  # training has started
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))  # a random step: mid-step, mid-validation or mid-checkpoint
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == code, err[-3000:]
-        assert f"stopped by {sig.name} after step" in err and "Traceback" not in err
-        if "max_steps=40` reached" in err:  # the signal came after the last step: nothing to resume
-            continue
-        stopped = _rows(run)
-        assert 0 < len(stopped) < len(expected)
-        run_cli("llmzoo-train", f"run_dir={run}", *common, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
-        assert _rows(run) == expected, f"{sig.name}: resumed rows differ from the uninterrupted run"
+        if _interrupt_then_resume(run, common, sig, rng):
+            assert _rows(run) == expected, f"{sig.name}: resumed rows differ from the uninterrupted run"
+            resumed.append(sig.name)
+    assert len(resumed) >= 2, f"only {resumed} were interrupted before the run ended"
+
+
+@pytest.mark.distributed
+def test_sigterm_on_two_fsdp_processes_then_resume_gives_the_same_rows(tmp_path):
+    common = [*FAST, "parallel=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=8",
+              "trainer.max_steps=16", "trainer.log_every_n_steps=1", "trainer.val_every=5",
+              "trainer.limit_val_batches=2", "trainer.checkpoint_every=1000"]
+    run_cli("llmzoo-train", f"run_dir={tmp_path / 'straight'}", *common)
+    run = tmp_path / "stopped"
+    assert _interrupt_then_resume(run, common, signal.SIGTERM, random.Random(1)), "the run ended before the signal"
+    assert _rows(run) == _rows(tmp_path / "straight")
+
+
+def test_sweep_stopped_by_sigterm_writes_its_summary(tmp_path):
+    proc = subprocess.Popen([str(BIN / "llmzoo-train"), "-m", f"run_dir={tmp_path}", "seed=0,1", *FAST,
+                             "trainer.max_steps=500", "trainer.val_every=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("0_*/checkpoints")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [j["status"] for j in summary] == ["interrupted", "not started"]
+    assert "SIGTERM" in summary[0]["error"] and "sweep interrupted: 0 ok" in out
 
 
 # ----------------------------------------------------------------------------- config and data errors
@@ -436,3 +472,20 @@ def test_bom_and_line_separator_are_accepted(tmp_path):
     assert read_records([str(path)], "instructions", skip_bad=False)[0]["instruction"] == "say \u2028 this"
     text = _write(tmp_path / "t.jsonl", b"\xef\xbb\xbf" + (json.dumps({"text": "word " * 40}) + "\n").encode())
     assert len(_load("jsonl", text, skip=False)) == 1
+
+
+def test_cli_data_errors_exit_2_naming_file_and_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = _write(tmp_path / "chat.jsonl", json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
+    texts = _write(tmp_path / "t.jsonl", json.dumps({"text": "fine " * 50}) + "\n" + '{"text": 3}\n')
+    pq.write_table(pa.table({"text": ["a b c " * 40, None]}), tmp_path / "p.parquet")
+    for overrides, expected in [([f"data.path={texts}"], f"{texts}:2: record has no string field 'text'"),
+                                (["data=instructions", f"data.path={chat}", "objective=sft"],
+                                 f"{chat}:1: messages[0] must be"),
+                                ([f"data.path={tmp_path / 'p.parquet'}"], "row 1: 'text' is null")]:
+        proc = run_cli("llmzoo-train", f"run_dir={tmp_path / 'run'}", *FAST, "trainer.max_steps=1", *overrides,
+                       check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+        assert expected in proc.stderr
