@@ -9,9 +9,10 @@ Python API::
 """
 
 from .hookspecs import hookimpl  # noqa: I001 - plugins import the marker first
-from .api import (Run, build_decoder, build_model, build_objective, build_strategy, build_tokenizer,
+from .api import (Run, build_decoder, build_model, build_objective, build_strategy, build_tokenizer, generate,
                   load_checkpoint, load_run)
 from .config import ConfigError, compose, list_options, validate_config
+from .data import ChatTemplate
 from .interfaces import Batch, Block, Decoder, Loss, ModelOutput, Objective, ParallelStrategy, Tokenizer
 from .layers import ResidualBlock, RMSNorm, SwiGLU
 from .model import LanguageModel
@@ -19,9 +20,9 @@ from .model import LanguageModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "Block", "ConfigError", "Decoder", "LanguageModel", "Loss", "ModelOutput", "Objective",
+    "Batch", "Block", "ChatTemplate", "ConfigError", "Decoder", "LanguageModel", "Loss", "ModelOutput", "Objective",
     "ParallelStrategy", "RMSNorm", "ResidualBlock", "Run", "SwiGLU", "Tokenizer", "build_decoder", "build_model",
-    "build_objective", "build_strategy", "build_tokenizer", "compose", "hookimpl", "list_options", "load_checkpoint",
+    "build_objective", "build_strategy", "build_tokenizer", "compose", "generate", "hookimpl", "list_options", "load_checkpoint",
     "load_run", "train", "validate_config",
 ]
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .errors import CheckpointError
+from .config import target_class
+from .errors import CheckpointError, UserError
 from .model import LanguageModel
 
 CONFIG_FILE = "config.yaml"
@@ -43,20 +44,56 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel
 
 
 def build_objective(cfg: DictConfig, model: nn.Module | None = None, tokenizer: Any = None):
-    """The configured objective; given the model, its optional ``setup(model)`` runs
-    (``setup(model, tokenizer=...)`` when it takes one: RL objectives decode text)."""
-    import inspect
-
+    """The configured objective; given the model, its optional ``setup(model, tokenizer)`` runs."""
     objective = instantiate(cfg.objective, _convert_="all")
     if model is not None and hasattr(objective, "setup"):
-        takes_tokenizer = "tokenizer" in inspect.signature(objective.setup).parameters
-        objective.setup(model, **({"tokenizer": tokenizer} if takes_tokenizer else {}))
+        objective.setup(model, tokenizer)
     return objective
 
 
 def build_decoder(cfg: DictConfig, **overrides: Any):
     node = OmegaConf.merge(cfg.decoder, overrides) if overrides else cfg.decoder
     return instantiate(node, _convert_="all")
+
+
+def ready_decoder(run: "Run", decoder: Any = None):
+    """``decoder`` (default: the one ``run.cfg`` configures) after its optional ``setup(run)``."""
+    decoder = build_decoder(run.cfg) if decoder is None else decoder
+    if hasattr(decoder, "setup"):
+        decoder.setup(run)
+    return decoder
+
+
+def prompt_ids(tokenizer: Any, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
+    """Token ids of each prompt (bos for an empty one); with ``chat``, as a user turn of the
+    tokenizer's chat template ending where the assistant's answer starts."""
+    if chat:
+        pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
+        return [[tokenizer.bos_id] + [t for text, _ in ps for t in tokenizer.encode(text)] for ps in pieces]
+    return [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+
+
+def generate_ids(run: "Run", decoder: Any, ids: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
+    """New token ids after each prompt, stopping at the tokenizer's eos; the context must hold them."""
+    longest = max(len(i) for i in ids)
+    room = run.model.max_seq_len - longest
+    if max_new_tokens > room:
+        raise UserError(f"the longest prompt has {longest} tokens and the model's context is "
+                        f"model.max_seq_len={run.model.max_seq_len}: use max_new_tokens <= {max(room, 0)}")
+    return decoder.generate(run.model, ids, max_new_tokens=max_new_tokens, eos_id=run.tokenizer.eos_id)
+
+
+def generate(run: "Run", decoder: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+             chat: bool = False) -> list[str]:
+    """Continue each prompt with ``decoder`` (None: the run's configured one): the one path
+    from text to text that the CLI, training samples and benchmarks share.
+
+        run = llmzoo.load_run("runs/quickstart")
+        llmzoo.generate(run, llmzoo.build_decoder(run.cfg), ["Once upon a time"], max_new_tokens=40)
+    """
+    decoder = ready_decoder(run, decoder)
+    outs = generate_ids(run, decoder, prompt_ids(run.tokenizer, prompts, chat), max_new_tokens=max_new_tokens)
+    return [run.tokenizer.decode(o) for o in outs]
 
 
 def build_strategy(cfg: DictConfig):
@@ -95,7 +132,7 @@ def tokenizer_from_files(cfg: DictConfig, files: dict[str, str], where: Any = "c
     with tempfile.TemporaryDirectory() as d:
         for name, text in files.items():
             (Path(d) / name).write_text(text)
-        return get_class(cfg.tokenizer._target_).load(d)
+        return target_class(cfg.tokenizer).load(d)
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -302,7 +339,7 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
     except Exception as e:  # noqa: BLE001 - yaml/json syntax, a missing file or key
         raise CheckpointError(f"{run_dir}: broken run folder ({type(e).__name__}: {e})") from None
     cfg = check_stored_config(stored, run_dir / CONFIG_FILE)
-    tokenizer = get_class(cfg.tokenizer._target_).load(run_dir / TOKENIZER_DIR)
+    tokenizer = target_class(cfg.tokenizer).load(run_dir / TOKENIZER_DIR)
     model = build_model(cfg, vocab_size=vocab_size)
     _load_safetensors(model, weights)
     objective = None

@@ -83,14 +83,12 @@ def _model(cfg: DictConfig, b: DictConfig):
 
 @torch.no_grad()
 def bench_decode(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
-    from .api import build_decoder
+    from .api import build_decoder, ready_decoder
 
     run = _model(cfg, b)
     device = torch.device(b.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = run.model.to(device).eval()
-    decoder = build_decoder(cfg)
-    if hasattr(decoder, "setup"):
-        decoder.setup(run._replace(model=model))
+    decoder = ready_decoder(run._replace(model=model), build_decoder(cfg))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.vocab_size, (b.prompt_len,), generator=g).tolist() for _ in range(b.batch_size)]
     decoder.generate(model, prompts, max_new_tokens=b.new_tokens)  # warm-up (compiles where it does)
@@ -103,12 +101,13 @@ def bench_decode(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
     stats = getattr(decoder, "stats", {})
     return {"tokens_per_s": n / t, "ms_per_token": 1000 * t / (n / len(prompts)), "batch_size": len(prompts),
             "new_tokens": b.new_tokens, "prompt_len": b.prompt_len, "parameters": model.num_parameters(),
-            **({"accepted_per_step": stats["accepted_per_step"]} if "accepted_per_step" in stats else {})}
+            **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}}  # e.g. accepted_per_step
 
 
 def bench_memory(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
     """One AdamW training step on a random batch: the bytes each kind of state takes."""
     from .api import build_objective
+    from .losses import run_objective
     from .training import param_groups
 
     run = _model(cfg, b)
@@ -118,7 +117,7 @@ def bench_memory(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
     before = peak_memory_mb(device)
     ids = torch.randint(0, model.vocab_size, (cfg.data.batch_size, cfg.data.seq_len), device=device)
     opt = torch.optim.AdamW(param_groups([model], 0.0), lr=1e-4)
-    loss = objective(model, {"input_ids": ids}).value
+    loss = run_objective(model, objective, {"input_ids": ids}).value
     loss.backward()
     opt.step()
     mb = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731

@@ -204,7 +204,7 @@ def _generate_app(cfg: DictConfig) -> None:
 def _generate(cfg: DictConfig) -> None:
     import torch
 
-    from .api import build_decoder, load_run
+    from .api import build_decoder, generate_ids, load_run, prompt_ids, ready_decoder
 
     _quiet_libraries()
     if cfg.run_dir is None:
@@ -219,29 +219,22 @@ def _generate(cfg: DictConfig) -> None:
     model = model.to(device)
     if cfg.get("quantize"):
         model = _quantize(model, cfg, Path(cfg.run_dir))
-    if hasattr(decoder, "setup"):
-        try:
-            decoder.setup(run._replace(model=model))
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    run = run._replace(model=model)
+    try:
+        decoder = ready_decoder(run, decoder)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     prompts = list(cfg.prompts) if cfg.prompts else [cfg.prompt]
-    if cfg.get("chat"):  # wrap each prompt as a user turn of the tokenizer's chat template
-        pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
-        ids = [[tokenizer.bos_id] + [t for text, _ in ps for t in tokenizer.encode(text)] for ps in pieces]
-    else:
-        ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
-    room = model.max_seq_len - max(len(i) for i in ids)
-    if cfg.max_new_tokens > room:
-        raise UserError(f"the longest prompt has {max(len(i) for i in ids)} tokens and the model's context "
-                 f"is model.max_seq_len={model.max_seq_len}: use max_new_tokens <= {max(room, 0)}")
+    ids = prompt_ids(tokenizer, prompts, chat=bool(cfg.get("chat")))
     t0 = time.perf_counter()
-    outs = decoder.generate(model, ids, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_id)
+    outs = generate_ids(run, decoder, ids, max_new_tokens=cfg.max_new_tokens)
     dt = time.perf_counter() - t0
     for p, o in zip(prompts, outs):
         print(p + tokenizer.decode(o))
     n = sum(len(o) for o in outs)
-    names = {"accepted_per_step": "accepted per step", "compile_s": "of which compiling (s)"}
-    extra = "".join(f", {names[k]} {v:.2f}" for k, v in getattr(decoder, "stats", {}).items() if k in names)
+    # every figure the decoder reports (DecoderExtras.stats), e.g. "accepted per step 2.41"
+    extra = "".join(f", {k.replace('_', ' ')} {v:.2f}" for k, v in getattr(decoder, "stats", {}).items()
+                    if isinstance(v, (int, float)))
     print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
 
 

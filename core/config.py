@@ -78,16 +78,30 @@ def _plugin_problems(cfg: DictConfig) -> list[str]:
     return [p for found in get_plugin_manager().hook.llmzoo_validate(cfg=cfg) for p in (found or [])]
 
 
+def target_class(target: Any) -> Any:
+    """The object a ``_target_`` names (a dotted path, or a config node holding one);
+    the one place llmzoo resolves them. Raises ImportError/AttributeError when it is not there."""
+    if isinstance(target, DictConfig):
+        target = target.get("_target_")
+    module, _, name = str(target).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def node_class(node: Any) -> Any:
+    """The class a config node's ``_target_`` names, or None (no target, or not importable:
+    reported by the core checks)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    try:
+        return target_class(target) if target else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _class_attr(node: Any, attr: str) -> frozenset[str] | None:
     """A class-level set (``requires``, ``needs``, ``provides``) of a node's ``_target_``,
     inherited ones included; a static ``<attr>_for(node)`` answers when it depends on the node."""
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if not target:
-        return None
-    module, _, name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+    cls = node_class(node)
+    if cls is None:
         return None
     value = getattr(cls, f"{attr}_for")(node) if callable(getattr(cls, f"{attr}_for", None)) else getattr(cls, attr, None)
     return frozenset(value) if isinstance(value, (set, frozenset)) else None
@@ -101,19 +115,14 @@ def block_capabilities(cfg: DictConfig) -> dict[str, frozenset[str]] | None:
     through a static ``part_capabilities(node)``. None when the class says nothing.
     """
     node = cfg.get("block")
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if not target:
-        return None
-    module, _, name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
+    cls = node_class(node)
+    if cls is None:
         return None
     parts = getattr(cls, "part_capabilities", None)
     if parts is not None:
         return parts(node)
     caps = _class_attr(node, "capabilities")
-    return None if caps is None else {f"{target}": caps}
+    return None if caps is None else {f"{node._target_}": caps}
 
 
 def core_problems(cfg: DictConfig) -> list[str]:
@@ -126,9 +135,8 @@ def core_problems(cfg: DictConfig) -> list[str]:
     for key in ("block", "objective", "tokenizer", "decoder", "parallel"):
         target = cfg[key].get("_target_")
         if target:
-            module, _, name = target.rpartition(".")
             try:
-                getattr(importlib.import_module(module), name)
+                target_class(target)
             except Exception as e:  # noqa: BLE001
                 problems.append(f"{key}._target_={target!r} cannot be imported: {type(e).__name__}: {e}")
     m = cfg.model
@@ -145,6 +153,11 @@ def core_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"objective={_choice(cfg, 'objective')} needs batch fields {sorted(needs - provides)}, which "
                         f"data={_choice(cfg, 'data')} does not provide (it provides {sorted(provides)}); "
                         + (f"use {' or '.join(fits)}" if fits else "choose a data module that provides them"))
+    owners = [g for g in ("objective", "parallel") if _owns_step(cfg[g])]
+    if len(owners) > 1:
+        problems.append(f"objective={_choice(cfg, 'objective')} and parallel={_choice(cfg, 'parallel')} both own the "
+                        "training step (a train_step of their own): only one may; choose another parallel strategy "
+                        "or objective")
     for group in ("decoder", "parallel"):  # what the decoder / the strategy needs from the blocks
         needs = _class_attr(cfg[group], "requires")
         for part, caps in (block_capabilities(cfg) or {}).items() if needs else ():
@@ -154,6 +167,12 @@ def core_problems(cfg: DictConfig) -> list[str]:
                     f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(needs - caps)} (it has {sorted(caps)})"
                 )
     return problems
+
+
+def _owns_step(node: Any) -> bool:
+    """Whether a node's class runs whole optimizer steps itself (``train_step``)."""
+    cls = node_class(node)
+    return cls is not None and callable(getattr(cls, "train_step", None)) and getattr(cls, "manual_optimization", True)
 
 
 def _choice(cfg: DictConfig, group: str) -> str:
@@ -339,9 +358,8 @@ def node_problems(cfg: DictConfig) -> list[str]:
         if key.split(".")[0] == "hydra":
             continue
         target = node.get("_target_")
-        module, _, name = str(target).rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module), name)
+            cls = target_class(target)
         except Exception as e:  # noqa: BLE001
             problems.append(f"{key}._target_={target!r} cannot be imported: {type(e).__name__}: {e}")
             continue

@@ -21,6 +21,30 @@ from torch.utils.data import DataLoader, Sampler
 
 from .errors import DataError  # noqa: F401 - plugins import it from here
 
+
+class ChatTemplate:
+    """How a conversation becomes text, owned by the tokenizer (chat data and
+    ``llmzoo-generate`` use it): a tokenizer inherits it to get ``render_chat``, which
+    returns (text, trained) pieces -- the assistant's words are trained on, the rest is
+    prompt. Subclasses change ``ROLE`` (the header of each turn) and ``END`` (what
+    closes a turn)."""
+
+    ROLE = "<|{role}|>\n"
+    END = "\n"
+
+    def render_chat(self, messages: Sequence[dict], generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        pieces = []
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise ValueError(f"message {i}: needs role in system/user/assistant and a string content, got {m!r}")
+            pieces.append((self.ROLE.format(role=role), False))
+            pieces.append((content + self.END, role == "assistant"))
+        if generation_prompt:
+            pieces.append((self.ROLE.format(role="assistant"), False))
+        return pieces
+
+
 log = logging.getLogger(__name__)
 
 FORMATS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}

@@ -130,6 +130,15 @@ class StepDecoder:
         return model(tokens, states=states).logits[:, -1]
 
 
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``t`` (dim 0), for ``DecodeState.reorder``: written in place (same
+    tensor and address, as static states need) when the row count stays the same."""
+    picked = t.index_select(0, index.to(t.device))
+    if picked.shape == t.shape:
+        return t.copy_(picked)
+    return picked
+
+
 def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (prepend bos to an empty prompt)")

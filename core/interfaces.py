@@ -66,11 +66,38 @@ class ModelOutput:
 
 
 @dataclass
+class Metric:
+    """A logged figure that says how it combines over processes and micro-batches:
+    ``"mean"`` (weighted by each part's ``Objective.weight`` where a strategy splits a
+    batch) or ``"sum"`` (counts such as tokens). A bare tensor or float means ``"mean"``."""
+
+    value: torch.Tensor | float
+    reduce: str = "mean"  # "mean" | "sum"
+
+
+def summed(value: torch.Tensor | float) -> Metric:
+    """A metric that adds up over processes and micro-batches (token counts, dropped tokens)."""
+    return Metric(value, "sum")
+
+
+def as_metric(value: "torch.Tensor | float | Metric") -> Metric:
+    return value if isinstance(value, Metric) else Metric(value)
+
+
+@dataclass
 class Loss:
-    """What an objective returns: the scalar to minimise and detached metrics to log."""
+    """What an objective returns.
+
+    value: the scalar to minimise, a mean over ``Objective.weight(batch)`` units.
+    metrics: detached figures to log, {name: tensor | float | Metric}.
+    measure: what ``val_loss`` reports -- the objective's own measure without auxiliary
+        terms (cross-entropy for language modelling, minus the mean reward for RL), so that
+        runs with different blocks compare on equal terms; ``value`` when None.
+    """
 
     value: torch.Tensor
-    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, "torch.Tensor | float | Metric"] = field(default_factory=dict)
+    measure: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -126,11 +153,7 @@ class Block(Protocol):
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last forward (e.g. MoE load balance), or None."""
 
-    # Optional members, used when present:
-    #   flops_per_token(seq_len) -> float   forward matmul/conv FLOPs per token (2 per
-    #                                        multiply-add; elementwise work not counted)
-    #   metrics() -> dict[str, Tensor]       logged every training step (e.g. expert load)
-    #   part_capabilities(node) (static)     capabilities per part from the config alone
+    # Optional members: see BlockExtras; the decode state's contract: DecodeState.
 
 
 # Capability names blocks declare and decoders / strategies check.
@@ -164,7 +187,8 @@ class ParallelStrategy(Protocol):
       uses_device_mesh = True      parallelize() runs in LightningModule.configure_model
                                    with Lightning's device mesh (FSDP, TP, pipeline)
       train_step(module, batch)    the whole optimizer step of one batch, under manual
-      eval_step(module, batch)     optimization (a pipeline schedule); return ``Loss``
+      eval_step(module, batch)     optimization (a pipeline schedule); return ``Loss``.
+                                   The objective's ``loss`` computes the loss either way.
       full_state_dict(model)       the complete weights on global rank 0 (a collective),
                                    when the model is split in a way DTensor does not describe
     """
@@ -178,21 +202,63 @@ class ParallelStrategy(Protocol):
 
 @runtime_checkable
 class Objective(Protocol):
-    """A training loss. ``needs`` names the batch fields it reads.
+    """A training loss. Core runs the model, the objective turns its output into a loss:
 
-    An objective may hold extra modules (a value head, Medusa heads, a frozen
-    reference model); if it is an ``nn.Module`` its trainable parameters are
-    optimised together with the model's. Optional ``setup(model)`` (or ``setup(model,
-    tokenizer=...)``) is called once with the built model before training or loading
-    (to size heads, copy a reference model); optional ``on_fit_start(module)`` runs when
-    training starts (e.g. precomputing reference log-probs over the data); an objective
-    with ``manual_optimization = True`` steps the optimizer itself in
-    ``train_step(module, batch) -> Loss`` (PPO's epochs over a rollout).
+        batch = objective.prepare(model, batch)          # optional (RL: sample responses)
+        out = model(objective.inputs(batch))             # optional inputs(); default input_ids
+        loss = objective.loss(out, batch)
+
+    so every strategy -- a pipeline schedule included, which calls ``loss`` on the last
+    stage per micro-batch -- computes the same loss. ``needs`` names the batch fields the
+    objective reads; it is checked at compose time against the data module's ``provides``.
+    An objective that is an ``nn.Module`` trains its own parameters (value head, Medusa
+    heads) with the model's. See ``ObjectiveExtras`` for the optional members.
     """
 
     needs: frozenset[str]
 
-    def __call__(self, model: nn.Module, batch: Batch) -> Loss: ...
+    def loss(self, out: ModelOutput, batch: Batch) -> Loss:
+        """``out`` is the model's output on ``inputs(batch)``; ``loss.value`` is a mean over
+        ``weight(batch)`` units (so a strategy can split the batch and weight the parts)."""
+
+
+class ObjectiveExtras(Protocol):
+    """Optional members of an Objective; core uses each one when present."""
+
+    #: ModelOutput fields ``loss`` reads; default {"logits", "aux_loss"}. A strategy that
+    #: computes only logits on its last stage (pipeline) refuses objectives reading "hidden".
+    reads: frozenset[str]
+    #: multiplier of the blocks' auxiliary loss (MoE balance); a pipeline applies it per stage.
+    aux_loss_weight: float
+    #: True when ``train_step`` owns the optimizer step (PPO's epochs over a rollout). At most
+    #: one of the objective and the parallel strategy may own the step (compose-time check).
+    manual_optimization: bool
+
+    def setup(self, model: nn.Module, tokenizer: Tokenizer) -> None:
+        """Called once with the built model (before sharding) and the tokenizer, before
+        training or loading: size heads, copy a frozen reference model."""
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        """(k * B, T) token ids the model runs on, the k rows of each batch row consecutive
+        (DPO: chosen, rejected, chosen, ...), so that splitting both along dim 0 into
+        micro-batches keeps them aligned. Default: ``batch["input_ids"]``."""
+
+    def weight(self, batch: Batch) -> torch.Tensor:
+        """Scalar count that ``loss`` averages over (labelled tokens for cross-entropy);
+        default: the number of rows. A micro-batched step weights each part by it, so
+        its loss and gradients equal one step on the whole batch."""
+
+    def prepare(self, model: nn.Module, batch: Batch) -> Batch:
+        """Runs the whole model before ``inputs``/``loss`` (no gradients): RL objectives
+        sample and score responses here and return the batch the loss reads. Strategies
+        that split the model across processes refuse objectives with ``prepare``."""
+
+    def on_fit_start(self, module: Any) -> None:
+        """When training starts, with the LightningModule (e.g. precompute reference log-probs)."""
+
+    def train_step(self, module: Any, batch: Batch) -> Loss:
+        """The whole optimizer step of one batch under manual optimization:
+        ``module.optimizers()``, ``module.manual_backward(loss)``, ``module.clip_and_step()``."""
 
 
 @runtime_checkable
@@ -202,12 +268,7 @@ class Decoder(Protocol):
     ``generate(model, prompts, max_new_tokens=..., eos_id=...)`` takes a list of B
     prompts (lists of ids, lengths may differ) and returns B lists of new ids, each
     ending at (and including) ``eos_id`` if it was produced. ``requires`` names the
-    block capabilities it needs (checked at config time).
-
-    Optional: ``setup(run)`` is called with the loaded run (``llmzoo.api.Run``) before
-    ``generate``, for decoders that need more than the model (Medusa heads from the
-    run's objective, a draft model); ``stats`` (dict) reports figures of the last
-    ``generate`` such as the mean accepted tokens per step.
+    block capabilities it needs (checked at config time). See ``DecoderExtras``.
     """
 
     requires: frozenset[str]
@@ -220,3 +281,72 @@ class Decoder(Protocol):
         max_new_tokens: int,
         eos_id: int | None = None,
     ) -> list[list[int]]: ...
+
+
+class DecoderExtras(Protocol):
+    """Optional members of a Decoder."""
+
+    #: figures of the last ``generate`` (``accepted_per_step`` for speculative and Medusa
+    #: decoding, ``compile_s``); benchmarks record every numeric entry.
+    stats: dict[str, float]
+    #: the token sampler (``llmzoo.decoding.Sampler``); RL rollouts reseed it per rollout.
+    sampler: Any
+
+    def setup(self, run: Any) -> None:
+        """Called with the loaded run (``llmzoo.api.Run``: model, tokenizer, cfg, objective)
+        before ``generate``, by decoders that need more than the model (Medusa heads from
+        the run's objective, a draft model)."""
+
+
+class DecodeState(Protocol):
+    """What ``Block.init_state`` returns (one per block; ``LanguageModel.init_states``
+    gives the list). All rows share one position ``pos``."""
+
+    def reset(self) -> None:
+        """Forget every token (static states reuse their buffers)."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (B',) long, in that order -- rows may repeat (beam
+        search duplicates a beam) or drop; the batch size becomes B'."""
+
+    # Where the block can: ``rewind(n)`` forgets the last n tokens (KV caches), and with
+    # TREE_MASK ``tree`` / ``keep(start, index)`` verify a candidate tree (see below).
+
+
+class TokenizerExtras(Protocol):
+    """Optional members of a Tokenizer."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``, faster (the data pipeline uses it when present)."""
+
+    def render_chat(self, messages: Sequence[dict[str, str]], generation_prompt: bool = False
+                    ) -> list[tuple[str, bool]]:
+        """Messages ({"role": system|user|assistant, "content": str}) as (text, trained)
+        pieces in this tokenizer's chat format -- inherit ``llmzoo.ChatTemplate`` for the
+        default one; with ``generation_prompt`` they end where the assistant's answer starts."""
+
+
+class BlockExtras(Protocol):
+    """Optional members of a Block (and of the mixers and FFNs inside ``ResidualBlock``)."""
+
+    #: with TENSOR_PARALLEL: {submodule name: "colwise" | "rowwise" | "norm"}
+    tensor_parallel_plan: dict[str, str]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward matmul/conv FLOPs per token (2 per multiply-add; elementwise work not counted)."""
+
+    def metrics(self) -> dict[str, "torch.Tensor | Metric"]:
+        """Figures of the last forward, logged every training step and averaged over
+        layers unless they are ``summed`` (e.g. MoE expert load, dropped tokens)."""
+
+    def reset_extra_parameters(self) -> None:
+        """Initialise parameters that are not Linear/Embedding weights (SSM ``A_log``,
+        router biases); called by ``LanguageModel.reset_parameters``. A Linear whose
+        output joins the residual stream sets ``linear.residual_out = True`` to be
+        initialised with std / sqrt(2 * n_layers)."""
+
+    @staticmethod
+    def part_capabilities(node: Any) -> dict[str, frozenset[str]]:
+        """Capabilities per part, from the config node alone (hybrid stacks, configurable mixers)."""
+
+

@@ -1,12 +1,41 @@
-"""Token-level quantities objectives share: next-token cross-entropy and the summed
-log-probability of a sequence's labelled tokens (DPO, reward and RL objectives)."""
+"""Where a model meets its objective (``run_objective``), and the token-level quantities
+objectives share: next-token cross-entropy and the summed log-probability of a
+sequence's labelled tokens (DPO, reward and RL objectives)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .interfaces import IGNORE_INDEX
+from .interfaces import IGNORE_INDEX, Batch, Loss
+
+
+def model_inputs(objective, batch: Batch) -> torch.Tensor:
+    """The (k * B, T) token ids the model runs on for ``objective`` (default ``input_ids``)."""
+    inputs = getattr(objective, "inputs", None)
+    return inputs(batch) if inputs is not None else batch["input_ids"]
+
+
+def batch_weight(objective, batch: Batch) -> torch.Tensor:
+    """What the objective's loss averages over (default: the number of batch rows)."""
+    weight = getattr(objective, "weight", None)
+    if weight is not None:
+        return weight(batch)
+    return torch.tensor(float(len(next(v for v in batch.values() if torch.is_tensor(v)))))
+
+
+def run_objective(model, objective, batch: Batch) -> Loss:
+    """The one path from a batch to a loss: prepare (optional), run the model, score it."""
+    prepare = getattr(objective, "prepare", None)
+    if prepare is not None:
+        with torch.no_grad():
+            batch = prepare(model, batch)
+    return objective.loss(model(model_inputs(objective, batch)), batch)
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """Number of next-token targets in ``labels`` (B, T): what ``next_token_loss`` averages over."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def shifted_labels(labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
@@ -22,6 +51,19 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     target = shifted_labels(labels).flatten()
     n = (target != IGNORE_INDEX).sum()
     return F.cross_entropy(logits.flatten(0, 1).float(), target, ignore_index=IGNORE_INDEX), n
+
+
+def pair_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels), each (2B, T): chosen and rejected of each pair in consecutive rows,
+    padded to one width, so one forward scores both (and a micro-batch keeps pairs whole)."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def rows(key: str, value: int) -> torch.Tensor:
+        c, r = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
+        c, r = F.pad(c, (0, width - c.shape[1]), value=value), F.pad(r, (0, width - r.shape[1]), value=value)
+        return torch.stack([c, r], dim=1).flatten(0, 1)
+
+    return rows("input_ids", 0), rows("labels", IGNORE_INDEX)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

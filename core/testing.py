@@ -1,9 +1,13 @@
-"""Conformance checks for blocks, the same ones llmzoo runs on its own plugins.
+"""Conformance checks for the five interfaces, the same ones llmzoo runs on its own plugins.
 
-A third-party author runs them on a factory that builds their block::
+A third-party author runs them in their own tests::
 
-    from llmzoo.testing import check_block
+    from llmzoo.testing import check_block, check_decoder, check_objective, check_strategy, check_tokenizer
     check_block(lambda: MyBlock(dim=32, layer_idx=0), dim=32)
+    check_tokenizer(MyTokenizer(), texts=["ACGTACGT"])
+    check_decoder(MyDecoder(), model, equals_greedy=True)
+    check_objective(MyObjective(), model, batch)
+    check_strategy(["parallel=my_strategy", "trainer.devices=2"], tmp_path)
 
 Each check raises AssertionError with a message saying what differs and by how much.
 """
@@ -59,6 +63,24 @@ def check_stateful_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: 
         parts = [block(x[:, i:i + chunk], state=state) for i in range(0, seq_len, chunk)]
         d = _max_diff(torch.cat(parts, dim=1), full)
         assert d <= atol, f"stateful decode in pieces of {chunk} differs from the full forward by {d:.3g} > {atol}"
+
+
+@torch.no_grad()
+def check_state_reorder(block: nn.Module, dim: int, seq_len: int = 12, atol: float = 1e-5) -> None:
+    """``state.reorder(index)`` moves the state to other rows (here: [1, 0, 0], a swap and
+    a duplicate): decoding on from there equals the full forward of those rows."""
+    block.eval()
+    x = _randn(2, seq_len, dim, seed=9)
+    index = torch.tensor([1, 0, 0])
+    full = block(x[index])
+    state = block.init_state(2, seq_len, device=x.device, dtype=x.dtype)
+    assert callable(getattr(state, "reorder", None)), "the decode state needs reorder(index) (see DecodeState)"
+    half = seq_len // 2
+    block(x[:, :half], state=state)
+    state.reorder(index)
+    rest = torch.cat([block(x[index][:, t:t + 1], state=state) for t in range(half, seq_len)], dim=1)
+    d = _max_diff(rest, full[:, half:])
+    assert d <= atol, f"decoding after reorder([1, 0, 0]) differs from the full forward of those rows by {d:.3g}"
 
 
 @torch.no_grad()
@@ -142,6 +164,7 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
     check_causality(block, dim, seq_len)
     if block.init_state(1, 1, device=None, dtype=None) is not None:
         check_stateful_decode(block, dim, seq_len, atol=atol)
+        check_state_reorder(block, dim, atol=atol)
     if "static_state" in block.capabilities:
         check_static_decode(block, dim, seq_len, atol=atol)
     check_state_dict_roundtrip(make_block, dim)
@@ -161,3 +184,162 @@ def check_model_decode(model: nn.Module, ids: torch.Tensor, prefill: int, atol: 
     steps += [model(ids[:, t:t + 1], states=states).logits for t in range(prefill, T)]
     d = _max_diff(torch.cat(steps, 1), full)
     assert d <= atol, f"model decode (prefill {prefill}, then single tokens) differs from the full forward by {d:.3g}"
+
+
+# ============================================================================ tokenizers
+def check_tokenizer(tokenizer: Any, texts: list[str] | None = None) -> None:
+    """Special ids in range, ``decode(encode(t)) == t`` for ``texts``, ``save``/``load``
+    round trip, and ``encode_batch`` / ``render_chat`` (when present) agreeing with ``encode``."""
+    import tempfile
+
+    texts = texts if texts is not None else ["Hello, world!", "  two  spaces\nand a newline", "12 + 7 = 19", ""]
+    V = tokenizer.vocab_size
+    assert isinstance(V, int) and V > 0, f"vocab_size must be a positive int, got {V!r}"
+    for name in ("bos_id", "eos_id", "pad_id"):
+        v = getattr(tokenizer, name)
+        assert isinstance(v, int) and 0 <= v < V, f"{name}={v!r} is not in range(vocab_size={V})"
+    for t in texts:
+        ids = tokenizer.encode(t)
+        assert all(isinstance(i, int) and 0 <= i < V for i in ids), f"encode({t!r}) gave ids outside range({V})"
+        assert tokenizer.decode(ids) == t, f"decode(encode({t!r})) = {tokenizer.decode(ids)!r}"
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        again = type(tokenizer).load(d)
+    assert again.vocab_size == V and [again.encode(t) for t in texts] == [tokenizer.encode(t) for t in texts], \
+        "a tokenizer loaded from save() encodes differently"
+    if callable(getattr(tokenizer, "encode_batch", None)):
+        assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts], "encode_batch != encode per text"
+    if callable(getattr(tokenizer, "render_chat", None)):
+        pieces = tokenizer.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+        assert all(isinstance(text, str) and isinstance(trained, bool) for text, trained in pieces), \
+            "render_chat must return (text, trained) pairs"
+        assert "".join(t for t, trained in pieces if trained).startswith("yo"), "only the assistant's words are trained"
+
+
+# ============================================================================ decoders
+@torch.no_grad()
+def slow_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
+    """The reference: one full forward over the whole sequence per new token, no state."""
+    seq, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+        out.append(token)
+        seq.append(token)
+        if token == eos_id:
+            break
+    return out
+
+
+@torch.no_grad()
+def check_decoder(decoder: Any, model: nn.Module, *, equals_greedy: bool = False, max_new_tokens: int = 8,
+                  prompts: list[list[int]] | None = None) -> None:
+    """Ragged prompts in one batch; outputs of at most ``max_new_tokens`` ids in the
+    vocabulary that stop at eos; the same outputs on a second call (determinism) and
+    prompt by prompt (batching changes nothing) for deterministic decoders; with
+    ``equals_greedy``, exactly the tokens of ``slow_greedy`` (a full forward per token)."""
+    model = model.eval()
+    V = model.vocab_size
+    prompts = prompts or [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    greedy = [slow_greedy(model, p, max_new_tokens, None) for p in prompts]
+    eos = greedy[0][2]  # a token the first prompt reaches: its output must stop there
+    outs = decoder.generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos)
+    assert isinstance(outs, list) and len(outs) == len(prompts), f"{len(outs)} outputs for {len(prompts)} prompts"
+    for p, o in zip(prompts, outs):
+        assert 0 < len(o) <= max_new_tokens, f"prompt {p}: {len(o)} new tokens, expected 1..{max_new_tokens}"
+        assert all(isinstance(t, int) and 0 <= t < V for t in o), f"prompt {p}: ids outside range({V}): {o}"
+        assert eos not in o[:-1], f"prompt {p}: output continues after eos={eos}: {o}"
+    sampler = getattr(decoder, "sampler", None)
+    deterministic = sampler is None or getattr(sampler, "greedy", False) or getattr(sampler, "seed", None) is not None
+    if deterministic:
+        again = decoder.generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos)
+        assert again == outs, f"a second call with the same inputs differs: {outs} then {again}"
+    if equals_greedy:
+        want = [slow_greedy(model, p, max_new_tokens, eos) for p in prompts]
+        assert outs == want, f"outputs differ from greedy decoding with full forwards:\n  got  {outs}\n  want {want}"
+        alone = [decoder.generate(model, [p], max_new_tokens=max_new_tokens, eos_id=eos)[0] for p in prompts]
+        assert alone == outs, f"decoding each prompt alone differs from decoding them together: {alone} vs {outs}"
+
+
+# ============================================================================ objectives
+def check_objective(objective: Any, model: nn.Module, batch: dict[str, Any], *, atol: float = 1e-5) -> None:
+    """On a real batch of the data the objective declares: ``needs`` present; a finite
+    scalar loss with finite gradients for the model and the objective's own parameters;
+    scalar finite metrics; and -- unless it samples (``prepare``) -- the loss of the
+    whole batch equals its two halves weighted by ``weight`` (what micro-batching strategies rely on)."""
+    from .interfaces import as_metric
+    from .losses import batch_weight, model_inputs, run_objective
+
+    needs = getattr(objective, "needs", None)
+    assert isinstance(needs, frozenset), "objective.needs must be a frozenset of batch field names"
+    assert needs <= set(batch), f"the batch lacks fields the objective needs: {sorted(needs - set(batch))}"
+    torch.manual_seed(0)
+    model.train()
+    loss = run_objective(model, objective, batch)
+    assert loss.value.dim() == 0 and torch.isfinite(loss.value), f"loss must be a finite scalar, got {loss.value}"
+    for name, m in loss.metrics.items():
+        v = torch.as_tensor(as_metric(m).value)
+        assert v.numel() == 1 and torch.isfinite(v).all(), f"metric {name} must be a finite scalar, got {v}"
+        assert as_metric(m).reduce in ("mean", "sum"), f"metric {name}: reduce must be 'mean' or 'sum'"
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if isinstance(objective, nn.Module):
+        params += [(f"objective.{n}", p) for n, p in objective.named_parameters() if p.requires_grad]
+    loss.value.backward()
+    got = [(n, p.grad) for n, p in params if p.grad is not None]
+    assert got, "the loss gave no parameter a gradient"
+    for n, g in got:
+        assert torch.isfinite(g).all(), f"parameter {n} has a non-finite gradient"
+    model.zero_grad(set_to_none=True)
+    if isinstance(objective, nn.Module):
+        objective.zero_grad(set_to_none=True)
+    if hasattr(objective, "prepare"):
+        return
+    rows = len(next(v for v in batch.values() if torch.is_tensor(v)))
+    k, r = divmod(len(model_inputs(objective, batch)), rows)
+    assert r == 0, f"inputs(batch) has {k * rows + r} rows, not a multiple of the batch's {rows}"
+    if rows < 2:
+        return
+    with torch.no_grad():
+        model.eval()
+        whole = run_objective(model, objective, batch).value
+        halves = [{key: v[part] if torch.is_tensor(v) and v.dim() and len(v) == rows else v for key, v in batch.items()}
+                  for part in (slice(0, rows // 2), slice(rows // 2, rows))]
+        total = batch_weight(objective, batch).float()
+        parts = sum(run_objective(model, objective, h).value * batch_weight(objective, h).float() / total for h in halves)
+    d = abs(float(whole) - float(parts))
+    assert d <= atol, (f"the loss of the whole batch ({float(whole):.6g}) differs from its halves weighted by "
+                       f"weight() ({float(parts):.6g}) by {d:.3g}: define weight(batch) as the count the loss averages over")
+
+
+# ============================================================================ parallel strategies
+def check_strategy(overrides: list[str], run_root: Any, *, steps: int = 2, batch_size: int = 8,
+                   atol: float = 1e-5, common: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> list[tuple[float, float]]:
+    """Train the tiny model for ``steps`` steps on one process and with ``overrides``
+    (e.g. ``["parallel=fsdp", "trainer.devices=2"]``) on the same global batch and seed;
+    every step's loss must agree within ``atol``. Runs ``llmzoo-train`` in subprocesses
+    under ``run_root`` (``env``: extra environment variables); returns [(one process,
+    strategy)] per step."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    common = list(common or []) + [
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.tensorboard=false",
+        "sample.prompts=[]", f"trainer.max_steps={steps}", "trainer.val_every=0", "trainer.log_every_n_steps=1",
+        "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3", f"data.batch_size={batch_size}", "overwrite=true"]
+    losses = []
+    for name, extra in (("one", ["parallel=single", "trainer.devices=1"]), ("strategy", list(overrides))):
+        run_dir = Path(run_root) / name
+        cmd = [sys.executable, "-c", "from llmzoo.cli import train_main; train_main()", *common, *extra,
+               f"run_dir={run_dir}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        assert proc.returncode == 0, f"{' '.join(extra)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        with open(run_dir / "metrics.csv") as fh:
+            losses.append([float(r["train_loss"]) for r in csv.DictReader(fh) if r.get("train_loss")])
+    one, other = losses
+    assert len(one) == len(other) == steps, f"logged {len(one)} and {len(other)} steps, expected {steps}"
+    for step, (a, b) in enumerate(zip(one, other)):
+        assert abs(a - b) <= atol, f"step {step}: loss {b:.7g} with {overrides} vs {a:.7g} on one process"
+    return list(zip(one, other))

@@ -25,11 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .analysis import device_peak_flops, mfu
-from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_decoder, build_model, build_objective, build_strategy,
-                  build_tokenizer, check_checkpoint_path, load_any, safe_torch_load, save_final, tokenizer_files)
+from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_model, build_objective, build_strategy, build_tokenizer,
+                  check_checkpoint_path, generate, load_any, prompt_ids, safe_torch_load, save_final, tokenizer_files)
 from .config import validate_config
 from .data import data_rank
 from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError
+from .interfaces import Loss, Metric, as_metric
+from .losses import model_inputs, run_objective
+from .sharding import clip_grad_norm_
 from .plugins import get_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -65,44 +68,16 @@ def metric_sources(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if m is not model and callable(getattr(m, "metrics", None))]
 
 
-def block_metrics(sources: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """Average over layers of what ``sources`` report through ``metrics()`` (e.g. MoE
-    expert load); keys with "dropped" in them are summed instead."""
-    found: dict[str, list[torch.Tensor]] = {}
+def block_metrics(sources: list[nn.Module]) -> dict[str, Metric]:
+    """What ``sources`` report through ``metrics()`` (e.g. MoE expert load), combined over
+    layers as each metric says: averaged, or added up when ``summed``."""
+    found: dict[str, list[Metric]] = {}
     for m in sources:
         for k, v in m.metrics().items():
-            found.setdefault(k, []).append(v)
-    return {k: torch.stack(v).sum() if "dropped" in k else torch.stack(v).mean() for k, v in found.items()}
-
-
-@torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float, group: Any = None) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a model mixing plain tensors and DTensors
-    on different meshes (tensor parallel leaves norms plain; a pipeline stage holds only
-    its layers: ``group`` is then the process group whose squared norms add up).
-    Returns the total norm before clipping."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_layout: dict[Any, list[torch.Tensor]] = {}
-    for g in grads:  # one reduction per (mesh, placements), as torch does for one mesh
-        key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
-        by_layout.setdefault(key, []).append(g)
-    squares = []
-    for key, gs in by_layout.items():
-        n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs]))
-        squares.append((n.full_tensor() if isinstance(n, DTensor) else n) ** 2)
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(total, group=group)
-    total = total.sqrt()
-    coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1:
-        for g in grads:
-            g.mul_(coef)
-    return total
+            found.setdefault(k, []).append(as_metric(v))
+    return {k: Metric(torch.stack([torch.as_tensor(m.value) for m in ms]).sum(0) if ms[0].reduce == "sum" else
+                      torch.stack([torch.as_tensor(m.value) for m in ms]).mean(0), ms[0].reduce)
+            for k, ms in found.items()}
 
 
 class LMModule(L.LightningModule):
@@ -111,14 +86,15 @@ class LMModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, objective: Any, optim: dict[str, Any], max_steps: int,
                  run_info: dict[str, Any] | None = None, clip_val: float | None = None,
-                 parallelize: Any = None, strategy: Any = None):
+                 strategy: Any = None, compile: bool = False):
         super().__init__()
-        # Strategies that need Lightning's device mesh (FSDP, TP, pipeline) shard in configure_model.
-        self._parallelize = parallelize
+        # Every strategy's parallelize() runs in configure_model (given Lightning's device
+        # mesh when it asks for one: FSDP, TP, pipeline); then the blocks are compiled.
+        self._strategy, self._compile = strategy, compile
         self.model, self.objective = model, objective
         # An objective that takes several optimizer steps per batch (PPO's epochs over a
         # rollout) says ``manual_optimization = True`` and steps through ``train_step(module,
-        # batch)``: module.optimizers(), module.manual_backward(), module.clip_val. So does a
+        # batch)``, stepping with module.clip_and_step(loss). So does a
         # strategy whose step is more than forward + backward (a pipeline schedule): its
         # ``train_step(module, batch)`` and ``eval_step(module, batch)`` run the batch.
         self._step_owner = objective if getattr(objective, "manual_optimization", False) else (
@@ -129,29 +105,55 @@ class LMModule(L.LightningModule):
         # An objective with its own parameters (value head, Medusa heads) trains with the model.
         self.objective_module = objective if isinstance(objective, nn.Module) else None
         self.optim, self.max_steps, self.run_info = optim, max_steps, run_info or {}
-        self._t0 = self._tokens = None
+        self._t0 = self._tokens = self._width = None
         self.last_loss: torch.Tensor | None = None
         self._metric_sources = metric_sources(model)
 
     def training_step(self, batch, batch_idx):
         if self.automatic_optimization:
-            loss = self.objective(self.model, batch)
+            loss = run_objective(self.model, self.objective, batch)
             self.last_loss = loss.value.detach()  # read by callbacks before the optimizer step (NaN guard)
         else:
             loss = self._step_owner.train_step(self, batch)
-        sync = self.trainer.world_size > 1
-        self.log("train_loss", loss.value, prog_bar=True, sync_dist=sync)
-        data_ranks = data_rank(self.trainer)[1]
-        share = data_ranks / self.trainer.world_size  # tensor/pipeline groups see one batch
-        for k, v in loss.metrics.items():
-            if k == "tokens":  # summed over processes: each batch counted once
-                self.log(f"train/{k}", v * share, sync_dist=sync, reduce_fx="sum")
-            else:
-                self.log(f"train/{k}", v, sync_dist=sync)
-        for k, v in block_metrics(self._metric_sources).items():
-            self.log(k, v, sync_dist=sync)
-        self._tokens = (self._tokens or 0) + batch["input_ids"].numel() * data_ranks
+        self.log("train_loss", loss.value, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        self.log_metrics("train/", loss.metrics)
+        self.log_metrics("", block_metrics(self._metric_sources))
+        if not hasattr(self.objective, "prepare"):  # throughput: the tokens the model reads
+            inputs = model_inputs(self.objective, batch)
+            self._width = inputs.shape[1]
+            self._tokens = (self._tokens or 0) + inputs.numel() * data_rank(self.trainer)[1]
         return loss.value if self.automatic_optimization else None
+
+    def log_metrics(self, prefix: str, metrics: dict[str, Any], sums: bool = True) -> None:
+        """Log ``metrics`` reduced over processes as each says: averaged, or added up
+        (a tensor- or pipeline-parallel group sees one batch: its sum counts it once)."""
+        sync = self.trainer.world_size > 1
+        share = data_rank(self.trainer)[1] / self.trainer.world_size
+        for k, v in metrics.items():
+            m = as_metric(v)
+            if m.reduce == "sum":
+                if sums:
+                    self.log(f"{prefix}{k}", torch.as_tensor(m.value, dtype=torch.float32) * share, sync_dist=sync,
+                             reduce_fx="sum")
+            else:
+                self.log(f"{prefix}{k}", m.value, sync_dist=sync)
+
+    def clip_and_step(self, loss: torch.Tensor | None = None, group: Any = None) -> None:
+        """One manual optimizer step: zero the gradients, backward ``loss`` (None: the
+        gradients are already there -- a pipeline schedule ran the backward), clip to
+        ``trainer.gradient_clip_val`` (over every process of ``group`` when the model is
+        split across it), step the optimizer and the LR schedule."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        if loss is not None:
+            opt.zero_grad()
+            self.manual_backward(loss)
+        if self.clip_val:
+            if group is not None or self._mixed_layouts:
+                clip_grad_norm_(self.parameters(), self.clip_val, group=group)
+            else:
+                self.clip_gradients(opt, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._mixed_layouts:
@@ -170,10 +172,14 @@ class LMModule(L.LightningModule):
         return len(kinds) > 1
 
     def configure_model(self):
-        if self._parallelize is not None:
-            self.model = self._parallelize(self.model, self.device_mesh)
-            self._parallelize = None
-            self._metric_sources = metric_sources(self.model)  # the blocks this process still holds
+        if self._strategy is None:  # already done (configure_model may be called again)
+            return
+        mesh = self.device_mesh if getattr(self._strategy, "uses_device_mesh", False) else None
+        self.model = self._strategy.parallelize(self.model, mesh)
+        if self._compile:
+            compile_blocks(self.model)
+        self._strategy = None
+        self._metric_sources = metric_sources(self.model)  # the blocks this process still holds
 
     def on_fit_start(self):
         hook = getattr(self.objective, "on_fit_start", None)  # e.g. DPO precomputing reference log-probs
@@ -183,12 +189,12 @@ class LMModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._t0 is None:
             self._t0, self._tokens = time.perf_counter(), 0
-            self._flops = self.model.flops_per_token(batch["input_ids"].shape[1])
+            self._flops = self.model.flops_per_token(self._width) if self._width else None
             self._peak, how = None, ""
             if self._flops and self.trainer.world_size == 1:  # MFU: single process, blocks that count FLOPs
                 self._peak, how = device_peak_flops(self.device)
                 log.info("model: %.3g forward FLOPs/token; device peak %.3g FLOP/s (%s)", self._flops, self._peak, how)
-        elif self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        elif self._width and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             tps = self._tokens / (time.perf_counter() - self._t0)
             self.log("tokens_per_s", tps)
             if self._peak:
@@ -197,12 +203,10 @@ class LMModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         # The objective's own measure (cross-entropy for clm), without auxiliary terms such
         # as MoE balance losses, so that different blocks compare on equal terms.
-        loss = self._eval_step(self, batch) if self._eval_step else self.objective(self.model, batch)
-        sync = self.trainer.world_size > 1
-        self.log("val_loss", loss.metrics.get("ce", loss.value), prog_bar=True, sync_dist=sync)
-        for k, v in loss.metrics.items():  # e.g. DPO's reward accuracy on held-out pairs
-            if k not in ("ce", "tokens"):
-                self.log(f"val/{k}", v, sync_dist=sync)
+        loss = self._eval_step(self, batch) if self._eval_step else run_objective(self.model, self.objective, batch)
+        measure = loss.measure if loss.measure is not None else loss.value
+        self.log("val_loss", measure, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        self.log_metrics("val/", loss.metrics, sums=False)  # e.g. DPO's reward accuracy on held-out pairs
 
     def configure_optimizers(self):
         o = self.optim
@@ -513,18 +517,13 @@ def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str,
     if start:
         init_weights(model, start.model, cfg.init_from)
     strategy = build_strategy(cfg)
-    uses_mesh = getattr(strategy, "uses_device_mesh", False)
-    if not uses_mesh:
-        model = strategy.parallelize(model, None)
-    if cfg.trainer.get("compile"):
-        compile_blocks(model)
     log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
                 "vocab_size": model.vocab_size}
     objective = build_objective(cfg, model, tokenizer)
     module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps,
-                      run_info, clip_val=cfg.trainer.gradient_clip_val,
-                      parallelize=strategy.parallelize if uses_mesh else None, strategy=strategy)
+                      run_info, clip_val=cfg.trainer.gradient_clip_val, strategy=strategy,
+                      compile=bool(cfg.trainer.get("compile")))
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization,
                             resume_step=resume_step)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -597,15 +596,10 @@ def init_weights(model: nn.Module, source: nn.Module, where: str) -> None:
 
 def sample_text(model: nn.Module, tokenizer: Any, cfg: DictConfig, objective: Any = None) -> list[str]:
     """Continue each of ``cfg.sample.prompts`` with the configured decoder and print it."""
-    decoder = build_decoder(cfg)
-    if hasattr(decoder, "setup"):
-        decoder.setup(Run(model, tokenizer, cfg, objective if isinstance(objective, nn.Module) else None))
-    model = model.eval()
-    prompts = [tokenizer.encode(p) or [tokenizer.bos_id] for p in cfg.sample.prompts]
-    room = model.max_seq_len - max(len(p) for p in prompts)
-    outs = decoder.generate(model, prompts, max_new_tokens=min(cfg.sample.max_new_tokens, room),
-                            eos_id=tokenizer.eos_id)
-    texts = [p + tokenizer.decode(o) for p, o in zip(cfg.sample.prompts, outs)]
+    run = Run(model.eval(), tokenizer, cfg, objective if isinstance(objective, nn.Module) else None)
+    room = model.max_seq_len - max(len(p) for p in prompt_ids(tokenizer, cfg.sample.prompts))
+    outs = generate(run, None, list(cfg.sample.prompts), max_new_tokens=min(cfg.sample.max_new_tokens, room))
+    texts = [p + o for p, o in zip(cfg.sample.prompts, outs)]
     for t in texts:
         print(f"--- sample ---\n{t}")
     return texts

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from llmzoo.decoding import take_rows
 from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
@@ -90,6 +91,13 @@ class KVCache:
         """Forget the last n tokens."""
         self.pos -= n
 
+    def reset(self) -> None:
+        self.pos, self.tree = 0, None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (repeats allowed), in that order."""
+        self.k, self.v = take_rows(self.k, index), take_rows(self.v, index)
+
     def keep(self, start: int, index: torch.Tensor) -> None:
         """Of the tokens stored from ``start`` on, keep those at ``start + index`` (in that
         order, moved to ``start``...) and forget the rest; clears ``tree``."""
@@ -125,6 +133,11 @@ class StaticKVCache:
 
     def reset(self) -> None:
         self.k.zero_(), self.v.zero_(), self.pos.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if len(index) != self.k.shape[0]:
+            raise ValueError(f"a static KV cache keeps its {self.k.shape[0]} rows: reorder with as many, got {len(index)}")
+        take_rows(self.k, index), take_rows(self.v, index)
 
 
 # ----------------------------------------------------------------------------- attention kernels

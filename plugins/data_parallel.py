@@ -8,10 +8,11 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
 
 
-class SingleDevice:
+class Replicated:
+    """Every process holds the whole model: ``parallelize`` leaves it unchanged."""
+
     requires: frozenset[str] = frozenset()
 
     def lightning_strategy(self) -> Any:
@@ -21,7 +22,16 @@ class SingleDevice:
         return model
 
 
-class DDP(SingleDevice):
+class SingleDevice(Replicated):
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        devices = cfg.trainer.get("devices", 1)
+        if devices not in (1, "1", "auto"):
+            return [f"parallel=single runs one process, but trainer.devices={devices}: use parallel=ddp"]
+        return []
+
+
+class DDP(Replicated):
     """``backend``: ``gloo``, ``nccl`` or ``auto`` (NCCL when CUDA is used, else gloo)."""
 
     def __init__(self, backend: str = "auto", find_unused_parameters: bool = False):
@@ -35,13 +45,3 @@ class DDP(SingleDevice):
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=self.find_unused_parameters)
-
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    target = cfg.get("parallel", {}).get("_target_", "")
-    if target.endswith(".SingleDevice"):
-        devices = cfg.trainer.get("devices", 1)
-        if devices not in (1, "1", "auto"):
-            return [f"parallel=single runs one process, but trainer.devices={devices}: use parallel=ddp"]
-    return []

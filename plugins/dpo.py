@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss
-from llmzoo.losses import sequence_logprobs
+from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
+from llmzoo.losses import pair_rows, sequence_logprobs
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -55,7 +55,7 @@ class DPO(nn.Module):
         self.precompute_reference = precompute_reference
         self.cache: dict[tuple, tuple[float, float]] | None = None  # pair -> reference log-probs
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, tokenizer=None) -> None:
         if self.reference_path:
             from llmzoo.api import load_any
 
@@ -64,17 +64,19 @@ class DPO(nn.Module):
             ref = copy.deepcopy(model)
         self.ref = [ref.eval().requires_grad_(False)]
 
-    def logprobs(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence log-probs of chosen and rejected, both in one forward (padded together)."""
-        c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
-        width = max(c_ids.shape[1], r_ids.shape[1])
-        ids = torch.cat([F.pad(c_ids, (0, width - c_ids.shape[1])), F.pad(r_ids, (0, width - r_ids.shape[1]))])
-        labels = torch.cat([F.pad(batch["chosen_labels"], (0, width - c_ids.shape[1]), value=IGNORE_INDEX),
-                            F.pad(batch["rejected_labels"], (0, width - r_ids.shape[1]), value=IGNORE_INDEX)])
-        logp = sequence_logprobs(model(ids).logits, labels)
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        return pair_rows(batch)[0]
+
+    def pair_logprobs(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence log-probs (B,) of chosen and rejected from the logits of ``inputs(batch)``."""
+        labels = pair_rows(batch)[1]
+        logp = sequence_logprobs(logits, labels)
         if self.loss_type == "ipo":  # IPO compares average log-likelihoods
             logp = logp / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
-        return logp.chunk(2)
+        return logp[0::2], logp[1::2]
+
+    def logprobs(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pair_logprobs(model(self.inputs(batch)).logits, batch)
 
     @staticmethod
     def keys(batch: Batch) -> list[tuple]:
@@ -113,11 +115,11 @@ class DPO(nn.Module):
     def reference_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is not None:
             try:
-                pairs = [self.cache[k] for k in self.keys(batch)]
+                found = [self.cache[k] for k in self.keys(batch)]
             except KeyError as e:
                 raise KeyError("DPO: a preference pair without a precomputed reference log-prob (was the "
                                "data changed after precompute?)") from e
-            rc, rr = torch.tensor(pairs, device=batch["chosen_input_ids"].device).unbind(-1)
+            rc, rr = torch.tensor(found, device=batch["chosen_input_ids"].device).unbind(-1)
             return rc, rr
         if not self.ref:
             raise RuntimeError("DPO has no reference model: call setup(model) first (llmzoo.train does)")
@@ -125,8 +127,8 @@ class DPO(nn.Module):
         with torch.no_grad():
             return self.logprobs(ref, batch)
 
-    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
-        pc, pr = self.logprobs(model, batch)
+    def loss(self, out: ModelOutput, batch: Batch) -> Loss:
+        pc, pr = self.pair_logprobs(out.logits, batch)
         rc, rr = self.reference_logprobs(batch)
         losses = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing)
         chosen, rejected = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()

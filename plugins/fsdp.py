@@ -18,31 +18,12 @@ Checkpoints: with ``save_distributed_checkpoint`` each process writes its shard
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
-
-PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def checkpointed(block: nn.Module) -> None:
-    """Recompute ``block``'s activations in backward (parameter names unchanged)."""
-    from torch.utils.checkpoint import checkpoint
-
-    forward = block.forward
-
-    @functools.wraps(forward)
-    def run(x, *, state=None):
-        if state is not None or not torch.is_grad_enabled():
-            return forward(x, state=state)
-        return checkpoint(forward, x, use_reentrant=False)
-
-    block.forward = run
+from llmzoo.sharding import PRECISIONS, shard_stack
 
 
 class FSDP:
@@ -70,41 +51,24 @@ class FSDP:
                                      save_distributed_checkpoint=self.save_distributed_checkpoint,
                                      process_group_backend=backend)
 
-    def shard(self, module: nn.Module, device_mesh: Any, reshard_after_forward: bool) -> None:
-        """``fully_shard(module)`` over the data-parallel dimension with this config's policies."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-        kw: dict[str, Any] = {"mesh": device_mesh["data_parallel"] if device_mesh is not None else None}
-        if self.mixed_precision:
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=PRECISIONS[self.mixed_precision],
-                                                   reduce_dtype=torch.float32)
-        if self.cpu_offload:
-            kw["offload_policy"] = CPUOffloadPolicy()
-        fully_shard(module, reshard_after_forward=reshard_after_forward, **kw)
-
     def parallelize(self, model: nn.Module, device_mesh: Any) -> nn.Module:
-        for block in model.blocks:
-            if self.activation_checkpointing:
-                checkpointed(block)
-            self.shard(block, device_mesh, self.reshard_after_forward)
-        self.shard(model, device_mesh, reshard_after_forward=False)  # embedding, final norm, head
+        # each block, then the rest (embedding, final norm, head)
+        shard_stack(model, model.blocks, device_mesh, reshard_after_forward=self.reshard_after_forward,
+                    activation_checkpointing=self.activation_checkpointing,
+                    mixed_precision=self.mixed_precision, cpu_offload=self.cpu_offload)
         return model
 
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    par = cfg.get("parallel")
-    if not isinstance(par, DictConfig) or par.get("_target_") != f"{__name__}.FSDP":
-        return []
-    problems = []
-    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
-    if par.get("devices") != devices or par.get("num_nodes", 1) != nodes:
-        problems.append(f"parallel.devices={par.get('devices')} / parallel.num_nodes={par.get('num_nodes', 1)} must "
-                        f"equal trainer.devices={devices} / trainer.num_nodes={nodes} (the mesh is the world)")
-    if not isinstance(devices, int) or devices < 1:
-        problems.append(f"parallel=fsdp needs an integer trainer.devices (processes per node), got {devices!r}")
-    if par.get("mixed_precision") not in PRECISIONS:
-        problems.append(f"parallel.mixed_precision={par.get('mixed_precision')!r} is not one of {list(PRECISIONS)}")
-    if cfg.trainer.get("compile"):
-        problems.append("trainer.compile=true is not supported with parallel=fsdp yet")
-    return problems
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        problems = []
+        devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+        if node.get("devices") != devices or node.get("num_nodes", 1) != nodes:
+            problems.append(f"parallel.devices={node.get('devices')} / parallel.num_nodes={node.get('num_nodes', 1)} "
+                            f"must equal trainer.devices={devices} / trainer.num_nodes={nodes} (the mesh is the world)")
+        if not isinstance(devices, int) or devices < 1:
+            problems.append(f"parallel=fsdp needs an integer trainer.devices (processes per node), got {devices!r}")
+        if node.get("mixed_precision") not in PRECISIONS:
+            problems.append(f"parallel.mixed_precision={node.get('mixed_precision')!r} is not one of {list(PRECISIONS)}")
+        if cfg.trainer.get("compile"):
+            problems.append("trainer.compile=true is not supported with parallel=fsdp yet")
+        return problems

@@ -24,9 +24,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
 from llmzoo.decoding import sample_responses
-from llmzoo.interfaces import Batch, Loss
+from llmzoo.interfaces import Batch, Loss, ModelOutput
 from llmzoo.losses import prompt_response_batch, token_logprobs
 
 
@@ -38,6 +37,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 class GRPO(nn.Module):
     needs = frozenset({"prompt_ids", "prompt_lens"})
+
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        if cfg.get("reward") is None:
+            return ["objective=grpo needs a reward: add reward=exact_answer, reward=keyword or reward=length"]
+        return []
 
     def __init__(self, reward: Any, decoder: Any, group_size: int = 4, max_new_tokens: int = 32,
                  beta: float = 0.04, clip: float = 0.2, seed: int | None = 0):
@@ -52,52 +57,39 @@ class GRPO(nn.Module):
         self.ref: list[nn.Module] = []  # frozen starting model, not trained or saved
         self.tokenizer = None
 
-    def setup(self, model: nn.Module, tokenizer: Any = None) -> None:
+    def setup(self, model: nn.Module, tokenizer: Any) -> None:
         self.ref = [copy.deepcopy(model).eval().requires_grad_(False)]
         self.tokenizer = tokenizer
 
     @torch.no_grad()
-    def rollout(self, model: nn.Module, batch: Batch) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
-        """Prompts, sampled responses and their rewards (group_size per prompt, consecutive)."""
+    def prepare(self, model: nn.Module, batch: Batch) -> Batch:
+        """Sample ``group_size`` responses per prompt, score them, and return what the loss
+        reads: the sequences, their response labels, advantages and reference log-probs."""
         prompts, responses, answers = sample_responses(
             model, self.decoder, batch, eos_id=self.tokenizer.eos_id, max_new_tokens=self.max_new_tokens,
             repeat=self.group_size, seed=None if self.seed is None else self.seed + self.rollouts)
         self.rollouts += 1
         rewards = torch.tensor([self.reward(self.tokenizer.decode(p), self.tokenizer.decode(r), a)
                                 for p, r, a in zip(prompts, responses, answers)], dtype=torch.float32)
-        return prompts, responses, rewards
-
-    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
-        prompts, responses, rewards = self.rollout(model, batch)
-        metrics = {"reward": rewards.mean(), "reward_std": rewards.std(),
-                   "response_tokens": torch.tensor([len(r) for r in responses], dtype=torch.float32).mean()}
-        if not torch.is_grad_enabled():  # validation: how good are the samples
-            return Loss(-rewards.mean(), metrics)
         device = batch["prompt_ids"].device
         ids, labels = prompt_response_batch(prompts, responses, self.tokenizer.pad_id, device)
-        adv = group_advantages(rewards, self.group_size).to(device)[:, None]
-        logp, mask = token_logprobs(model(ids).logits, labels)
-        with torch.no_grad():
-            ref_logp, _ = token_logprobs(self.ref[0].to(device)(ids).logits, labels)
+        ref_logp, _ = token_logprobs(self.ref[0].to(device)(ids).logits, labels)
+        return {"sequences": ids, "response_labels": labels, "ref_logp": ref_logp, "rewards": rewards.to(device),
+                "advantages": group_advantages(rewards, self.group_size).to(device)[:, None],
+                "response_lengths": torch.tensor([len(r) for r in responses], dtype=torch.float32)}
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        return batch["sequences"]  # group_size consecutive rows per prompt
+
+    def loss(self, out: ModelOutput, batch: Batch) -> Loss:
+        rewards, adv, ref_logp = batch["rewards"], batch["advantages"], batch["ref_logp"]
+        logp, mask = token_logprobs(out.logits, batch["response_labels"])
         ratio = torch.exp(logp - logp.detach())  # pi / pi_old: 1 in value, grad of log pi
         surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - self.clip, 1 + self.clip) * adv)
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
         per_token = (-surrogate + self.beta * kl) * mask
         loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
-        return Loss(loss, metrics)
-
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    obj = cfg.get("objective")
-    if not isinstance(obj, DictConfig) or obj.get("_target_") != f"{__name__}.GRPO":
-        return []
-    problems = []
-    if cfg.get("reward") is None:
-        problems.append("objective=grpo needs a reward: add reward=exact_answer, reward=keyword or reward=length")
-    data = cfg.get("data")
-    if isinstance(data, DictConfig) and data.get("kind") != "prompts":
-        problems.append(f"objective=grpo samples responses to prompts: use data=prompts (data.kind is "
-                        f"{data.get('kind')!r})")
-    return problems
+        metrics = {"reward": rewards.mean(), "reward_std": rewards.std(),
+                   "response_tokens": batch["response_lengths"].mean(),
+                   "kl": ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()}
+        return Loss(loss, metrics, measure=-rewards.mean())  # val_loss: minus the mean reward

@@ -10,20 +10,14 @@ Decoding works across the mixed states because each layer keeps its own.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from llmzoo import hookimpl
+from llmzoo.config import target_class
 from llmzoo.interfaces import TENSOR_PARALLEL
 from llmzoo.layers import ResidualBlock
-
-
-def _class(target: str) -> type:
-    module, _, name = target.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 class HybridBlock(ResidualBlock):
@@ -38,30 +32,26 @@ class HybridBlock(ResidualBlock):
         return f"kind={self.kind[0]}+{self.kind[1]}"
 
     @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        problems = []
+        for key, table in (("mixer_pattern", "mixers"), ("ffn_pattern", "ffns")):
+            pattern = node.get(key) or []
+            if not pattern:
+                problems.append(f"{key} is empty: give a list of names from block.{table}")
+            unknown = [p for p in pattern if p not in node.get(table, {})]
+            if unknown:
+                problems.append(f"{key} names {unknown}, not in block.{table} "
+                                f"(allowed: {sorted(node.get(table, {}).keys())})")
+        return problems
+
+    @staticmethod
     def part_capabilities(node: DictConfig) -> dict[str, frozenset[str]]:
         """Capabilities of each mixer the pattern uses, for config-time checks."""
         used = [n for n in dict.fromkeys(node.mixer_pattern) if n in node.mixers]  # unknown names: see validate
         ffns = [node.ffns[n] for n in dict.fromkeys(node.ffn_pattern) if n in node.ffns and node.ffns[n]]
         # tensor parallel needs a plan for every ffn too
         no_plan = frozenset({TENSOR_PARALLEL}) if any(
-            not hasattr(_class(f._target_), "tensor_parallel_plan") for f in ffns) else frozenset()
+            not hasattr(target_class(f._target_), "tensor_parallel_plan") for f in ffns) else frozenset()
         return {f"hybrid mixer {name!r} ({node.mixers[name]._target_})":
-                frozenset(getattr(_class(node.mixers[name]._target_), "capabilities", frozenset())) - no_plan
+                frozenset(getattr(target_class(node.mixers[name]._target_), "capabilities", frozenset())) - no_plan
                 for name in used}
-
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    block = cfg.get("block")
-    if not isinstance(block, DictConfig) or block.get("_target_") != f"{__name__}.HybridBlock":
-        return []
-    problems = []
-    for key, table in (("mixer_pattern", "mixers"), ("ffn_pattern", "ffns")):
-        pattern = block.get(key) or []
-        if not pattern:
-            problems.append(f"block.{key} is empty: give a list of names from block.{table}")
-        unknown = [p for p in pattern if p not in block.get(table, {})]
-        if unknown:
-            problems.append(f"block.{key} names {unknown}, not in block.{table} "
-                            f"(allowed: {sorted(block.get(table, {}).keys())})")
-    return problems

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
+from llmzoo.decoding import take_rows
 from llmzoo.interfaces import RECURRENT, STATEFUL, STATIC_STATE
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
@@ -120,6 +120,22 @@ def ssd_chunked(x, dt, a, B, C, h0=None, chunk: int = 64):
 
 
 # ============================================================================ shared pieces
+def mamba_problems(node: DictConfig, cfg: DictConfig) -> list[str]:
+    """Config checks shared by the Mamba mixers and blocks (``check`` on each class)."""
+    problems = []
+    if node.get("backend", "auto") not in BACKENDS:
+        problems.append(f"backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
+    if "Mamba2" in node._target_:
+        inner, hd = node.get("expand", 2) * node.get("dim"), node.get("headdim", 32)
+        if inner % hd:
+            problems.append(f"mamba2 needs expand * dim = {inner} to be a multiple of headdim = {hd}")
+        elif (inner // hd) % node.get("ngroups", 1):
+            problems.append(f"ngroups={node.get('ngroups')} must divide the {inner // hd} mamba2 heads")
+    if node.get("chunk_size", 1) < 1:
+        problems.append(f"chunk_size must be >= 1, got {node.get('chunk_size')}")
+    return problems
+
+
 @dataclass
 class MambaState:
     """Decode-time state: the last (d_conv - 1) conv inputs and the SSM state."""
@@ -130,6 +146,10 @@ class MambaState:
     # Updated in place, so the state is already static (fixed shapes and addresses).
     def reset(self) -> None:
         self.conv.zero_(), self.ssm.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (repeats allowed), in that order (in place when the count stays)."""
+        self.conv, self.ssm = take_rows(self.conv, index), take_rows(self.ssm, index)
 
 
 def causal_conv(u: torch.Tensor, conv: nn.Conv1d, state: MambaState | None) -> torch.Tensor:
@@ -177,6 +197,7 @@ def pick_backend(requested: str, x: torch.Tensor, stateless: bool) -> str:
 class MambaMixer(nn.Module):
     """Mamba-1 selective SSM mixer. (B, T, D) -> (B, T, D)."""
 
+    check = staticmethod(mamba_problems)
     capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE})
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
@@ -254,6 +275,7 @@ class GatedRMSNorm(nn.Module):
 class Mamba2Mixer(nn.Module):
     """Mamba-2 (SSD) mixer with multi-head scalar decays. (B, T, D) -> (B, T, D)."""
 
+    check = staticmethod(mamba_problems)
     capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE})
 
     def __init__(self, dim: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 32,
@@ -334,6 +356,7 @@ class Mamba2Mixer(nn.Module):
 class MambaBlock(ResidualBlock):
     """x + Mamba(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) when ``mlp`` is true."""
 
+    check = staticmethod(mamba_problems)
     capabilities = MambaMixer.capabilities
     mixer_class = MambaMixer
 
@@ -346,27 +369,3 @@ class MambaBlock(ResidualBlock):
 class Mamba2Block(MambaBlock):
     capabilities = Mamba2Mixer.capabilities
     mixer_class = Mamba2Mixer
-
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    block = cfg.get("block")
-    if not isinstance(block, DictConfig):
-        return []
-    nodes = [block] if block.get("_target_", "").startswith(f"{__name__}.") else []
-    nodes += [n for n in block.get("mixers", {}).values()
-              if isinstance(n, DictConfig) and n.get("_target_", "").startswith(f"{__name__}.")]
-    problems = []
-    for node in nodes:
-        if node.get("backend", "auto") not in BACKENDS:
-            problems.append(f"block.backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
-        if "Mamba2" in node._target_:
-            inner, hd = node.get("expand", 2) * node.get("dim"), node.get("headdim", 32)
-            if inner % hd:
-                problems.append(f"mamba2 needs block.expand * model.dim = {inner} to be a multiple of "
-                                f"block.headdim = {hd}")
-            elif (inner // hd) % node.get("ngroups", 1):
-                problems.append(f"block.ngroups={node.get('ngroups')} must divide the {inner // hd} mamba2 heads")
-        if node.get("chunk_size", 1) < 1:
-            problems.append(f"block.chunk_size must be >= 1, got {node.get('chunk_size')}")
-    return problems

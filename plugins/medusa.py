@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
 from llmzoo.decoding import Sampler, check_prompts, finish
-from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss
+from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
 from llmzoo.losses import shifted_labels
 
 
@@ -69,8 +68,12 @@ class MedusaObjective(nn.Module):
         self.n_heads, self.decay, self.freeze_base, self.heads_weight = n_heads, decay, freeze_base, heads_weight
         self.heads = nn.ModuleList()
 
+    reads = frozenset({"hidden", "logits", "aux_loss"})
+
     @torch.no_grad()
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, tokenizer=None) -> None:
+        if self.freeze_base:  # Medusa-1: only the heads train (the base gets no gradient)
+            model.requires_grad_(False)
         if len(self.heads):
             return
         self.heads = nn.ModuleList(MedusaHead(model.dim, model.vocab_size) for _ in range(self.n_heads))
@@ -79,10 +82,8 @@ class MedusaObjective(nn.Module):
             h.out.weight.copy_(model.head.weight)
             nn.init.zeros_(h.res.weight), nn.init.zeros_(h.res.bias)
 
-    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
+    def loss(self, out: ModelOutput, batch: Batch) -> Loss:
         labels = batch.get("labels", batch["input_ids"])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_base):
-            out = model(batch["input_ids"])
         hidden = out.hidden.detach() if self.freeze_base else out.hidden
         loss, metrics = 0.0, {}
         for k, head in enumerate(self.heads, start=1):
@@ -93,7 +94,7 @@ class MedusaObjective(nn.Module):
             base, _ = shifted_ce(out.logits, labels, 1)
             metrics["ce"] = base.detach()
             loss = base + self.heads_weight * loss + (out.aux_loss if out.aux_loss is not None else 0.0)
-        return Loss(loss, metrics)
+        return Loss(loss, metrics, measure=metrics.get("ce"))
 
 
 # ============================================================================ the candidate tree
@@ -146,6 +147,23 @@ class Medusa:
     (taken from the run in ``setup``, or given as ``heads``)."""
 
     requires = frozenset({STATEFUL, TREE_MASK})
+
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        try:
+            tree = Tree(node.get("tree") or DEFAULT_TREE)
+        except ValueError as e:
+            return [str(e)]
+        obj = cfg.get("objective")
+        heads = obj.get("n_heads") if isinstance(obj, DictConfig) and obj.get("_target_", "").endswith(
+            ".MedusaObjective") else None
+        if heads is None:
+            return ["decoder=medusa decodes with Medusa heads, which only objective=medusa trains "
+                    f"(objective._target_={obj.get('_target_') if isinstance(obj, DictConfig) else None!r}); "
+                    "train with objective=medusa, or choose another decoder"]
+        if tree.max_depth > heads:
+            return [f"decoder.tree is {tree.max_depth} deep but objective.n_heads={heads}"]
+        return []
 
     def __init__(self, tree: Sequence[Sequence[int]] | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -242,24 +260,3 @@ class Medusa:
                 if not done:
                     res = model(torch.tensor([[token]], device=device), states=states)
         return out, steps
-
-
-# ============================================================================ config checks
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    problems = []
-    dec = cfg.get("decoder")
-    if isinstance(dec, DictConfig) and dec.get("_target_") == f"{__name__}.Medusa":
-        try:
-            tree = Tree(dec.get("tree") or DEFAULT_TREE)
-        except ValueError as e:
-            return [str(e)]
-        obj = cfg.get("objective")
-        heads = obj.get("n_heads") if isinstance(obj, DictConfig) and obj.get("_target_") == f"{__name__}.MedusaObjective" else None
-        if heads is None:
-            problems.append("decoder=medusa decodes with Medusa heads, which only objective=medusa trains "
-                            f"(objective._target_={obj.get('_target_') if isinstance(obj, DictConfig) else None!r}); "
-                            "train with objective=medusa, or choose another decoder")
-        elif tree.max_depth > heads:
-            problems.append(f"decoder.tree is {tree.max_depth} deep but objective.n_heads={heads}")
-    return problems

@@ -25,7 +25,6 @@ in token order; the rest are dropped and counted.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 
@@ -34,8 +33,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
-from llmzoo.interfaces import TENSOR_PARALLEL
+from llmzoo.config import target_class
+from llmzoo.interfaces import TENSOR_PARALLEL, summed
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,26 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32) or (x.is_cuda and x.dtype == torch.bfloat16)
 
 
+def moe_problems(node: DictConfig, cfg: DictConfig) -> list[str]:
+    """Config checks shared by ``MoE`` and ``MoEBlock`` (``check`` on each class)."""
+    problems = []
+    e, k = node.get("n_experts"), node.get("top_k")
+    if not (isinstance(e, int) and isinstance(k, int) and 1 <= k <= e):
+        problems.append(f"top_k={k} must be between 1 and n_experts={e}")
+    if node.get("gating") not in GATINGS:
+        problems.append(f"gating={node.get('gating')!r} is not one of {list(GATINGS)}")
+    if node.get("backend") not in BACKENDS:
+        problems.append(f"backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
+    cf = node.get("capacity_factor")
+    if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
+        problems.append(f"capacity_factor must be null (dropless) or > 0, got {cf!r}")
+    return problems
+
+
 class MoE(nn.Module):
     """(B, T, D) -> (B, T, D). Experts are SwiGLU MLPs stored as stacked weights."""
+
+    check = staticmethod(moe_problems)
 
     def __init__(self, dim: int, n_experts: int = 8, top_k: int = 2, hidden: int | None = None,
                  n_shared: int = 0, gating: str = "softmax_norm", capacity_factor: float | None = None,
@@ -175,7 +192,7 @@ class MoE(nn.Module):
         self._aux = self.balance_loss_weight * balance + self.z_loss_weight * z
         load = torch.bincount(experts.flatten(), minlength=self.n_experts).float() / experts.numel()
         self.stats = {"moe/balance_loss": balance.detach(), "moe/router_z_loss": z.detach(),
-                      "moe/dropped_tokens": dropped.detach().float(), "moe/max_expert_load": load.max().detach(),
+                      "moe/dropped_tokens": summed(dropped.detach().float()), "moe/max_expert_load": load.max().detach(),
                       **{f"moe/load_e{e}": load[e].detach() for e in range(self.n_experts)}}
         return out.reshape(shape)
 
@@ -211,6 +228,8 @@ class MoEBlock(ResidualBlock):
                   z_loss_weight, backend)
         super().__init__(mixer_module, moe, dim, norm_eps)
 
+    check = staticmethod(moe_problems)
+
     # The experts have no tensor-parallel plan (expert parallelism is not built yet), so
     # an MoE block is not tensor-parallel whatever its mixer is.
     @property
@@ -220,28 +239,6 @@ class MoEBlock(ResidualBlock):
     @staticmethod
     def part_capabilities(node: DictConfig) -> dict[str, frozenset[str]]:
         target = node.mixer._target_
-        module, _, name = target.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
+        cls = target_class(target)
         return {f"moe mixer ({target}) with experts": frozenset(getattr(cls, "capabilities", frozenset()))
                 - {TENSOR_PARALLEL}}
-
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    block = cfg.get("block")
-    nodes = [block] if isinstance(block, DictConfig) and block.get("_target_") == f"{__name__}.MoEBlock" else []
-    nodes += [n for n in (block or {}).get("ffns", {}).values() if isinstance(n, DictConfig)
-              and n.get("_target_") == f"{__name__}.MoE"] if isinstance(block, DictConfig) else []
-    problems = []
-    for node in nodes:
-        e, k = node.get("n_experts"), node.get("top_k")
-        if not (isinstance(e, int) and isinstance(k, int) and 1 <= k <= e):
-            problems.append(f"block.top_k={k} must be between 1 and block.n_experts={e}")
-        if node.get("gating") not in GATINGS:
-            problems.append(f"block.gating={node.get('gating')!r} is not one of {list(GATINGS)}")
-        if node.get("backend") not in BACKENDS:
-            problems.append(f"block.backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
-        cf = node.get("capacity_factor")
-        if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
-            problems.append(f"block.capacity_factor must be null (dropless) or > 0, got {cf!r}")
-    return problems

@@ -16,11 +16,13 @@ placeholders, so checkpoints and the gathered final weights look like a single-p
 model's. With ``data_parallel > 1`` each stage is sharded with FSDP2 over the data
 dimension (FSDP x pipeline).
 
-Losses: the last stage computes the objective's next-token cross-entropy (plus z-loss)
-per micro-batch; gradients are averaged over micro-batches, which equals one step on
-the whole batch when every sequence has the same number of counted tokens (fixed-length
-pretraining chunks). Blocks' auxiliary losses (MoE balance) enter the backward of the
-stage that computes them. Objective ``clm`` only.
+Losses: the last stage calls the objective's own ``loss`` on each micro-batch's logits
+(with the batch rows of that micro-batch), so clm, sft and dpo -- any objective whose
+loss reads only logits -- run here. Each micro-batch's loss is weighted by its share of
+``objective.weight`` (labelled tokens, pairs), so a step equals one step on the whole
+batch. Blocks' auxiliary losses (MoE balance) enter the backward of the stage that
+computes them. A batch narrower than an earlier one is right-padded to a width seen
+before (causal: padding changes no earlier position); each width gets its own schedule.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
 from llmzoo.api import safe_torch_load
-from llmzoo.interfaces import IGNORE_INDEX, Loss
-from llmzoo.losses import next_token_loss, shifted_labels
+from llmzoo.config import node_class
+from llmzoo.interfaces import Loss, Metric, ModelOutput, as_metric
+from llmzoo.losses import batch_weight, model_inputs
+from llmzoo.sharding import checkpointed, shard
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -187,9 +190,61 @@ class Pipeline:
         self.schedule_name, self.microbatches, self.split = schedule, int(microbatches), split
         self.backend, self.save_distributed_checkpoint = backend, save_distributed_checkpoint
         self.activation_checkpointing = activation_checkpointing
-        self.schedule = self.stage_modules = self.group = None
+        self.schedules: dict[int, Any] = {}
+        self.stage_modules = self.group = None
         self.first = self.last = False
         self.objective: Any = None
+
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        problems = []
+        pp, dp, virtual = node.get("stages"), node.get("data_parallel"), node.get("stages_per_process", 1)
+        mb, schedule, split = node.get("microbatches"), node.get("schedule"), node.get("split")
+        if not all(isinstance(v, int) and v >= 1 for v in (pp, dp, virtual, mb)):
+            return [f"parallel.stages={pp!r}, parallel.data_parallel={dp!r}, parallel.stages_per_process={virtual!r} "
+                    f"and parallel.microbatches={mb!r} must be positive integers"]
+        devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+        if not isinstance(devices, int) or pp * dp != devices * nodes:
+            problems.append(f"the mesh parallel.data_parallel={dp} x parallel.stages={pp} = {dp * pp} processes must "
+                            f"equal the world trainer.devices={devices} x trainer.num_nodes={nodes}")
+        if schedule not in SCHEDULES:
+            problems.append(f"parallel.schedule={schedule!r} is not one of {list(SCHEDULES)}")
+        elif (schedule == "interleaved_1f1b") != (virtual > 1):
+            problems.append(f"parallel.schedule={schedule} needs parallel.stages_per_process "
+                            f"{'>= 2' if virtual == 1 else '= 1'} (got {virtual}): only interleaved_1f1b runs "
+                            "several stages per process")
+        n_stages, layers = pp * virtual, cfg.model.get("n_layers")
+        if isinstance(layers, int) and n_stages > layers:
+            problems.append(f"{n_stages} pipeline stages (parallel.stages={pp} x parallel.stages_per_process={virtual}) "
+                            f"but only model.n_layers={layers} layers: every stage needs at least one")
+        if not (isinstance(split, str) and split == "balanced"):
+            sizes = list(split) if not isinstance(split, str) else None
+            if sizes is None or len(sizes) != n_stages or any(not isinstance(s, int) or s < 1 for s in sizes) \
+                    or sum(sizes) != layers:
+                problems.append(f"parallel.split={split!r} must be 'balanced' or a list of {n_stages} positive layer "
+                                f"counts adding up to model.n_layers={layers}")
+        batch = cfg.data.get("batch_size")
+        if isinstance(batch, int) and batch % mb:
+            problems.append(f"parallel.microbatches={mb} must divide data.batch_size={batch} (the batch of one pipeline)")
+        if schedule != "gpipe" and mb < pp:
+            problems.append(f"parallel.schedule={schedule} needs parallel.microbatches >= parallel.stages "
+                            f"({mb} < {pp}): fewer micro-batches cannot fill the pipeline")
+        objective = node_class(cfg.objective)
+        reads = getattr(objective, "reads", frozenset({"logits", "aux_loss"}))
+        if objective is not None and ("hidden" in reads or hasattr(objective, "prepare")):
+            problems.append(f"objective._target_={cfg.objective._target_!r} "
+                            + ("reads the model's hidden states" if "hidden" in reads else "runs the whole model itself "
+                               "(prepare)") + ", but a pipeline's last stage computes only the logits of each "
+                            "micro-batch: use parallel=fsdp or ddp")
+        if cfg.model.get("tie_embeddings"):
+            problems.append("model.tie_embeddings=true cannot be split: the embedding is on the first pipeline stage "
+                            "and the head on the last")
+        if cfg.trainer.get("compile"):
+            problems.append("trainer.compile=true is not supported with parallel=pipeline yet")
+        if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+            problems.append("trainer.accumulate_grad_batches must be 1 with parallel=pipeline: raise "
+                            "parallel.microbatches and data.batch_size instead")
+        return problems
 
     def lightning_strategy(self) -> Any:
         return pipeline_strategy(self.dp, self.pp, None if self.backend == "auto" else self.backend,
@@ -205,20 +260,16 @@ class Pipeline:
         return [int(n) for n in self.split]
 
     def parallelize(self, model: nn.Module, device_mesh: Any) -> nn.Module:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-
-        from llmzoo_plugins.fsdp import FSDP, checkpointed
-
         pp_mesh = device_mesh["pipeline"]
         self.group, rank = pp_mesh.get_group(), pp_mesh.get_local_rank()
         sizes = self.layer_split(model)
         n_stages = len(sizes)
         starts = [sum(sizes[:s]) for s in range(n_stages)]
-        mine = [s for s in range(n_stages) if s % self.pp == rank]  # interleaved: stages r, r + pp, ...
-        self.first, self.last = 0 in mine, n_stages - 1 in mine
+        self.mine = [s for s in range(n_stages) if s % self.pp == rank]  # interleaved: stages r, r + pp, ...
+        self.n_stages, self.first, self.last = n_stages, 0 in self.mine, n_stages - 1 in self.mine
         self.stage_modules = [StageModule(model, list(range(starts[s], starts[s] + sizes[s])), s == 0,
-                                          s == n_stages - 1, aux_weight=1.0) for s in mine]
-        held = {i for s in mine for i in range(starts[s], starts[s] + sizes[s])}
+                                          s == n_stages - 1, aux_weight=1.0) for s in self.mine]
+        held = {i for s in self.mine for i in range(starts[s], starts[s] + sizes[s])}
         owner = [s for s in range(n_stages) for _ in range(sizes[s])]
         for i in range(len(model.blocks)):  # drop what the other stages hold
             if i not in held:
@@ -232,69 +283,81 @@ class Pipeline:
                 if self.activation_checkpointing:
                     checkpointed(block)
             if self.dp > 1:  # FSDP x pipeline: shard each stage over the data-parallel processes
-                fsdp = FSDP(devices=self.dp)
                 for block in stage.blocks:
-                    fsdp.shard(block, device_mesh, reshard_after_forward=True)
-                fsdp.shard(stage, device_mesh, reshard_after_forward=False)
-        device = next(model.parameters()).device
-        stages = [PipelineStage(m, s, n_stages, device, group=self.group) for m, s in zip(self.stage_modules, mine)]
-        if self.schedule_name == "interleaved_1f1b":
-            self.schedule = ScheduleInterleaved1F1B(stages, n_microbatches=self.microbatches, loss_fn=self._loss)
-        else:
-            cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
-            self.schedule = cls(stages[0], n_microbatches=self.microbatches, loss_fn=self._loss)
+                    shard(block, device_mesh, reshard_after_forward=True)
+                shard(stage, device_mesh, reshard_after_forward=False)
+        self.device = next(model.parameters()).device
+        self.schedules: dict[int, Any] = {}
+        # the last stage reports each micro-batch's outputs (aligned with the batch's rows) to _loss
+        self.pp_rank_of_last = dist.get_global_rank(self.group, (n_stages - 1) % self.pp)
         return model
 
-    # -------------------------------------------------------------- one step
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce, _ = next_token_loss(logits, labels)
-        self._ce.append(ce.detach())
-        z_weight = getattr(self.objective, "z_loss", 0.0)
-        if not z_weight:
-            return ce
-        mask = shifted_labels(labels) != IGNORE_INDEX
-        return ce + z_weight * (logits.float().logsumexp(-1) ** 2)[mask].mean()
+    def schedule_for(self, width: int) -> Any:
+        """The schedule for inputs of ``width`` tokens (stages infer their buffer shapes once)."""
+        if width not in self.schedules:
+            from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                      ScheduleInterleaved1F1B)
 
-    def _run(self, batch: dict[str, torch.Tensor], train: bool) -> Loss:
-        x = batch["input_ids"]
-        labels = batch.get("labels", x)
-        self._ce, losses = [], []
+            stages = [PipelineStage(m, s, self.n_stages, self.device, group=self.group)
+                      for m, s in zip(self.stage_modules, self.mine)]
+            if self.schedule_name == "interleaved_1f1b":
+                self.schedules[width] = ScheduleInterleaved1F1B(stages, n_microbatches=self.microbatches,
+                                                                loss_fn=self._loss)
+            else:
+                cls = ScheduleGPipe if self.schedule_name == "gpipe" else Schedule1F1B
+                self.schedules[width] = cls(stages[0], n_microbatches=self.microbatches, loss_fn=self._loss)
+        return self.schedules[width]
+
+    # -------------------------------------------------------------- one step
+    def _loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The objective's loss on one micro-batch: ``rows`` are its batch rows."""
+        part = {k: v[rows] if torch.is_tensor(v) and v.dim() and len(v) == len(self._rows) else v
+                for k, v in self._batch.items()}
+        loss = self.objective.loss(ModelOutput(logits=logits[:, : self._width]), part)
+        share = batch_weight(self.objective, part) / self._weight  # this part's share of the batch
+        self._parts.append((loss, share.detach()))
+        return loss.value * share * self.microbatches  # the schedule divides by the micro-batch count
+
+    def _run(self, objective: Any, batch: dict[str, torch.Tensor], train: bool) -> Loss:
+        x = model_inputs(objective, batch)
+        self.objective, self._batch, self._width, self._parts = objective, batch, x.shape[1], []
+        self._rows = torch.arange(len(next(v for v in batch.values() if torch.is_tensor(v))), device=x.device)
+        self._weight = batch_weight(objective, batch).float()
+        width = next((w for w in sorted(self.schedules) if w >= x.shape[1]), x.shape[1])
+        if width > x.shape[1]:  # right-pad to a width the stages know (causal: earlier positions unchanged)
+            x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
         for stage in self.stage_modules:
-            stage.aux_weight = getattr(self.objective, "aux_loss_weight", 1.0)
+            stage.aux_weight = getattr(objective, "aux_loss_weight", 1.0)
             stage.aux_values = []
+        schedule = self.schedule_for(width)
         args = (x,) if self.first else ()
-        kw = {"target": labels, "losses": losses} if self.last else {}
-        (self.schedule.step if train else self.schedule.eval)(*args, **kw)
-        # the last stage has the losses, every stage its aux losses: add up over the pipeline
-        ce = torch.stack(self._ce[-len(losses):]).mean() if losses else torch.zeros(())
-        loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
+        kw = {"target": self._rows, "losses": []} if self.last else {}
+        (schedule.step if train else schedule.eval)(*args, **kw)
+        # the last stage has the losses and metrics, every stage its aux losses: combine over the pipeline
         aux = sum((torch.stack(s.aux_values).mean() for s in self.stage_modules if s.aux_values), torch.zeros(()))
-        values = torch.stack([ce.float().cpu(), loss.float().cpu(), aux.float().cpu()]).to(x.device)
-        dist.all_reduce(values, group=self.group)
-        ce, loss, aux = values
-        metrics = {"ce": ce, "tokens": (shifted_labels(labels) != IGNORE_INDEX).sum().float()}
+        aux = aux.float().cpu()
+        dist.all_reduce(aux, group=self.group)
+        # (the stages' first run infers shapes and may call the loss once more: keep the last parts)
+        summary = [combine(self._parts[-self.microbatches:]) if self.last else None]
+        dist.broadcast_object_list(summary, src=self.pp_rank_of_last, group=self.group)
+        value, measure, metrics = summary[0]
+        metrics = {k: Metric(torch.tensor(v, device=x.device), r) for k, (v, r) in metrics.items()}
         if aux != 0:  # some stage has blocks with an auxiliary loss
-            metrics["aux_loss"] = aux
-        return Loss(loss + getattr(self.objective, "aux_loss_weight", 1.0) * aux, metrics)
+            metrics["aux_loss"] = Metric(aux.to(x.device))
+        weight = getattr(objective, "aux_loss_weight", 1.0)
+        return Loss(torch.tensor(value, device=x.device) + weight * aux.to(x.device), metrics,
+                    measure=None if measure is None else torch.tensor(measure, device=x.device))
 
     def train_step(self, module: Any, batch: dict[str, torch.Tensor]) -> Loss:
         """One optimizer step on ``batch`` through the schedule (manual optimization)."""
-        from llmzoo.training import clip_grad_norm_
-
-        self.objective = module.objective
-        opt, sched = module.optimizers(), module.lr_schedulers()
-        opt.zero_grad()
-        loss = self._run(batch, train=True)
-        if module.clip_val:  # the norm over every stage's gradients
-            clip_grad_norm_(module.model.parameters(), module.clip_val, group=self.group)
-        opt.step()
-        sched.step()
+        module.optimizers().zero_grad()
+        loss = self._run(module.objective, batch, train=True)
+        module.clip_and_step(group=self.group)  # the norm over every stage's gradients
         return loss
 
     @torch.no_grad()
     def eval_step(self, module: Any, batch: dict[str, torch.Tensor]) -> Loss:
-        self.objective = module.objective
-        return self._run(batch, train=False)
+        return self._run(module.objective, batch, train=False)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every stage's weights, gathered on each process (a collective)."""
@@ -308,53 +371,16 @@ class Pipeline:
         return {k: v for part in parts for k, v in part.items()}
 
 
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    par = cfg.get("parallel")
-    if not isinstance(par, DictConfig) or par.get("_target_") != f"{__name__}.Pipeline":
-        return []
-    problems = []
-    pp, dp, virtual = par.get("stages"), par.get("data_parallel"), par.get("stages_per_process", 1)
-    mb, schedule, split = par.get("microbatches"), par.get("schedule"), par.get("split")
-    if not all(isinstance(v, int) and v >= 1 for v in (pp, dp, virtual, mb)):
-        return [f"parallel.stages={pp!r}, parallel.data_parallel={dp!r}, parallel.stages_per_process={virtual!r} "
-                f"and parallel.microbatches={mb!r} must be positive integers"]
-    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
-    if not isinstance(devices, int) or pp * dp != devices * nodes:
-        problems.append(f"the mesh parallel.data_parallel={dp} x parallel.stages={pp} = {dp * pp} processes must "
-                        f"equal the world trainer.devices={devices} x trainer.num_nodes={nodes}")
-    if schedule not in SCHEDULES:
-        problems.append(f"parallel.schedule={schedule!r} is not one of {list(SCHEDULES)}")
-    elif (schedule == "interleaved_1f1b") != (virtual > 1):
-        problems.append(f"parallel.schedule={schedule} needs parallel.stages_per_process "
-                        f"{'>= 2' if virtual == 1 else '= 1'} (got {virtual}): only interleaved_1f1b runs "
-                        "several stages per process")
-    n_stages, layers = pp * virtual, cfg.model.get("n_layers")
-    if isinstance(layers, int) and n_stages > layers:
-        problems.append(f"{n_stages} pipeline stages (parallel.stages={pp} x parallel.stages_per_process={virtual}) "
-                        f"but only model.n_layers={layers} layers: every stage needs at least one")
-    if not (isinstance(split, str) and split == "balanced"):
-        sizes = list(split) if not isinstance(split, str) else None
-        if sizes is None or len(sizes) != n_stages or any(not isinstance(s, int) or s < 1 for s in sizes) \
-                or sum(sizes) != layers:
-            problems.append(f"parallel.split={split!r} must be 'balanced' or a list of {n_stages} positive layer "
-                            f"counts adding up to model.n_layers={layers}")
-    batch = cfg.data.get("batch_size")
-    if isinstance(batch, int) and batch % mb:
-        problems.append(f"parallel.microbatches={mb} must divide data.batch_size={batch} (the batch of one pipeline)")
-    if schedule != "gpipe" and mb < pp:
-        problems.append(f"parallel.schedule={schedule} needs parallel.microbatches >= parallel.stages "
-                        f"({mb} < {pp}): fewer micro-batches cannot fill the pipeline")
-    target = (cfg.get("objective") or {}).get("_target_", "")
-    if not target.endswith("clm.CausalLM"):
-        problems.append(f"parallel=pipeline trains objective=clm only (objective._target_={target!r}): the last "
-                        "stage computes a per-micro-batch next-token loss")
-    if cfg.model.get("tie_embeddings"):
-        problems.append("model.tie_embeddings=true cannot be split: the embedding is on the first pipeline stage "
-                        "and the head on the last")
-    if cfg.trainer.get("compile"):
-        problems.append("trainer.compile=true is not supported with parallel=pipeline yet")
-    if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
-        problems.append("trainer.accumulate_grad_batches must be 1 with parallel=pipeline: raise "
-                        "parallel.microbatches and data.batch_size instead")
-    return problems
+def combine(parts: list[tuple[Loss, torch.Tensor]]) -> tuple[float, float | None, dict[str, tuple[float, str]]]:
+    """Micro-batch losses -> the batch's (value, measure, {metric: (value, reduce)}): means
+    weighted by each part's share of the batch, sums added up."""
+    value = float(sum(loss.value.detach().float() * share for loss, share in parts))
+    measure = None if parts[0][0].measure is None else \
+        float(sum(loss.measure.float() * share for loss, share in parts))
+    metrics: dict[str, tuple[float, str]] = {}
+    for name in parts[0][0].metrics:
+        found = [(as_metric(loss.metrics[name]), share) for loss, share in parts]
+        reduce = found[0][0].reduce
+        total = sum(float(m.value) * (1 if reduce == "sum" else float(share)) for m, share in found)
+        metrics[name] = (total, reduce)
+    return value, measure, metrics

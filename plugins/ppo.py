@@ -29,9 +29,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
 from llmzoo.decoding import sample_responses
-from llmzoo.interfaces import Batch, Loss
+from llmzoo.interfaces import Batch, Loss, ModelOutput
 from llmzoo.losses import prompt_response_batch, token_logprobs
 
 
@@ -81,6 +80,13 @@ class PPO(nn.Module):
     needs = frozenset({"prompt_ids", "prompt_lens"})
     manual_optimization = True
 
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        if cfg.get("reward") is None and not node.get("reward_model"):
+            return ["objective=ppo needs a reward: reward=exact_answer|keyword|length, or "
+                    "objective.reward_model=<a run trained with objective=reward>"]
+        return []
+
     def __init__(self, reward: Any, decoder: Any, reward_model: str | None = None, max_new_tokens: int = 32,
                  epochs: int = 2, minibatches: int = 2, clip: float = 0.2, value_clip: float = 0.2,
                  vf_coef: float = 0.5, gamma: float = 1.0, lam: float = 0.95, kl_coef: float = 0.05,
@@ -100,7 +106,7 @@ class PPO(nn.Module):
         self.scorer: list[Any] = []
         self.tokenizer = None
 
-    def setup(self, model: nn.Module, tokenizer: Any = None) -> None:
+    def setup(self, model: nn.Module, tokenizer: Any) -> None:
         if self.value_head is None:
             self.value_head = nn.Linear(model.dim, 1).to(model.embedding.weight.device)
             nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
@@ -126,22 +132,23 @@ class PPO(nn.Module):
         return torch.tensor([self.reward(self.tokenizer.decode(p), self.tokenizer.decode(r), a)
                              for p, r, a in zip(prompts, responses, answers)], dtype=torch.float32, device=ids.device)
 
-    def forward_scored(self, model: nn.Module, ids: torch.Tensor, labels: torch.Tensor):
-        """Per-token log-probs, values and the mask of response positions."""
-        out = model(ids)
+    def scored(self, out: ModelOutput, labels: torch.Tensor):
+        """Per-token log-probs, values and the mask of response positions from the model's output."""
         logp, mask = token_logprobs(out.logits, labels)
         values = self.value_head(out.hidden).squeeze(-1).float() * mask
         return logp, values, mask
 
     @torch.no_grad()
-    def rollout(self, model: nn.Module, batch: Batch) -> dict[str, Any]:
+    def prepare(self, model: nn.Module, batch: Batch) -> Batch:
+        """The rollout: sample a response per prompt, score it, and compute pi_old's
+        log-probs, values, advantages and returns (one row per response)."""
         ids = batch["prompt_ids"]
         prompts, responses, answers = sample_responses(
             model, self.decoder, batch, eos_id=self.tokenizer.eos_id, max_new_tokens=self.max_new_tokens,
             seed=None if self.seed is None else self.seed + self.rollouts)
         self.rollouts += 1
         seq, labels = prompt_response_batch(prompts, responses, self.tokenizer.pad_id, ids.device)
-        logp, values, mask = self.forward_scored(model, seq, labels)  # pi_old, in the mode updates run in
+        logp, values, mask = self.scored(model(seq), labels)  # pi_old, in the mode updates run in
         ref_logp, _ = token_logprobs(self.ref[0].to(ids.device)(seq).logits, labels)
         score = self.rewards(prompts, responses, answers, seq, labels)
         kl = (logp - ref_logp) * mask
@@ -151,60 +158,45 @@ class PPO(nn.Module):
         adv, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
         if self.whiten:
             adv = whiten(adv, mask)
-        return {"ids": seq, "labels": labels, "mask": mask, "logp": logp, "values": values, "adv": adv,
-                "returns": returns, "score": score, "kl": kl.sum(-1).mean(),
-                "length": mask.sum(-1).float().mean()}
+        return {"ids": seq, "labels": labels, "logp": logp, "values": values, "adv": adv, "returns": returns,
+                "score": score, "kl": kl.sum(-1), "length": mask.sum(-1).float()}
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        return batch["ids"]
+
+    def loss(self, out: ModelOutput, batch: Batch) -> Loss:
+        """Clipped policy loss + vf_coef * clipped value loss on rollout rows."""
+        logp, values, mask = self.scored(out, batch["labels"])
+        pg, clipfrac = policy_loss(logp, batch["logp"], batch["adv"], mask, self.clip)
+        vf = value_loss(values, batch["values"], batch["returns"], mask, self.value_clip)
+        return Loss(pg + self.vf_coef * vf, {"pg_loss": pg.detach(), "vf_loss": vf.detach(), "clipfrac": clipfrac.detach(),
+                                              "reward": batch["score"].mean(), "kl": batch["kl"].mean(),
+                                              "response_tokens": batch["length"].mean()},
+                    measure=-batch["score"].mean())  # val_loss: minus the mean reward
 
     # ------------------------------------------------------------------ optimisation
     def train_step(self, module, batch: Batch) -> Loss:
         """One rollout, then epochs x minibatches optimizer steps (manual optimization)."""
-        model, opt, sched = module.model, module.optimizers(), module.lr_schedulers()
-        ro = self.rollout(model, batch)
+        model = module.model
+        ro = self.prepare(model, batch)
         n = len(ro["ids"])
-        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": []}
+        stats: dict[str, list[torch.Tensor]] = {}
         max_steps = module.trainer.max_steps if module.trainer.max_steps and module.trainer.max_steps > 0 else None
         parts = [p for _ in range(self.epochs)
                  for p in torch.randperm(n, device=ro["ids"].device).chunk(self.minibatches)]
         if max_steps is not None:  # trainer.max_steps counts optimizer steps: do not overshoot it
             parts = parts[: max(1, max_steps - module.trainer.global_step)]
         for part in parts:
-            logp, values, mask = self.forward_scored(model, ro["ids"][part], ro["labels"][part])
-            pg, clipfrac = policy_loss(logp, ro["logp"][part], ro["adv"][part], mask, self.clip)
-            vf = value_loss(values, ro["values"][part], ro["returns"][part], mask, self.value_clip)
-            loss = pg + self.vf_coef * vf
-            opt.zero_grad()
-            module.manual_backward(loss)
-            if module.clip_val:
-                module.clip_gradients(opt, gradient_clip_val=module.clip_val, gradient_clip_algorithm="norm")
-            opt.step()
-            sched.step()
-            stats["pg_loss"].append(pg.detach()), stats["vf_loss"].append(vf.detach())
-            stats["clipfrac"].append(clipfrac.detach())
+            rows = {k: v[part] for k, v in ro.items()}
+            loss = self.loss(model(rows["ids"]), rows)
+            module.clip_and_step(loss.value)
+            for k in ("pg_loss", "vf_loss", "clipfrac"):
+                stats.setdefault(k, []).append(loss.metrics[k])
+        kl = ro["kl"].mean()
         if self.target_kl:  # adaptive KL controller
-            error = float((ro["kl"] / self.target_kl - 1).clamp(-0.2, 0.2))
+            error = float((kl / self.target_kl - 1).clamp(-0.2, 0.2))
             self.kl_coef *= 1 + error * n / self.horizon
         metrics = {k: torch.stack(v).mean() for k, v in stats.items()}
-        metrics.update(reward=ro["score"].mean(), kl=ro["kl"], kl_coef=torch.tensor(self.kl_coef),
-                       response_tokens=ro["length"])
+        metrics.update(reward=ro["score"].mean(), kl=kl, kl_coef=torch.tensor(self.kl_coef),
+                       response_tokens=ro["length"].mean())
         return Loss(metrics["pg_loss"] + self.vf_coef * metrics["vf_loss"], metrics)
-
-    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
-        """Validation: the mean reward of sampled responses (``val_loss`` is minus that)."""
-        ro = self.rollout(model, batch)
-        return Loss(-ro["score"].mean(), {"reward": ro["score"].mean(), "kl": ro["kl"]})
-
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    obj = cfg.get("objective")
-    if not isinstance(obj, DictConfig) or obj.get("_target_") != f"{__name__}.PPO":
-        return []
-    problems = []
-    if cfg.get("reward") is None and not obj.get("reward_model"):
-        problems.append("objective=ppo needs a reward: reward=exact_answer|keyword|length, or "
-                        "objective.reward_model=<a run trained with objective=reward>")
-    data = cfg.get("data")
-    if isinstance(data, DictConfig) and data.get("kind") != "prompts":
-        problems.append(f"objective=ppo samples responses to prompts: use data=prompts (data.kind is "
-                        f"{data.get('kind')!r})")
-    return problems

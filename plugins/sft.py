@@ -5,10 +5,8 @@ Samples are padded, not packed (see chat_data.py)."""
 
 from __future__ import annotations
 
-from torch import nn
-
-from llmzoo.interfaces import Batch, Loss
-from llmzoo.losses import next_token_loss
+from llmzoo.interfaces import Batch, Loss, ModelOutput, summed
+from llmzoo.losses import label_count, next_token_loss
 
 
 class SFT:
@@ -19,8 +17,10 @@ class SFT:
     def __init__(self, aux_loss_weight: float = 1.0):
         self.aux_loss_weight = aux_loss_weight
 
-    def __call__(self, model: nn.Module, batch: Batch) -> Loss:
-        out = model(batch["input_ids"])
+    def weight(self, batch: Batch):
+        return label_count(batch["labels"])
+
+    def loss(self, out: ModelOutput, batch: Batch) -> Loss:
         ce, n = next_token_loss(out.logits, batch["labels"])
         loss = ce if out.aux_loss is None else ce + self.aux_loss_weight * out.aux_loss
-        return Loss(loss, {"ce": ce.detach(), "tokens": n.float()})
+        return Loss(loss, {"ce": ce.detach(), "tokens": summed(n.float())}, measure=ce.detach())

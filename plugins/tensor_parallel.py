@@ -4,7 +4,7 @@ with torch's DTensor ``parallelize_module``.
 The device mesh is Lightning's ``ModelParallelStrategy`` mesh, ``(data_parallel,
 tensor_parallel)``: processes in one tensor-parallel group hold slices of the same
 layers and see the same batch; data-parallel groups see different batches and, when
-``data_parallel > 1``, shard the rest with FSDP2 (``llmzoo_plugins.fsdp``).
+``data_parallel > 1``, shard the rest with FSDP2 (``llmzoo.sharding``).
 
 Each block says how its linears split (``tensor_parallel_plan``, capability
 ``tensor_parallel``): column-wise layers (attention's q, k, v, SwiGLU's gate and up)
@@ -26,10 +26,9 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo import hookimpl
 from llmzoo.interfaces import TENSOR_PARALLEL
 from llmzoo.layers import swiglu_hidden
-from llmzoo_plugins.fsdp import FSDP, PRECISIONS
+from llmzoo.sharding import PRECISIONS, shard_stack
 
 
 def styles(sequence_parallel: bool) -> dict[str, Any]:
@@ -62,8 +61,7 @@ class TensorParallel:
         self.tp, self.dp = int(tensor_parallel), int(data_parallel)
         self.sequence_parallel, self.shard_vocab = sequence_parallel, shard_vocab
         self.backend, self.save_distributed_checkpoint = backend, save_distributed_checkpoint
-        self.fsdp = FSDP(devices=self.dp, mixed_precision=mixed_precision,
-                         activation_checkpointing=activation_checkpointing)
+        self.mixed_precision, self.activation_checkpointing = mixed_precision, activation_checkpointing
 
     def lightning_strategy(self) -> Any:
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -88,8 +86,38 @@ class TensorParallel:
             plan = {name: style[kind] for name, kind in block.tensor_parallel_plan.items() if style[kind] is not None}
             parallelize_module(block, tp_mesh, plan)
         if self.dp > 1:  # 2-D: FSDP over the data-parallel dimension of the same mesh
-            self.fsdp.parallelize(model, device_mesh)
+            shard_stack(model, model.blocks, device_mesh, mixed_precision=self.mixed_precision,
+                        activation_checkpointing=self.activation_checkpointing)
         return model
+
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        problems = []
+        tp, dp = node.get("tensor_parallel"), node.get("data_parallel")
+        devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
+        if not (isinstance(tp, int) and tp >= 1 and isinstance(dp, int) and dp >= 1):
+            return [f"parallel.tensor_parallel={tp!r} and parallel.data_parallel={dp!r} must be positive integers"]
+        if not isinstance(devices, int) or tp * dp != devices * nodes:
+            problems.append(f"the mesh parallel.data_parallel={dp} x parallel.tensor_parallel={tp} = {dp * tp} "
+                            f"processes must equal the world trainer.devices={devices} x trainer.num_nodes={nodes}")
+        block = cfg.get("block") or {}
+        heads, kv = block.get("n_heads"), block.get("n_kv_heads") or block.get("n_heads")
+        if isinstance(kv, int) and kv % tp:
+            problems.append(f"parallel.tensor_parallel={tp} must divide the key/value heads (model.n_kv_heads="
+                            f"{kv}, model.n_heads={heads}): each process holds whole head groups")
+        dim, hidden = block.get("dim"), block.get("ffn_hidden")
+        hidden = hidden or (swiglu_hidden(dim) if isinstance(dim, int) else None)
+        if isinstance(hidden, int) and hidden % tp:
+            problems.append(f"parallel.tensor_parallel={tp} must divide model.ffn_hidden={hidden}")
+        seq = cfg.get("data", {}).get("seq_len")
+        if node.get("sequence_parallel") and isinstance(seq, int) and seq % tp:
+            problems.append(f"parallel.sequence_parallel=true splits data.seq_len={seq} into "
+                            f"parallel.tensor_parallel={tp} equal parts: it must divide it")
+        if node.get("mixed_precision") not in PRECISIONS:
+            problems.append(f"parallel.mixed_precision={node.get('mixed_precision')!r} is not one of {list(PRECISIONS)}")
+        if cfg.trainer.get("compile"):
+            problems.append("trainer.compile=true is not supported with parallel=tp yet")
+        return problems
 
     def _outer_plan(self, model: nn.Module, style: dict[str, Any]) -> dict[str, Any]:
         """Embedding, final norm and head: split by vocabulary (unless tied or
@@ -110,36 +138,3 @@ class TensorParallel:
         if self.sequence_parallel:
             plan["norm"] = style["norm"]
         return plan
-
-
-@hookimpl
-def llmzoo_validate(cfg: DictConfig) -> list[str]:
-    par = cfg.get("parallel")
-    if not isinstance(par, DictConfig) or par.get("_target_") != f"{__name__}.TensorParallel":
-        return []
-    problems = []
-    tp, dp = par.get("tensor_parallel"), par.get("data_parallel")
-    devices, nodes = cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1)
-    if not (isinstance(tp, int) and tp >= 1 and isinstance(dp, int) and dp >= 1):
-        return [f"parallel.tensor_parallel={tp!r} and parallel.data_parallel={dp!r} must be positive integers"]
-    if not isinstance(devices, int) or tp * dp != devices * nodes:
-        problems.append(f"the mesh parallel.data_parallel={dp} x parallel.tensor_parallel={tp} = {dp * tp} "
-                        f"processes must equal the world trainer.devices={devices} x trainer.num_nodes={nodes}")
-    block = cfg.get("block") or {}
-    heads, kv = block.get("n_heads"), block.get("n_kv_heads") or block.get("n_heads")
-    if isinstance(kv, int) and kv % tp:
-        problems.append(f"parallel.tensor_parallel={tp} must divide the key/value heads (model.n_kv_heads="
-                        f"{kv}, model.n_heads={heads}): each process holds whole head groups")
-    dim, hidden = block.get("dim"), block.get("ffn_hidden")
-    hidden = hidden or (swiglu_hidden(dim) if isinstance(dim, int) else None)
-    if isinstance(hidden, int) and hidden % tp:
-        problems.append(f"parallel.tensor_parallel={tp} must divide model.ffn_hidden={hidden}")
-    seq = cfg.get("data", {}).get("seq_len")
-    if par.get("sequence_parallel") and isinstance(seq, int) and seq % tp:
-        problems.append(f"parallel.sequence_parallel=true splits data.seq_len={seq} into "
-                        f"parallel.tensor_parallel={tp} equal parts: it must divide it")
-    if par.get("mixed_precision") not in PRECISIONS:
-        problems.append(f"parallel.mixed_precision={par.get('mixed_precision')!r} is not one of {list(PRECISIONS)}")
-    if cfg.trainer.get("compile"):
-        problems.append("trainer.compile=true is not supported with parallel=tp yet")
-    return problems

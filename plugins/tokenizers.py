@@ -11,29 +11,9 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from llmzoo.data import ChatTemplate
+
 META = "llmzoo_tokenizer.json"
-
-
-class ChatTemplate:
-    """How a conversation becomes text, owned by the tokenizer (chat data and
-    ``llmzoo-generate`` use it). ``render_chat`` returns (text, trained) pieces: the
-    assistant's words are trained on, the rest is prompt. Subclasses change ``ROLE``
-    (the header of each turn) and ``END`` (what closes a turn)."""
-
-    ROLE = "<|{role}|>\n"
-    END = "\n"
-
-    def render_chat(self, messages: Sequence[dict], generation_prompt: bool = False) -> list[tuple[str, bool]]:
-        pieces = []
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise ValueError(f"message {i}: needs role in system/user/assistant and a string content, got {m!r}")
-            pieces.append((self.ROLE.format(role=role), False))
-            pieces.append((content + self.END, role == "assistant"))
-        if generation_prompt:
-            pieces.append((self.ROLE.format(role="assistant"), False))
-        return pieces
 
 
 class ByteTokenizer(ChatTemplate):
@@ -104,13 +84,16 @@ class JsonTokenizer(ChatTemplate):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._need().save(str(d / "tokenizer.json"))
-        (d / META).write_text(json.dumps({"kind": "json", "tokens": self.tokens}))
+        # vocab_size may exceed the file's (a BPE padded to its target size): kept as saved
+        (d / META).write_text(json.dumps({"kind": "json", "tokens": self.tokens, "vocab_size": self.vocab_size}))
 
     @classmethod
     def load(cls, directory: str | Path) -> "JsonTokenizer":
         meta = json.loads((Path(directory) / META).read_text())
         t = meta["tokens"]
-        return JsonTokenizer(Path(directory) / "tokenizer.json", t["bos"], t["eos"], t["pad"])
+        tok = JsonTokenizer(Path(directory) / "tokenizer.json", t["bos"], t["eos"], t["pad"])
+        tok.vocab_size = max(tok.vocab_size, meta.get("vocab_size", 0))
+        return tok
 
 
 class BPETokenizer(JsonTokenizer):

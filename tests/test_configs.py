@@ -120,6 +120,6 @@ def test_cli_bad_shape_fails_before_training(tmp_path):
 
 def test_help_lists_groups():
     out = run_cli("llmzoo-train", "--help")
-    for group in ("block: dense", "model: 125m, 1b, small, tiny", "decoder: greedy, medusa, sample, speculative, static"):
+    for group in ("block: dense", "model: 125m, 1b, small, tiny", "decoder: beam, greedy, medusa, sample, speculative, static"):
         assert group in out.stdout
     assert "plugins" in run_cli("llmzoo", "--help").stdout

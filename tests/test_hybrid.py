@@ -44,8 +44,11 @@ def test_greedy_on_hybrid_equals_full_forward_argmax():
 
 
 def test_bad_pattern_and_capability_messages():
-    with pytest.raises(ConfigError, match=r"block.mixer_pattern names \['ssm'\], not in block.mixers"):
+    with pytest.raises(ConfigError, match=r"block: mixer_pattern names \['ssm'\], not in block.mixers"):
         llmzoo.compose(overrides=["block=hybrid", "block.mixer_pattern=[ssm,attention]"])
+    # a nested mixer's own check runs too, named by its key
+    with pytest.raises(ConfigError, match=r"block.mixers.attention: n_heads=5 does not divide dim=64"):
+        llmzoo.compose(overrides=["block=hybrid", "model.dim=64", "block.mixers.attention.n_heads=5"])
 
     import sys
     import types

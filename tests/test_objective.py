@@ -4,6 +4,7 @@ import torch
 
 from llmzoo.interfaces import ModelOutput
 from llmzoo_plugins.clm import CausalLM
+from llmzoo.losses import run_objective
 
 
 class FixedLogits(torch.nn.Module):
@@ -35,12 +36,13 @@ def test_clm_loss_with_ignore_index_and_z_loss_and_aux():
     labels = ids.clone()
     labels[0, 2] = labels[1, 5] = -100
     ce, n = manual_ce(logits, labels)
-    out = CausalLM()(FixedLogits(logits), {"input_ids": ids, "labels": labels})
-    assert abs(out.value.item() - ce) < 1e-5 and int(out.metrics["tokens"]) == n
+    out = run_objective(FixedLogits(logits), CausalLM(), {"input_ids": ids, "labels": labels})
+    assert abs(out.value.item() - ce) < 1e-5 and int(out.metrics["tokens"].value) == n
 
     lse = torch.stack([logits[b, t].logsumexp(0) for b in range(2) for t in range(5) if labels[b, t + 1] != -100])
     aux = torch.tensor(0.25)
-    out = CausalLM(z_loss=1e-2, aux_loss_weight=0.5)(FixedLogits(logits, aux), {"input_ids": ids, "labels": labels})
+    out = run_objective(FixedLogits(logits, aux), CausalLM(z_loss=1e-2, aux_loss_weight=0.5),
+                        {"input_ids": ids, "labels": labels})
     expected = ce + 1e-2 * (lse ** 2).mean().item() + 0.5 * 0.25
     assert abs(out.value.item() - expected) < 1e-5
 
@@ -48,5 +50,5 @@ def test_clm_loss_with_ignore_index_and_z_loss_and_aux():
 def test_labels_default_to_input_ids():
     g = torch.Generator().manual_seed(1)
     logits, ids = torch.randn(1, 4, 5, generator=g), torch.randint(0, 5, (1, 4), generator=g)
-    out = CausalLM()(FixedLogits(logits), {"input_ids": ids})
+    out = run_objective(FixedLogits(logits), CausalLM(), {"input_ids": ids})
     assert abs(out.value.item() - manual_ce(logits, ids)[0]) < 1e-5

@@ -64,6 +64,25 @@ def test_pipeline_equals_one_process_resumes_and_loads_into_one(single, tmp_path
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("objective, data", [("sft", "instructions"), ("dpo", "preferences")])
+def test_pipeline_runs_the_objectives_own_loss(tmp_path, objective, data):
+    """SFT (padded rows, unequal labelled tokens per micro-batch) and DPO (pairs, a frozen
+    reference on the last stage) under a 2-stage pipeline: the same losses as one process,
+    because each micro-batch's loss is weighted by its share of the batch's tokens/pairs."""
+    common = [*COMMON, f"objective={objective}", f"data={data}", "data.batch_size=4"]
+    run_cli("llmzoo-train", "parallel=single", f"run_dir={tmp_path / 'one'}", *common)
+    run_cli("llmzoo-train", "parallel=pipeline", "trainer.devices=2", "parallel.microbatches=2",
+            f"run_dir={tmp_path / 'pp'}", *common)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "pp")
+    assert [s for s, _ in a] == [s for s, _ in b] == [0, 1]
+    for (_, x), (_, y) in zip(a, b):
+        assert abs(x - y) < 1e-5, (a, b)
+    if objective == "dpo":  # the pipeline's metrics are combined over micro-batches the same way
+        m1, m2 = losses(tmp_path / "one", "train/reward_margin"), losses(tmp_path / "pp", "train/reward_margin")
+        assert abs(m1[1][1] - m2[1][1]) < 1e-5
+
+
+@pytest.mark.distributed
 def test_fsdp_times_tensor_parallel_on_four_processes(single, tmp_path):
     # mesh (data_parallel=2, tensor_parallel=2): each pipeline of data sees 4 of the 8 sequences
     run_cli("llmzoo-train", "parallel=fsdp_tp", "trainer.devices=4", "parallel.sequence_parallel=true",
@@ -145,8 +164,10 @@ def test_balanced_split_minimises_the_largest_stage():
      r"parallel.schedule='zero_bubble' is not one of"),
     (["parallel=pipeline", "trainer.devices=2", "parallel.schedule=interleaved_1f1b"],
      r"interleaved_1f1b needs parallel.stages_per_process >= 2"),
-    (["parallel=pipeline", "trainer.devices=2", "objective=sft", "data=instructions"],
-     r"parallel=pipeline trains objective=clm only"),
+    (["parallel=pipeline", "trainer.devices=2", "objective=reward", "data=preferences"],
+     r"reads the model's hidden states, but a pipeline's last stage computes only the logits"),
+    (["parallel=pipeline", "trainer.devices=2", "objective=ppo", "data=prompts", "reward=length"],
+     r"objective=.* and parallel=.* both own the training step"),
 ])
 def test_parallel_config_errors_name_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -6,22 +6,26 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import FAST, ROOT, run_cli
 
 EXAMPLE = ROOT / "examples" / "llmzoo-example-plugin"
+# one example package per interface (docs/plugins.md walks through them)
+EXAMPLES = {"block": EXAMPLE, **{kind: ROOT / "examples" / f"llmzoo-example-{kind}"
+                                  for kind in ("tokenizer", "objective", "decoder", "strategy")}}
 
 
-def pip_install(target, path):
+def pip_install(target, *paths):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(path)], check=True, capture_output=True)
+                    "--target", str(target), *map(str, paths)], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """A folder holding the example plugin and a plugin package that fails on import."""
+    """A folder holding the five example plugins and a plugin package that fails on import."""
     site = tmp_path_factory.mktemp("site")
-    pip_install(site, EXAMPLE)
+    pip_install(site, *EXAMPLES.values())
     broken = tmp_path_factory.mktemp("broken_src")
     (broken / "broken_llmzoo_plugin").mkdir()
     (broken / "broken_llmzoo_plugin" / "__init__.py").write_text("raise ImportError('needs libfoo 9')\n")
@@ -48,6 +52,9 @@ def env_with(site, **extra):
 def test_plugins_lists_third_party_options_and_reports_broken_ones(site):
     out = run_cli("llmzoo", "plugins", env=env_with(site), check=False)
     assert "block=shortconv" in out.stdout and "[llmzoo-example-plugin]" in out.stdout
+    for option, package in (("tokenizer=kmer", "tokenizer"), ("objective=simpo", "objective"),
+                            ("decoder=min_p", "decoder"), ("parallel=recompute", "strategy")):
+        assert option in out.stdout and f"[llmzoo-example-{package}]" in out.stdout, option
     assert "block=dense" in out.stdout and "[llmzoo]" in out.stdout
     assert "plugin 'broken' from package 'broken-llmzoo-plugin' failed to load: ImportError: needs libfoo 9" in out.stderr
     assert out.returncode == 1  # a broken plugin is an error, but the others still listed
@@ -58,8 +65,8 @@ def test_plugins_lists_third_party_options_and_reports_broken_ones(site):
 
 def test_example_plugin_trains_and_generates(site, tmp_path):
     run = tmp_path / "run"
-    run_cli("llmzoo-train", "block=shortconv", f"run_dir={run}", *FAST, "trainer.max_steps=20",
-            "trainer.val_every=10", env=env_with(site))
+    run_cli("llmzoo-train", "block=shortconv", f"run_dir={run}", *FAST, "trainer.max_steps=12",
+            "trainer.val_every=6", env=env_with(site))
     import csv
 
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val_loss")]
@@ -68,7 +75,7 @@ def test_example_plugin_trains_and_generates(site, tmp_path):
     assert out.stdout.startswith("Once")
     bad = run_cli("llmzoo-train", "block=shortconv", "block.kernel_size=1", f"run_dir={tmp_path / 'bad'}", *FAST,
                   env=env_with(site), check=False)
-    assert bad.returncode == 2 and "block.kernel_size must be at least 2" in bad.stderr
+    assert bad.returncode == 2 and "block: kernel_size must be at least 2, got 1" in bad.stderr
 
 
 def test_example_block_passes_conformance():
@@ -81,3 +88,56 @@ def test_example_block_passes_conformance():
         check_block(lambda: ShortConvBlock(dim=16, kernel_size=3), 16)
     finally:
         sys.path.remove(str(EXAMPLE))
+
+
+@pytest.fixture()
+def examples_importable(site):
+    sys.path.insert(0, str(site))
+    yield
+    sys.path.remove(str(site))
+
+
+def test_example_tokenizer_passes_its_check_and_trains_on_dna(site, examples_importable, tmp_path):
+    from llmzoo_example_tokenizer import KmerTokenizer
+
+    from llmzoo.testing import check_tokenizer
+
+    check_tokenizer(KmerTokenizer(k=3), texts=["ACGTACGTA", "ACG\nTTN", "", "A"])
+    g = torch.Generator().manual_seed(0)
+    dna = "\n".join("".join("ACGT"[int(i)] for i in torch.randint(0, 4, (96,), generator=g)) for _ in range(200))
+    (tmp_path / "dna.txt").write_text(dna)
+    run = tmp_path / "run"
+    run_cli("llmzoo-train", "tokenizer=kmer", f"data.path={tmp_path / 'dna.txt'}", f"run_dir={run}", *FAST,
+            "trainer.max_steps=3", "trainer.val_every=0", env=env_with(site))
+    out = run_cli("llmzoo-generate", f"run_dir={run}", "prompt=ACGTAC", "max_new_tokens=4", env=env_with(site))
+    assert out.stdout.startswith("ACGTAC") and set(out.stdout.strip()) <= set("ACGTN\n")
+    bad = run_cli("llmzoo-train", "tokenizer=kmer", f"run_dir={tmp_path / 'bad'}", *FAST, "trainer.max_steps=1",
+                  env=env_with(site), check=False)  # the bundled English corpus is not DNA
+    assert bad.returncode != 0 and "is not one of ['A', 'C', 'G', 'T', 'N']" in bad.stderr
+
+
+def test_example_objective_decoder_and_strategy_pass_their_checks(site, examples_importable, tmp_path):
+    from llmzoo_example_decoder import MinP
+    from llmzoo_example_objective import SimPO
+
+    import llmzoo
+    from conftest import tiny_cfg
+    from llmzoo.testing import check_decoder, check_objective, check_strategy
+    from llmzoo_plugins.chat_data import RecordsDataModule, encode_record
+    from llmzoo_plugins.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rows = [encode_record(tok, {"prompt": p, "chosen": c, "rejected": r}, "preferences", 64)
+            for p, c, r in (("Hi?", "Hello!", "No."), ("2+2?", "4", "five"), ("Sky?", "Blue.", "Green, I think."),
+                            ("Pet?", "A cat.", "?"))]
+    batch = RecordsDataModule(tok, path="-", kind="preferences", seq_len=64).collate(rows)
+    model = llmzoo.build_model(tiny_cfg("model.vocab_size=259"))
+    check_objective(SimPO(), model, batch)
+    check_decoder(MinP(min_p=0.05, seed=1), model)
+    # the strategy: the same losses as a plain single-device run
+    check_strategy(["parallel=recompute"], tmp_path, env=env_with(site))
+    # SimPO trains, and the run's closing samples come from the min_p decoder
+    out = run_cli("llmzoo-train", "objective=simpo", "data=preferences", "decoder=min_p", f"run_dir={tmp_path / 'simpo'}",
+                  *FAST, "sample.prompts=[Hello]", "sample.max_new_tokens=4", "trainer.max_steps=2",
+                  "trainer.val_every=0", env=env_with(site))
+    assert "--- sample ---\nHello" in out.stdout

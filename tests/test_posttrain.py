@@ -21,6 +21,7 @@ from llmzoo_plugins.dpo import dpo_loss
 from llmzoo_plugins.reward import RewardModel
 from llmzoo_plugins.sft import SFT
 from llmzoo_plugins.tokenizers import ByteTokenizer
+from llmzoo.losses import run_objective
 
 
 # ----------------------------------------------------------------------------- losses vs formulas
@@ -63,7 +64,7 @@ def test_reward_loss_is_bradley_terry():
     rows = [encode_record(tok, {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No thanks."}, "preferences", 64),
             encode_record(tok, {"prompt": "2 + 2?", "chosen": "4.", "rejected": "5."}, "preferences", 64)]
     batch = RecordsDataModule(tok, path="-", kind="preferences", seq_len=64).collate(rows)
-    loss = rm(model, batch)
+    loss = run_objective(model, rm, batch)
     with torch.no_grad():
         r = [[rm.score(model, torch.tensor([row[f"{s}_input_ids"]]), torch.tensor([len(row[f"{s}_input_ids"]) - 1])).item()
               for s in ("chosen", "rejected")] for row in rows]
@@ -92,7 +93,7 @@ def test_sft_takes_no_loss_and_no_gradient_on_prompt_tokens():
             kept["logits"] = out.logits
             return out
 
-    SFT()(Recorder(model), {"input_ids": ids, "labels": labels}).value.backward()
+    run_objective(Recorder(model), SFT(), {"input_ids": ids, "labels": labels}).value.backward()
     grad = kept["logits"].grad[0].abs().sum(-1)  # (T,): position t predicts token t + 1
     predicts_response = torch.tensor(row["labels"][1:] + [IGNORE_INDEX]) != IGNORE_INDEX
     assert (grad[~predicts_response] == 0).all() and (grad[predicts_response] > 0).all()
@@ -229,7 +230,7 @@ def mean_reward(run_dir, reward, n_prompts=16, group=4):
     return sum(reward("", run.tokenizer.decode(o), None) for o in outs) / len(outs)
 
 
-@pytest.mark.parametrize("block", ["dense", "mamba2"])
+@pytest.mark.parametrize("block", ["dense", pytest.param("mamba2", marks=pytest.mark.slow)])  # mamba2: slow, for time
 def test_grpo_raises_a_rule_based_reward(tmp_path, block, pretrained):
     """Keyword reward ("the"): asked arithmetic questions, the pretrained tiny model
     answers with a story word about half the time; GRPO makes it the rule."""
@@ -277,7 +278,7 @@ def test_clipped_policy_and_value_losses_equal_hand_computed_values():
     assert value_loss(v, v_old, ret, torch.ones(1, 2, dtype=torch.bool), 0.2).item() == pytest.approx(0.5 * 2.69 / 2)
 
 
-@pytest.mark.parametrize("block", ["dense", "mamba2"])
+@pytest.mark.parametrize("block", ["dense", pytest.param("mamba2", marks=pytest.mark.slow)])  # mamba2: slow, for time
 def test_ppo_raises_a_rule_based_reward(tmp_path, block, pretrained):
     from llmzoo_plugins.rewards import Keyword
 
@@ -307,6 +308,6 @@ def test_dpo_with_precomputed_reference_equals_the_live_reference():
     cached.precompute(batches)
     assert cached.ref == []  # the reference model is gone
     for b in batches:
-        a, c = live(model, b), cached(model, b)
+        a, c = run_objective(model, live, b), run_objective(model, cached, b)
         torch.testing.assert_close(c.value, a.value, atol=1e-5, rtol=1e-5)
         assert a.value.item() != pytest.approx(math.log(2))  # not the untrained value

@@ -6,6 +6,7 @@ construction; its decode-time state is the last k-1 inputs (fixed size).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmzoo import ResidualBlock, SwiGLU, hookimpl
+
+
+@dataclass
+class ConvState:
+    """The last k-1 inputs of each row: (B, D, k - 1). See llmzoo.interfaces.DecodeState."""
+
+    history: torch.Tensor
+
+    def reset(self) -> None:
+        self.history.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.history = self.history[index.to(self.history.device)]
 
 
 class ShortConv(nn.Module):
@@ -28,22 +42,19 @@ class ShortConv(nn.Module):
         self.proj_out = nn.Linear(dim, dim, bias=False)
         self.proj_out.residual_out = True
 
-    def forward(self, x: torch.Tensor, *, state: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, state: ConvState | None = None) -> torch.Tensor:
         u, gate = self.proj_in(x).chunk(2, dim=-1)
         u = u.transpose(1, 2)  # (B, D, T)
-        if state is None:
-            history = u.new_zeros(u.shape[0], u.shape[1], self.k - 1)
-        else:
-            history = state["history"]
+        history = u.new_zeros(u.shape[0], u.shape[1], self.k - 1) if state is None else state.history
         padded = torch.cat([history, u], dim=-1)
         if state is not None:
-            state["history"] = padded[..., -(self.k - 1):].clone()
+            state.history = padded[..., -(self.k - 1):].clone()
         y = self.conv(padded).transpose(1, 2)
         return self.proj_out(y * F.silu(gate))
 
-    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> dict:
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> ConvState:
         dim = self.proj_out.in_features
-        return {"history": torch.zeros(batch_size, dim, self.k - 1, device=device, dtype=dtype)}
+        return ConvState(torch.zeros(batch_size, dim, self.k - 1, device=device, dtype=dtype))
 
 
 class ShortConvBlock(ResidualBlock):
@@ -53,15 +64,13 @@ class ShortConvBlock(ResidualBlock):
                  layer_idx: int = 0):
         super().__init__(ShortConv(dim, kernel_size), SwiGLU(dim, ffn_hidden or 2 * dim), dim, norm_eps)
 
+    @staticmethod
+    def check(node, cfg) -> list[str]:
+        """Config rules of this block alone; llmzoo prefixes them with the node's key."""
+        k = node.get("kernel_size", 4)
+        return [] if isinstance(k, int) and k >= 2 else [f"kernel_size must be at least 2, got {k}"]
+
 
 @hookimpl
 def llmzoo_conf_path() -> str:
     return str(Path(__file__).parent / "conf")
-
-
-@hookimpl
-def llmzoo_validate(cfg) -> list[str]:
-    block = cfg.get("block") or {}
-    if block.get("_target_") == f"{__name__}.ShortConvBlock" and int(block.get("kernel_size", 4)) < 2:
-        return [f"block.kernel_size must be at least 2, got {block.get('kernel_size')}"]
-    return []
