@@ -50,6 +50,11 @@ class DataModule(Protocol):
 
     provides: frozenset[str]
 
+    def every_batch(self) -> Iterable[Batch]:
+        """Optional: every training and validation row once, in a fixed order, in batches
+        of ``batch_size`` -- for objectives that precompute per-row values before training
+        (DPO's reference log-probs with ``precompute_reference``). Called after ``setup``."""
+
 
 @dataclass
 class ModelOutput:

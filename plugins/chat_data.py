@@ -21,7 +21,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -195,6 +195,12 @@ class RecordsDataModule(L.LightningDataModule):
         self.train_sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed, rank=rank,
                                               world_size=world)
         log.info("%s: %d train / %d val records from %s", self.kind, len(self.train_rows), len(self.val_rows), self.path)
+
+    def every_batch(self) -> Iterator[dict[str, Any]]:
+        """Every training and validation row once, in order (DataModule.every_batch)."""
+        rows = list(self.train_rows) + list(self.val_rows)
+        for i in range(0, len(rows), self.batch_size):
+            yield self.collate(rows[i:i + self.batch_size])
 
     def collate(self, rows: list[dict]) -> dict[str, Any]:
         pad_id = self.tokenizer.pad_id

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmzoo.config import node_class
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
 from llmzoo.losses import pair_rows, sequence_logprobs
 
@@ -102,15 +103,18 @@ class DPO(nn.Module):
 
     def on_fit_start(self, module) -> None:
         """Called by the trainer's module before training: precompute if configured."""
-        dm = module.trainer.datamodule
-        if not self.precompute_reference or self.cache is not None or dm is None:
+        if not self.precompute_reference or self.cache is not None:
             return
-        rows = list(dm.train_rows) + list(dm.val_rows)
-        size = dm.batch_size
         device = module.device
         self.ref[0].to(device)
-        self.precompute({k: v.to(device) if torch.is_tensor(v) else v for k, v in dm.collate(rows[i:i + size]).items()}
-                        for i in range(0, len(rows), size))
+        self.precompute({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                        for batch in module.trainer.datamodule.every_batch())
+
+    @staticmethod
+    def check(node, cfg) -> list[str]:
+        if node.get("precompute_reference") and not callable(getattr(node_class(cfg.get("data")), "every_batch", None)):
+            return ["precompute_reference=true needs a data module with every_batch() (data=preferences has one)"]
+        return []
 
     def reference_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is not None:
