@@ -16,12 +16,21 @@ def model_inputs(objective, batch: Batch) -> torch.Tensor:
     return inputs(batch) if inputs is not None else batch["input_ids"]
 
 
+def batch_size(batch: Batch) -> int:
+    """The number of rows of a batch (of its first tensor)."""
+    return len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
+def batch_rows(batch: Batch, index) -> Batch:
+    """Rows ``index`` (a slice or index tensor) of every per-row tensor; other values kept."""
+    n = batch_size(batch)
+    return {k: v[index] if torch.is_tensor(v) and v.dim() and len(v) == n else v for k, v in batch.items()}
+
+
 def batch_weight(objective, batch: Batch) -> torch.Tensor:
     """What the objective's loss averages over (default: the number of batch rows)."""
     weight = getattr(objective, "weight", None)
-    if weight is not None:
-        return weight(batch)
-    return torch.tensor(float(len(next(v for v in batch.values() if torch.is_tensor(v)))))
+    return weight(batch) if weight is not None else torch.tensor(float(batch_size(batch)))
 
 
 def run_objective(model, objective, batch: Batch) -> Loss:

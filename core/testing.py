@@ -267,7 +267,7 @@ def check_objective(objective: Any, model: nn.Module, batch: dict[str, Any], *, 
     scalar finite metrics; and -- unless it samples (``prepare``) -- the loss of the
     whole batch equals its two halves weighted by ``weight`` (what micro-batching strategies rely on)."""
     from .interfaces import as_metric
-    from .losses import batch_weight, model_inputs, run_objective
+    from .losses import batch_rows, batch_size, batch_weight, model_inputs, run_objective
 
     needs = getattr(objective, "needs", None)
     assert isinstance(needs, frozenset), "objective.needs must be a frozenset of batch field names"
@@ -293,7 +293,7 @@ def check_objective(objective: Any, model: nn.Module, batch: dict[str, Any], *, 
         objective.zero_grad(set_to_none=True)
     if hasattr(objective, "prepare"):
         return
-    rows = len(next(v for v in batch.values() if torch.is_tensor(v)))
+    rows = batch_size(batch)
     k, r = divmod(len(model_inputs(objective, batch)), rows)
     assert r == 0, f"inputs(batch) has {k * rows + r} rows, not a multiple of the batch's {rows}"
     if rows < 2:
@@ -301,8 +301,7 @@ def check_objective(objective: Any, model: nn.Module, batch: dict[str, Any], *, 
     with torch.no_grad():
         model.eval()
         whole = run_objective(model, objective, batch).value
-        halves = [{key: v[part] if torch.is_tensor(v) and v.dim() and len(v) == rows else v for key, v in batch.items()}
-                  for part in (slice(0, rows // 2), slice(rows // 2, rows))]
+        halves = [batch_rows(batch, part) for part in (slice(0, rows // 2), slice(rows // 2, rows))]
         total = batch_weight(objective, batch).float()
         parts = sum(run_objective(model, objective, h).value * batch_weight(objective, h).float() / total for h in halves)
     d = abs(float(whole) - float(parts))

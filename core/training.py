@@ -30,7 +30,7 @@ from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_model, build_objective,
 from .config import validate_config
 from .data import data_rank
 from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError
-from .interfaces import Loss, Metric, as_metric
+from .interfaces import Metric, as_metric
 from .losses import model_inputs, run_objective
 from .sharding import clip_grad_norm_
 from .plugins import get_plugin_manager
@@ -75,9 +75,11 @@ def block_metrics(sources: list[nn.Module]) -> dict[str, Metric]:
     for m in sources:
         for k, v in m.metrics().items():
             found.setdefault(k, []).append(as_metric(v))
-    return {k: Metric(torch.stack([torch.as_tensor(m.value) for m in ms]).sum(0) if ms[0].reduce == "sum" else
-                      torch.stack([torch.as_tensor(m.value) for m in ms]).mean(0), ms[0].reduce)
-            for k, ms in found.items()}
+    out = {}
+    for k, ms in found.items():
+        values = torch.stack([torch.as_tensor(m.value) for m in ms])
+        out[k] = Metric(values.sum(0) if ms[0].reduce == "sum" else values.mean(0), ms[0].reduce)
+    return out
 
 
 class LMModule(L.LightningModule):

@@ -38,7 +38,7 @@ from torch import nn
 from llmzoo.api import safe_torch_load
 from llmzoo.config import node_class
 from llmzoo.interfaces import Loss, Metric, ModelOutput, as_metric
-from llmzoo.losses import batch_weight, model_inputs
+from llmzoo.losses import batch_rows, batch_size, batch_weight, model_inputs
 from llmzoo.sharding import checkpointed, shard
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -311,8 +311,7 @@ class Pipeline:
     # -------------------------------------------------------------- one step
     def _loss(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The objective's loss on one micro-batch: ``rows`` are its batch rows."""
-        part = {k: v[rows] if torch.is_tensor(v) and v.dim() and len(v) == len(self._rows) else v
-                for k, v in self._batch.items()}
+        part = batch_rows(self._batch, rows)
         loss = self.objective.loss(ModelOutput(logits=logits[:, : self._width]), part)
         share = batch_weight(self.objective, part) / self._weight  # this part's share of the batch
         self._parts.append((loss, share.detach()))
@@ -321,7 +320,7 @@ class Pipeline:
     def _run(self, objective: Any, batch: dict[str, torch.Tensor], train: bool) -> Loss:
         x = model_inputs(objective, batch)
         self.objective, self._batch, self._width, self._parts = objective, batch, x.shape[1], []
-        self._rows = torch.arange(len(next(v for v in batch.values() if torch.is_tensor(v))), device=x.device)
+        self._rows = torch.arange(batch_size(batch), device=x.device)
         self._weight = batch_weight(objective, batch).float()
         width = next((w for w in sorted(self.schedules) if w >= x.shape[1]), x.shape[1])
         if width > x.shape[1]:  # right-pad to a width the stages know (causal: earlier positions unchanged)
