@@ -38,7 +38,7 @@ from llmzoo.analysis import device_description
 def trained_run(name: str, overrides: list[str], b: DictConfig) -> Path:
     run_dir = Path(hydra.utils.to_absolute_path(b.work_dir)) / name
     if not (run_dir / "model.safetensors").exists():
-        cfg = llmzoo.compose("train", [f"run_dir={run_dir}", "sample.prompts=[]", "trainer.tensorboard=false",
+        cfg = llmzoo.compose("train", [f"run_dir={run_dir}", "sample.prompts=[]", "logger=[]",
                                        "trainer.enable_progress_bar=false", *overrides])
         llmzoo.train(cfg)
     return run_dir

@@ -29,7 +29,7 @@ def run(strategy: str, devices: int, batch: int, steps: int, model: str, out: Pa
     cmd = [str(BIN / "llmzoo-train"), f"parallel={strategy}", f"trainer.devices={devices}", "trainer.accelerator=cpu",
            f"data.batch_size={batch}", f"trainer.max_steps={steps}", "trainer.val_every=0", f"model={model}",
            "data.seq_len=128", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
-           "trainer.tensorboard=false", "sample.prompts=[]", f"run_dir={out}"]
+           "logger=[]", "sample.prompts=[]", f"run_dir={out}"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads((out / "run_summary.json").read_text())
 

@@ -24,7 +24,7 @@ import llmzoo
 from llmzoo.analysis import device_description
 
 HERE = Path(__file__).parent
-QUIET = ["trainer.enable_progress_bar=false", "trainer.tensorboard=false", "sample.prompts=[]",
+QUIET = ["trainer.enable_progress_bar=false", "logger=[]", "sample.prompts=[]",
          "trainer.log_every_n_steps=1", "trainer.val_every=0"]
 
 

@@ -70,7 +70,8 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str], chat: bool = False) -> li
     if chat:
         pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
         return [[tokenizer.bos_id] + [t for text, _ in ps for t in tokenizer.encode(text)] for ps in pieces]
-    return [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
+    return [bos + tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
 
 
 def generate_ids(run: "Run", decoder: Any, ids: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
@@ -303,7 +304,12 @@ def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def load_any(path: str | Path) -> Run:
-    """A run folder (its final weights, else last.ckpt) or a ``.ckpt`` file."""
+    """A run folder (its final weights, else last.ckpt), a ``.ckpt`` file, or a Hugging
+    Face folder given as ``hf:<folder>``."""
+    if isinstance(path, str) and path.startswith("hf:"):
+        from .hf import from_hf
+
+        return from_hf(path[3:])
     path = Path(path)
     if path.is_file():
         return load_checkpoint(path)

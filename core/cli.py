@@ -19,6 +19,7 @@ from omegaconf import DictConfig, open_dict
 
 from .config import CONF_PACKAGE, list_options, validate_config
 from .errors import Interrupted, UserError, debug, reported
+from .hf import DTYPES, export_hf, import_hf
 from .plugins import get_plugin_manager
 
 log = logging.getLogger("llmzoo")
@@ -268,10 +269,54 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plugins", help="list every config option and the package that provides it")
     p.add_argument("--group", help="only this config group")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("import-hf", help="a Hugging Face transformers folder -> an llmzoo run folder",
+                       description="Read config.json, the safetensors weights and tokenizer.json of a Llama, Mistral, "
+                       "Qwen2/3, Mixtral, Mamba or Mamba-2 folder and write an llmzoo run folder (load_run, "
+                       "llmzoo-generate, init_from= read it). Fine-tune directly with llmzoo-train init_from=hf:<folder>.",
+                       epilog="example: llmzoo import-hf ~/models/llama run_dir=runs/llama max_seq_len=2048")
+    p.add_argument("folder", help="the Hugging Face model folder")
+    p.add_argument("settings", nargs="*", metavar="key=value",
+                   help=f"run_dir=<out> (required), max_seq_len=N (default 4096), dtype={'|'.join(DTYPES)}, "
+                   "overwrite=true")
+    p = sub.add_parser("export-hf", help="an llmzoo run -> a Hugging Face transformers folder",
+                       description="Write config.json, model.safetensors and the tokenizer of a run so that "
+                       "transformers' AutoModelForCausalLM / AutoTokenizer, vLLM, TGI and `transformers serve` load it. "
+                       "Dense, MoE (no shared experts), Mamba and Mamba-2 (block.mlp=false) runs export.",
+                       epilog="example: llmzoo export-hf run_dir=runs/quickstart out=exported/quickstart")
+    p.add_argument("settings", nargs="*", metavar="key=value",
+                   help=f"run_dir=<run> and out=<folder> (required), dtype={'|'.join(DTYPES)}")
     args = parser.parse_args(argv)
     if args.command == "plugins":
         return _plugins(args.group, args.json)
-    return 1
+    with reported(f"llmzoo {args.command}"):
+        _quiet_libraries()
+        if args.command == "import-hf":
+            s = _settings(args.settings, {"run_dir", "max_seq_len", "dtype", "overwrite"}, {"run_dir"})
+            if not s.get("max_seq_len", "1").isdigit():
+                raise UserError(f"max_seq_len={s['max_seq_len']!r}: expected a positive integer")
+            out = import_hf(args.folder, s["run_dir"], max_seq_len=int(s["max_seq_len"]) if "max_seq_len" in s
+                            else None, dtype=s.get("dtype", "float32"), overwrite=s.get("overwrite") == "true")
+            print(f"imported {args.folder} -> {out} (llmzoo-generate run_dir={out} prompt=...)")
+        else:
+            s = _settings(args.settings, {"run_dir", "out", "dtype"}, {"run_dir", "out"})
+            from .api import load_run
+
+            out = export_hf(load_run(s["run_dir"]), s["out"], dtype=s.get("dtype"))
+            print(f"exported {s['run_dir']} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def _settings(items: list[str], allowed: set[str], required: set[str]) -> dict[str, str]:
+    """key=value arguments, checked against the allowed keys."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in allowed:
+            raise UserError(f"argument {item!r}: expected key=value with key one of {sorted(allowed)}")
+        out[key] = value
+    if required - set(out):
+        raise UserError(f"missing {', '.join(f'{k}=...' for k in sorted(required - set(out)))}")
+    return out
 
 
 def _plugins(group: str | None, as_json: bool) -> int:

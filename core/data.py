@@ -44,10 +44,28 @@ class ChatTemplate:
             pieces.append((self.ROLE.format(role="assistant"), False))
         return pieces
 
+    def chat_template_jinja(self) -> str:
+        """The same format as a Jinja chat template (what ``llmzoo export-hf`` writes)."""
+        def literal(text: str) -> str:
+            return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+        head, tail = self.ROLE.split("{role}")
+        turn = f"{literal(head)} + message['role'] + {literal(tail)} + message['content'] + {literal(self.END)}"
+        return ("{% for message in messages %}{{ " + turn + " }}{% endfor %}{% if add_generation_prompt %}{{ "
+                + literal(self.ROLE.format(role="assistant")) + " }}{% endif %}")
+
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+FORMATS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",),
+           "arrow": (".arrow",)}
+SAVED = "hf_disk"  # a folder written by datasets' save_to_disk
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
 
 
 
@@ -70,7 +88,7 @@ def resolve_files(path: str | os.PathLike, fmt: str | None) -> tuple[list[str], 
                             f"set data.format to one of {list(FORMATS)}")
         fmt = found.pop()
     if fmt not in FORMATS:
-        raise DataError(f"data.format={fmt!r} is not one of {list(FORMATS)}")
+        raise DataError(f"data.format={fmt!r} is not one of {[*FORMATS, SAVED]}")
     if os.path.isdir(p):  # a folder may hold other files: keep the ones of this format
         files = [f for f in files if f.endswith(FORMATS[fmt])]
     if not files:
@@ -120,6 +138,8 @@ def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, cle
     for f in files:
         if os.path.getsize(f) == 0:
             raise DataError(f"{f}: file is empty")
+    if fmt == "arrow":  # binary tables: their column is checked once loaded (TextDataModule._text_column)
+        return files
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -239,10 +259,15 @@ class TextDataModule(L.LightningDataModule):
     def load_raw(self):
         import datasets
 
-        files, fmt = resolve_files(self.path, self.format)
-        files = check_files(files, fmt, self.text_field, self.skip_bad_records, self.work_dir / "clean_data")
         if os.environ.get("CI"):
             datasets.disable_progress_bars()
+        if self.format == SAVED or (self.format in (None, "auto") and is_saved_dataset(self.path)):
+            return self._load_saved()
+        files, fmt = resolve_files(self.path, self.format)
+        files = check_files(files, fmt, self.text_field, self.skip_bad_records, self.work_dir / "clean_data")
+        if fmt == "arrow":
+            ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=self.cache_dir)
+            return self._text_column(ds, files[0])
         if fmt == "text":
             ds = datasets.load_dataset("text", data_files=files, split="train", cache_dir=self.cache_dir,
                                        sample_by=self.sample_by)
@@ -252,6 +277,52 @@ class TextDataModule(L.LightningDataModule):
                                        cache_dir=self.cache_dir)
             field_ = self.text_field
         ds = ds.select_columns([field_]).rename_column(field_, "text") if field_ != "text" else ds.select_columns(["text"])
+        ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, desc="dropping empty records")
+        if len(ds) == 0:
+            raise DataError(f"data.path={self.path!r}: every record is empty")
+        return ds
+
+    def _load_saved(self):
+        """A ``save_to_disk`` folder (Arrow files and JSON metadata: nothing is executed);
+        of a DatasetDict, its "train" split (or its only one). Its Arrow files are read
+        like data.format=arrow, so datasets' caches go to its cache folder, never into the
+        user's folder."""
+        import datasets
+
+        folder = Path(self.path)
+        if not is_saved_dataset(folder):
+            raise DataError(f"data.path={self.path!r}: not a folder written by datasets' save_to_disk (no state.json "
+                            "or dataset_dict.json)")
+        try:
+            if (folder / "dataset_dict.json").is_file():
+                splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+                if "train" not in splits and len(splits) != 1:
+                    raise DataError(f"data.path={self.path!r}: a DatasetDict with splits {splits} and no 'train' split")
+                folder = folder / ("train" if "train" in splits else splits[0])
+            names = [f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise DataError(f"data.path={self.path!r}: broken save_to_disk metadata ({type(e).__name__}: {e})") from None
+        if any(Path(n).name != n for n in names):
+            raise DataError(f"{folder / 'state.json'}: refused: data file names must be plain file names")
+        ds = datasets.load_dataset("arrow", data_files=[str(folder / n) for n in names], split="train",
+                                   cache_dir=self.cache_dir)
+        return self._text_column(ds, self.path)
+
+    def _text_column(self, ds, where: Any):
+        """Only ``text_field`` (renamed "text"), checked to be text; null or empty rows
+        dropped (null ones only with ``skip_bad_records``)."""
+        feature = ds.features.get(self.text_field)
+        if feature is None:
+            raise DataError(f"{where}: no column {self.text_field!r} (columns: {ds.column_names}); set data.text_field")
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise DataError(f"{where}: column {self.text_field!r} holds {feature}, not text; set data.text_field")
+        ds = ds.select_columns([self.text_field])
+        if self.text_field != "text":
+            ds = ds.rename_column(self.text_field, "text")
+        nulls = [i for i, t in enumerate(ds["text"]) if t is None]
+        if nulls and not self.skip_bad_records:
+            raise DataError(f"{where}: row {nulls[0]}: {self.text_field!r} is null ({len(nulls)} rows are); fix them, "
+                            "or set data.skip_bad_records=true to drop them")
         ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, desc="dropping empty records")
         if len(ds) == 0:
             raise DataError(f"data.path={self.path!r}: every record is empty")

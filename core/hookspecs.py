@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning.pytorch import Callback
     from omegaconf import DictConfig
 
+    from .interfaces import HFArchitecture
+
 PROJECT = "llmzoo"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -44,3 +46,12 @@ def llmzoo_validate(cfg: "DictConfig") -> list[str]:
 @hookspec
 def llmzoo_callbacks(cfg: "DictConfig") -> list["Callback"]:
     """Extra Lightning callbacks for a training run configured by ``cfg``."""
+
+
+@hookspec
+def llmzoo_hf_architectures() -> list["HFArchitecture"]:
+    """Converters between Hugging Face ``transformers`` folders and llmzoo models, one per
+    model family (``llmzoo.interfaces.HFArchitecture``): ``llmzoo import-hf`` picks the
+    one whose ``model_types`` holds config.json's ``model_type``, ``llmzoo export-hf``
+    the first whose ``exports(cfg)`` says yes. A plugin whose block has a ``transformers``
+    counterpart returns its converter here; return [] otherwise."""

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
+from .errors import UserError
+
 # A batch is a plain dict of tensors: ``input_ids`` (B, T) long, ``labels`` (B, T) long
 # with -100 where no loss is taken, and whatever else an objective declares it needs
 # (``chosen_input_ids``, ``rejected_input_ids``, ...).
@@ -330,6 +332,17 @@ class TokenizerExtras(Protocol):
         pieces in this tokenizer's chat format -- inherit ``llmzoo.ChatTemplate`` for the
         default one; with ``generation_prompt`` they end where the assistant's answer starts."""
 
+    add_bos: bool
+    """Whether a prompt starts with ``bos_id`` (as Llama's tokenizers say in
+    ``add_bos_token``); absent means no."""
+
+    def hf_tokenizer(self) -> Any:
+        """This tokenizer as a Hugging Face ``tokenizers.Tokenizer`` (what ``llmzoo
+        export-hf`` writes as tokenizer.json); tokenizers without one cannot be exported."""
+
+    def chat_template_jinja(self) -> str:
+        """Its chat format as a Jinja template (tokenizer_config.json's ``chat_template``)."""
+
 
 class BlockExtras(Protocol):
     """Optional members of a Block (and of the mixers and FFNs inside ``ResidualBlock``)."""
@@ -355,3 +368,39 @@ class BlockExtras(Protocol):
         """Capabilities per part, from the config node alone (hybrid stacks, configurable mixers)."""
 
 
+
+
+class HFUnsupported(UserError, ValueError):
+    """A Hugging Face checkpoint (or an llmzoo run, on export) that a converter cannot
+    represent; the message names the config field or the part, and why."""
+
+
+class HFArchitecture(Protocol):
+    """How one family of Hugging Face ``transformers`` checkpoints maps onto llmzoo
+    blocks, in both directions (returned by the ``llmzoo_hf_architectures`` hook;
+    ``llmzoo.hf`` reads and writes the folders). Tensor names are the full state-dict
+    names on each side (``model.layers.0.self_attn.q_proj.weight`` ↔
+    ``blocks.0.mixer.q.weight``); every method raises ``HFUnsupported`` for what it
+    cannot represent rather than guessing."""
+
+    model_types: tuple[str, ...]  # config.json "model_type" values it imports
+
+    def import_config(self, hf: dict, max_seq_len: int | None = None) -> dict:
+        """config.json -> ``{"model": {...}, "block": {...}}``: the llmzoo config nodes
+        (the block node with its ``_target_``) of the same model, its context capped at
+        ``max_seq_len`` (default 4096: RoPE tables are built per layer)."""
+
+    def import_weights(self, hf: dict, read: Any, n_layers: int,
+                       wanted: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+        """(name, tensor) for each of our ``wanted`` state-dict names, made one at a time
+        from ``read(hf_name) -> Tensor`` (``read.has(hf_name) -> bool``) so that a large
+        checkpoint is never held twice in memory."""
+
+    def exports(self, cfg: Any) -> bool:
+        """Whether this converter writes runs configured by ``cfg`` (a run's config)."""
+
+    def export_config(self, cfg: Any, model: nn.Module) -> dict:
+        """The config.json of the run's ``model`` (``architectures``, ``model_type``, sizes)."""
+
+    def export_weights(self, cfg: Any, state: dict[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
+        """``transformers``' (name, tensor) pairs from our state dict."""

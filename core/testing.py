@@ -325,7 +325,7 @@ def check_strategy(overrides: list[str], run_root: Any, *, steps: int = 2, batch
     from pathlib import Path
 
     common = list(common or []) + [
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.tensorboard=false",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=[]",
         "sample.prompts=[]", f"trainer.max_steps={steps}", "trainer.val_every=0", "trainer.log_every_n_steps=1",
         "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3", f"data.batch_size={batch_size}", "overwrite=true"]
     losses = []

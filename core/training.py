@@ -16,12 +16,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from .analysis import device_peak_flops, mfu
@@ -29,7 +29,7 @@ from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_model, build_objective,
                   check_checkpoint_path, generate, load_any, prompt_ids, safe_torch_load, save_final, tokenizer_files)
 from .config import validate_config
 from .data import data_rank
-from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError
+from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError, UserError
 from .interfaces import Metric, as_metric
 from .losses import model_inputs, run_objective
 from .sharding import clip_grad_norm_
@@ -465,10 +465,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = 
         callbacks.extend(extra or [])
     if t.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=t.get("progress_refresh_rate", 10)))
-    loggers = [RunCSVLogger(run_dir, resume_step)]
-    if t.get("tensorboard", True):
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
-                                         default_hp_metric=False))
+    loggers = [RunCSVLogger(run_dir, resume_step), *build_loggers(cfg, run_dir)]
     return L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.get("num_nodes", 1), precision=t.precision, strategy=strategy.lightning_strategy(),
@@ -482,6 +479,37 @@ def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = 
         use_distributed_sampler=False,  # our sampler splits the data across ranks itself
         enable_model_summary=t.get("enable_model_summary", True), plugins=[AtomicCheckpointIO()],
     )
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    """The ``logger=`` group's Lightning loggers, each writing under the run folder
+    (``save_dir`` is relative to it), each given the resolved config as hyper-parameters."""
+    loggers = []
+    params = _flat(OmegaConf.to_container(cfg, resolve=True))
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        save_dir = run_dir / str(node.get("save_dir") or "")
+        try:
+            logger = instantiate(node, save_dir=str(save_dir), _convert_="all")
+            logger.log_hyperparams(params)  # starts the logger's run (imports its library)
+        except Exception as e:  # noqa: BLE001 - most often the logging library is not installed
+            raise UserError(f"logger.{name} ({node._target_}) cannot start: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        loggers.append(logger)
+    return loggers
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"optim/lr": 0.003, ...}: scalars as they are, lists as text (every logger takes these)."""
+    out: dict[str, Any] = {}
+    for k, v in (node.items() if isinstance(node, dict) else []):
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -508,6 +536,11 @@ def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str,
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     start = load_any(cfg.init_from) if cfg.get("init_from") else None  # a previous stage
+    if start is not None and str(cfg.init_from).startswith("hf:"):
+        # a Hugging Face model brings its own architecture and tokenizer
+        with open_dict(cfg):
+            cfg.model, cfg.block, cfg.tokenizer = start.cfg.model, start.cfg.block, start.cfg.tokenizer
+        log.info("init_from=%s: model, block and tokenizer come from its config.json", cfg.init_from)
     tokenizer = start.tokenizer if start else build_tokenizer(cfg)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
     if getattr(tokenizer, "is_trained", True) is False:
@@ -528,7 +561,13 @@ def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str,
                       compile=bool(cfg.trainer.get("compile")))
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization,
                             resume_step=resume_step)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    finally:
+        for logger in trainer.loggers:  # end wandb's run: the next run in this process gets its own
+            finish = getattr(getattr(logger, "_experiment", None), "finish", None)
+            if callable(finish):
+                finish()
 
     d = cfg.data
     n_params = model.num_parameters()

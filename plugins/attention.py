@@ -26,7 +26,7 @@ from torch import nn
 
 from llmzoo.decoding import take_rows
 from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
-from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
+from llmzoo.layers import ResidualBlock, RMSNorm, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,63 @@ BACKENDS = ("auto", "reference", "sdpa", "flash")
 
 
 # ----------------------------------------------------------------------------- rotary
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """(head_dim/2,) float64 inverse frequencies theta^(-2i/hd), and the factor cos and sin
+    are multiplied by. ``scaling`` extends the context of a trained model (Hugging Face's
+    ``rope_parameters`` / ``rope_scaling`` keys):
+      linear  every frequency divided by ``factor`` (positions interpolated);
+      llama3  low frequencies (wavelength > original_max_position_embeddings / low_freq_factor)
+              divided by ``factor``, high ones kept, a smooth blend between (Llama 3.1);
+      yarn    per-frequency blend of interpolation and extrapolation over a ramp between
+              beta_fast and beta_slow rotations, cos/sin scaled by 0.1 ln(factor) + 1 (YaRN).
+    """
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not one of {ROPE_TYPES}")
+    if kind == "default":
+        return inv, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor, 1.0
+    original = float(scaling["original_max_position_embeddings"])
+    if kind == "llama3":
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        wavelength = 2 * math.pi / inv
+        smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short
+        return inv * (smooth + (1 - smooth) / factor), 1.0
+    # yarn: rotations r over the original context happen at dimension d(r); below d(beta_fast)
+    # keep the frequency, above d(beta_slow) interpolate, linearly in between.
+    def dim_of(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+    blended = inv / factor * ramp + inv * (1 - ramp)
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return blended, float(attn)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_len, head_dim) for Llama's rotate-half convention."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_freq, attn = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attn).float(), (angles.sin() * attn).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,6 +198,14 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     return torch.arange(t_k, device=device)[None, :] <= q_pos
 
 
+def window_mask(q_pos: torch.Tensor, t_k: int, window: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` (or the causal one) restricted to keys less than ``window`` positions
+    before each query; ``q_pos`` (Tq,) are the queries' positions among the t_k keys."""
+    k_pos = torch.arange(t_k, device=q_pos.device)[None, :]
+    near = k_pos > q_pos[:, None] - window
+    return near & (k_pos <= q_pos[:, None] if mask is None else mask)
+
+
 def attention_reference(q, k, v, mask=None):
     """q: (B, H, Tq, hd), k, v: (B, H_kv, Tk, hd), the queries being the last Tq positions.
     ``mask`` (Tq, Tk) bool, True where a query may see a key; None: causal.
@@ -204,30 +263,44 @@ def pick_backend(requested: str, x: torch.Tensor) -> str:
 
 # ----------------------------------------------------------------------------- modules
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with rotary positions. (B, T, D) -> (B, T, D)."""
+    """Causal grouped-query self-attention with rotary positions. (B, T, D) -> (B, T, D).
+
+    Options of the model families Hugging Face checkpoints come in (all off by default):
+    ``head_dim`` other than dim / n_heads, biases on q/k/v (Qwen2) or on the output,
+    ``qk_norm`` (RMSNorm of each query and key head before the rotation: Qwen3),
+    ``rope_scaling`` (see ``rope_frequencies``) and ``sliding_window`` (each query sees
+    itself and the window - 1 keys before it: Mistral).
+    """
 
     capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK, TENSOR_PARALLEL})
     # Tensor parallel: whole heads per process (n_kv_heads divisible by the degree).
     tensor_parallel_plan = {"q": "colwise", "k": "colwise", "v": "colwise", "out": "rowwise"}
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, max_seq_len: int,
-                 rope_theta: float = 10000.0, backend: str = "auto", layer_idx: int = 0):
+                 rope_theta: float = 10000.0, backend: str = "auto", layer_idx: int = 0, *,
+                 head_dim: int | None = None, qkv_bias: bool = False, out_bias: bool = False,
+                 qk_norm: bool = False, norm_eps: float = 1e-5, rope_scaling: dict | None = None,
+                 sliding_window: int | None = None):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or dim // n_heads
         self.backend, self.backend_used, self.layer_idx = backend, None, layer_idx
-        self.q = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.k = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.v = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.out = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        hd = self.head_dim
+        self.q = nn.Linear(dim, n_heads * hd, bias=qkv_bias)
+        self.k = nn.Linear(dim, n_kv_heads * hd, bias=qkv_bias)
+        self.v = nn.Linear(dim, n_kv_heads * hd, bias=qkv_bias)
+        self.out = nn.Linear(n_heads * hd, dim, bias=out_bias)
         self.out.residual_out = True
-        self.rope_theta, self.max_seq_len = rope_theta, max_seq_len
-        cos, sin = rope_tables(self.head_dim, max_seq_len, rope_theta)
+        self.q_norm = RMSNorm(hd, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(hd, norm_eps) if qk_norm else None
+        self.sliding_window = sliding_window
+        self.rope_theta, self.rope_scaling, self.max_seq_len = rope_theta, rope_scaling, max_seq_len
+        cos, sin = rope_tables(hd, max_seq_len, rope_theta, rope_scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def reset_extra_parameters(self) -> None:
         # Buffers are not saved; rebuild them in float32 (e.g. after meta-device init).
-        cos, sin = rope_tables(self.head_dim, self.max_seq_len, self.rope_theta)
+        cos, sin = rope_tables(self.head_dim, self.max_seq_len, self.rope_theta, self.rope_scaling)
         self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def forward(self, x: torch.Tensor, *, state: KVCache | None = None) -> torch.Tensor:
@@ -235,17 +308,18 @@ class Attention(nn.Module):
         hd = self.head_dim
         # -1: the heads this process holds (all of them unless tensor parallel)
         q, k, v = self.q(x).view(B, T, -1, hd), self.k(x).view(B, T, -1, hd), self.v(x).view(B, T, -1, hd)
-        if state is None:
-            cos, sin = self.cos[:T], self.sin[:T]
-        else:
-            positions = state.positions(T, x.device)
-            cos, sin = self.cos[positions], self.sin[positions]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        positions = torch.arange(T, device=x.device) if state is None else state.positions(T, x.device)
+        cos, sin = (self.cos[:T], self.sin[:T]) if state is None else (self.cos[positions], self.sin[positions])
         q = apply_rope(q, cos, sin).transpose(1, 2)
         k = apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         mask = None
         if state is not None:
             k, v, mask = state.append(k, v)
+        if self.sliding_window and k.shape[2] > self.sliding_window:
+            mask = window_mask(positions, k.shape[2], self.sliding_window, mask)
         if self.backend_used is None:
             self.backend_used = pick_backend(self.backend, x)
             if self.layer_idx == 0:
@@ -255,8 +329,9 @@ class Attention(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections, plus QK^T and AV over the full context (as dense kernels compute them)."""
+        context = min(seq_len, self.sliding_window or seq_len)
         return 2 * sum(m.in_features * m.out_features for m in (self.q, self.k, self.v, self.out)) \
-            + 4 * seq_len * self.n_heads * self.head_dim
+            + 4 * context * self.n_heads * self.head_dim
 
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None,
                    static: bool = False) -> KVCache | StaticKVCache:
@@ -268,16 +343,21 @@ class Attention(nn.Module):
 
 
 class DenseBlock(ResidualBlock):
-    """Llama-style block: x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))."""
+    """Llama-style block: x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
+    The keyword-only options are Attention's (Qwen, Mistral and Llama 3 checkpoints)."""
 
     capabilities = Attention.capabilities
 
     def __init__(self, dim: int, n_heads: int, max_seq_len: int, n_kv_heads: int | None = None,
                  ffn_hidden: int | None = None, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-                 backend: str = "auto", layer_idx: int = 0):
+                 backend: str = "auto", layer_idx: int = 0, *, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
+                 rope_scaling: dict | None = None, sliding_window: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-        mixer = Attention(dim, n_heads, n_kv_heads or n_heads, max_seq_len, rope_theta, backend, layer_idx)
+        mixer = Attention(dim, n_heads, n_kv_heads or n_heads, max_seq_len, rope_theta, backend, layer_idx,
+                          head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm,
+                          norm_eps=norm_eps, rope_scaling=rope_scaling, sliding_window=sliding_window)
         super().__init__(mixer, SwiGLU(dim, swiglu_hidden(dim, ffn_hidden)), dim, norm_eps)
 
 
@@ -306,11 +386,26 @@ def check_heads(node: DictConfig, cfg: DictConfig) -> list[str]:
     dim, heads, kv = node.get("dim"), node.get("n_heads"), node.get("n_kv_heads") or node.get("n_heads")
     if not (isinstance(heads, int) and heads > 0):
         return [f"n_heads must be a positive integer, got {heads!r}"]
-    if dim % heads:
+    head_dim = node.get("head_dim")
+    if head_dim is not None:
+        if not (isinstance(head_dim, int) and head_dim > 0 and head_dim % 2 == 0):
+            problems.append(f"head_dim={head_dim!r} must be a positive even integer (rotary embeddings) or null")
+    elif dim % heads:
         problems.append(f"n_heads={heads} does not divide dim={dim} "
-                        f"(allowed n_heads: {[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]})")
+                        f"(allowed n_heads: {[h for h in range(1, min(dim, 64) + 1) if dim % h == 0]}, "
+                        "or give head_dim)")
     elif (dim // heads) % 2:
         problems.append(f"head size dim/n_heads={dim // heads} must be even for rotary embeddings")
+    window = node.get("sliding_window")
+    if window is not None and not (isinstance(window, int) and window > 0):
+        problems.append(f"sliding_window={window!r} must be a positive integer or null")
+    scaling = node.get("rope_scaling")
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            problems.append(f"rope_scaling.rope_type={kind!r} is not one of {list(ROPE_TYPES)}")
+        elif kind != "default" and "factor" not in scaling:
+            problems.append(f"rope_scaling ({kind}) needs a factor")
     if not (isinstance(kv, int) and kv > 0 and heads % kv == 0):
         problems.append(f"n_kv_heads={kv} must divide n_heads={heads} "
                         f"(allowed: {[k for k in range(1, heads + 1) if heads % k == 0]})")

@@ -32,18 +32,46 @@ class ByteTokenizer(ChatTemplate):
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / META).write_text(json.dumps({"kind": "byte"}))
 
+    def hf_tokenizer(self) -> HFTokenizer:
+        """The same ids as a ``tokenizers`` byte-level BPE with no merges: byte b is token b
+        (spelled with GPT-2's printable byte alphabet), then <bos>, <eos>, <pad>."""
+        vocab = {ch: b for b, ch in enumerate(byte_alphabet())}
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
+        return tok
+
     @classmethod
     def load(cls, directory: str | Path) -> "ByteTokenizer":
         return cls()
 
 
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: the character standing for each byte 0..255 (printable
+    bytes stand for themselves, the others are shifted past 255)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return [chars[b] for b in range(256)]
+
+
 class JsonTokenizer(ChatTemplate):
     """Any Hugging Face ``tokenizer.json``. ``path`` is the file or the folder holding it.
-    Special tokens are looked up by name; a missing <bos> or <pad> falls back to <eos>."""
+    Special tokens are looked up by name; a missing <bos> or <pad> falls back to <eos>.
+    ``chat_template``: a Jinja chat template (a Hugging Face tokenizer_config.json's),
+    rendered in Jinja's sandbox, instead of llmzoo's own chat format; ``add_bos``: prompts
+    start with <bos> (``add_bos_token``)."""
 
     def __init__(self, path: str | Path | None = None, bos_token: str = "<bos>",
-                 eos_token: str = "<eos>", pad_token: str = "<pad>"):
+                 eos_token: str = "<eos>", pad_token: str = "<pad>", chat_template: str | None = None,
+                 add_bos: bool = False):
         self.tokens = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+        self.chat_template, self.add_bos = chat_template, add_bos
         self.tok: HFTokenizer | None = None
         if path is not None:
             file = Path(path)
@@ -80,18 +108,60 @@ class JsonTokenizer(ChatTemplate):
     def decode(self, ids: Sequence[int]) -> str:
         return self._need().decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def hf_tokenizer(self) -> HFTokenizer:
+        return self._need()
+
+    def chat_template_jinja(self) -> str:
+        return self.chat_template or super().chat_template_jinja()
+
+    def render_chat(self, messages: Sequence[dict], generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """With a Jinja ``chat_template``: the rendering of each growing prefix of the
+        conversation; an assistant turn is trained on from where the template's generation
+        prompt ends."""
+        if self.chat_template is None:
+            return super().render_chat(messages, generation_prompt)
+        render = self._jinja()
+        pieces, done = [], ""
+        for i, m in enumerate(messages):
+            if m.get("role") == "assistant":
+                head = render(messages[:i], True)
+                pieces.append((self._after(done, head), False))
+                done = head
+            text = render(messages[:i + 1], False)
+            pieces.append((self._after(done, text), m.get("role") == "assistant"))
+            done = text
+        if generation_prompt:
+            pieces.append((self._after(done, render(messages, True)), False))
+        return [p for p in pieces if p[0]]
+
+    @staticmethod
+    def _after(done: str, text: str) -> str:
+        if not text.startswith(done):
+            raise ValueError("the chat template renders a conversation differently from its beginning, so it cannot "
+                             "mark which tokens are the assistant's")
+        return text[len(done):]
+
+    def _jinja(self):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+        names = {f"{k}_token": v for k, v in self.tokens.items()}
+        return lambda msgs, gen: template.render(messages=list(msgs), add_generation_prompt=gen, **names)
+
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self._need().save(str(d / "tokenizer.json"))
         # vocab_size may exceed the file's (a BPE padded to its target size): kept as saved
-        (d / META).write_text(json.dumps({"kind": "json", "tokens": self.tokens, "vocab_size": self.vocab_size}))
+        (d / META).write_text(json.dumps({"kind": "json", "tokens": self.tokens, "vocab_size": self.vocab_size,
+                                          "chat_template": self.chat_template, "add_bos": self.add_bos}))
 
     @classmethod
     def load(cls, directory: str | Path) -> "JsonTokenizer":
         meta = json.loads((Path(directory) / META).read_text())
         t = meta["tokens"]
-        tok = JsonTokenizer(Path(directory) / "tokenizer.json", t["bos"], t["eos"], t["pad"])
+        tok = JsonTokenizer(Path(directory) / "tokenizer.json", t["bos"], t["eos"], t["pad"],
+                            meta.get("chat_template"), bool(meta.get("add_bos", False)))
         tok.vocab_size = max(tok.vocab_size, meta.get("vocab_size", 0))
         return tok
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Overrides that make a CLI training run small and quiet.
-FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.tensorboard=false",
+FAST = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=[]",
         "sample.prompts=[]"]
 
 

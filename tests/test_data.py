@@ -47,6 +47,37 @@ def test_jsonl_parquet_folder_and_glob(tmp_path):
     assert len(dm.train_ds) > 0
 
 
+def _tokens(dm):
+    return torch.cat([dm.train_ds[i]["input_ids"] for i in range(len(dm.train_ds))]).tolist()
+
+
+def test_save_to_disk_folders_and_arrow_files_give_the_rows_of_the_jsonl(tmp_path):
+    """A save_to_disk folder (Dataset or DatasetDict) is recognised as such -- not as jsonl
+    because of its .json metadata -- and a .arrow file loads as a table; both pack to
+    exactly the tokens of the same records given as jsonl."""
+    import datasets
+
+    with open(tmp_path / "ref.jsonl", "w") as fh:
+        fh.writelines(json.dumps({"body": d}) + "\n" for d in DOCS)
+    want = _tokens(_setup(module(tmp_path / "ref.jsonl", text_field="body", val_fraction=0)))
+    ds = datasets.Dataset.from_dict({"body": DOCS, "n": list(range(len(DOCS)))})
+    ds.save_to_disk(tmp_path / "saved")
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(3))}).save_to_disk(tmp_path / "saved_dict")
+    for path, fmt in ((tmp_path / "saved", "auto"), (tmp_path / "saved_dict", "auto"), (tmp_path / "saved", "hf_disk"),
+                      (next((tmp_path / "saved").glob("*.arrow")), "auto"), (tmp_path / "saved", "arrow")):
+        got = _tokens(_setup(module(path, format=fmt, text_field="body", val_fraction=0)))
+        assert got == want, (path, fmt)
+    with pytest.raises(DataError, match="holds Value.*int64.*not text"):
+        module(tmp_path / "saved", text_field="n").setup()
+    with pytest.raises(DataError, match="not a folder written by datasets' save_to_disk"):
+        module(tmp_path, format="hf_disk").setup()
+
+
+def _setup(dm):
+    dm.setup()
+    return dm
+
+
 def test_missing_path_and_empty_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         module(tmp_path / "missing.txt").setup()

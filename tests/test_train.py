@@ -9,6 +9,7 @@ import torch
 from omegaconf import open_dict
 
 import llmzoo
+from llmzoo.errors import UserError
 from llmzoo.plugins import get_plugin_manager
 from conftest import FAST, run_cli, tiny_cfg
 
@@ -19,7 +20,7 @@ def cfg_for(run_dir, *overrides):
         cfg.run_dir = str(run_dir)
         cfg.trainer.enable_progress_bar = False
         cfg.trainer.enable_model_summary = False
-        cfg.trainer.tensorboard = False
+        cfg.logger = {}
     return cfg
 
 
@@ -118,7 +119,7 @@ def test_checkpoint_alone_rebuilds_the_run_and_generate_cli(tmp_path):
 @pytest.mark.parametrize("experiment", [o.name for o in llmzoo.list_options() if o.group == "experiment"])
 def test_every_experiment_runs_a_step(tmp_path, experiment):
     quiet = ["trainer.max_steps=2", "trainer.val_every=0", "sample.prompts=[]", "trainer.enable_progress_bar=false",
-             "trainer.tensorboard=false"]
+             "logger=[]"]
     cfg = llmzoo.compose(overrides=[f"experiment={experiment}", *quiet, f"run_dir={tmp_path / 'run'}"])
     if cfg.get("init_from"):  # a later stage of a chain: give it a (2-step) earlier stage to start from
         llmzoo.train(llmzoo.compose(overrides=[*quiet, f"run_dir={tmp_path / 'before'}"]))
@@ -144,3 +145,45 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     for a, b in zip(losses[False], losses[True]):
         assert abs(a - b) < 1e-4, losses
     llmzoo.load_run(tmp_path / "compile_True")  # parameter names are unchanged by compiling
+
+
+def test_wandb_offline_and_mlflow_local_receive_metrics_and_the_config(tmp_path, monkeypatch):
+    """logger=[tensorboard,wandb,mlflow]: each gets the training loss and the resolved config."""
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    cfg = tiny_cfg("logger=[tensorboard,wandb,mlflow]", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+                   "trainer.val_every=0", "trainer.enable_progress_bar=false", "sample.prompts=[]",
+                   f"run_dir={tmp_path}", "optim.lr=0.0123")
+    llmzoo.train(cfg)
+    # MLflow: a run in <run_dir>/mlflow.db with train_loss at each of the 4 steps and the config as params
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "llmzoo"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["optim/lr"] == "0.0123" and run.data.params["block/_target_"].endswith("DenseBlock")
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(losses) == 4 and all(math.isfinite(m.value) for m in losses)
+    # wandb offline: the run's record file (protobuf records, synced later by `wandb sync`)
+    # holds the config and one history row per step
+    (record,) = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    data = record.read_bytes()
+    assert b"optim/lr" in data and b"0.0123" in data and b"DenseBlock" in data
+    assert data.count(b"train_loss") >= 4
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_logger_whose_library_is_missing_is_one_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **k):
+        if name == "wandb" or name.startswith("wandb."):
+            raise ModuleNotFoundError("No module named 'wandb'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    cfg = tiny_cfg("logger=[wandb]", "trainer.max_steps=1", f"run_dir={tmp_path}", "sample.prompts=[]")
+    with pytest.raises(UserError, match="logger.wandb .* cannot start"):
+        llmzoo.train(cfg)
