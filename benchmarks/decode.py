@@ -47,7 +47,7 @@ def trained_run(name: str, overrides: list[str], b: DictConfig) -> Path:
 def hf_twin(model):
     import transformers
 
-    from llmzoo_plugins.attention import hf_llama_state_dict
+    from llmzoo_plugins.hf_models import hf_state_dict
 
     b, a = model.blocks[0], model.blocks[0].mixer
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -55,7 +55,7 @@ def hf_twin(model):
         num_hidden_layers=len(model.blocks), num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
         max_position_embeddings=model.max_seq_len, rms_norm_eps=b.mixer_norm.eps, rope_theta=a.rope_theta,
         tie_word_embeddings=False, attn_implementation="sdpa")).eval()
-    hf.load_state_dict(hf_llama_state_dict(model), strict=False)
+    hf.load_state_dict(hf_state_dict(model), strict=False)
     return hf
 
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from .config import target_class
@@ -31,16 +31,38 @@ def build_blocks(cfg: DictConfig) -> list[nn.Module]:
     return [instantiate(cfg.block, layer_idx=i, _convert_="all") for i in range(cfg.model.n_layers)]
 
 
-def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel:
+def build_model(cfg: DictConfig, vocab_size: int | None = None, adapters: bool = True) -> LanguageModel:
     """The configured LanguageModel. ``vocab_size`` defaults to ``model.vocab_size``,
-    else to the configured tokenizer's."""
+    else to the configured tokenizer's. With ``adapters`` the ``peft=`` adapters are
+    added (training adds them itself, after loading the starting weights)."""
     m = cfg.model
     vocab_size = vocab_size or m.get("vocab_size") or build_tokenizer(cfg).vocab_size
     if m.get("pad_vocab_to"):
         vocab_size = -(-vocab_size // m.pad_vocab_to) * m.pad_vocab_to
-    return LanguageModel(vocab_size, m.dim, build_blocks(cfg), max_seq_len=m.max_seq_len,
-                         tie_embeddings=m.get("tie_embeddings", False), norm_eps=m.get("norm_eps", 1e-5),
-                         init_std=m.get("init_std", 0.02))
+    model = LanguageModel(vocab_size, m.dim, build_blocks(cfg), max_seq_len=m.max_seq_len,
+                          tie_embeddings=m.get("tie_embeddings", False), norm_eps=m.get("norm_eps", 1e-5),
+                          init_std=m.get("init_std", 0.02))
+    adapter = build_adapter(cfg) if adapters else None
+    return adapter.apply(model) if adapter else model
+
+
+def build_adapter(cfg: DictConfig):
+    """The ``peft=`` adapter (``llmzoo.interfaces.Adapter``), or None."""
+    return instantiate(cfg.peft, _convert_="all") if cfg.get("peft") else None
+
+
+def merged(run: "Run") -> "Run":
+    """``run`` with its adapters folded into the base weights (a copy; the run itself
+    unchanged), configured without ``peft``; a run without adapters as it is."""
+    import copy
+
+    adapter = build_adapter(run.cfg)
+    if adapter is None:
+        return run
+    cfg = copy.deepcopy(run.cfg)
+    with open_dict(cfg):
+        cfg.peft = None
+    return run._replace(model=adapter.merge(copy.deepcopy(run.model)), cfg=cfg)
 
 
 def build_objective(cfg: DictConfig, model: nn.Module | None = None, tokenizer: Any = None):

@@ -167,7 +167,7 @@ def _job_number(job_dir: Path) -> tuple[int, str]:
 _ENTERED = False  # whether Hydra got as far as our code (else its exit 1 is a config error)
 
 
-def _hydra_entry(prog: str, app: Callable[[], Any]) -> None:
+def hydra_entry(prog: str, app: Callable[[], Any]) -> None:
     """Run a Hydra app: user errors print one message (exit 2, 3 for NaN, 128+N for a
     signal); Hydra's own composition errors (an unknown option or key) exit 2 as well."""
     try:
@@ -186,12 +186,12 @@ def _hydra_entry(prog: str, app: Callable[[], Any]) -> None:
 
 def train_main() -> None:
     """llmzoo-train [overrides...]: train a model (``--help`` lists the config groups)."""
-    _hydra_entry("llmzoo-train", _train_app)
+    hydra_entry("llmzoo-train", _train_app)
 
 
 def bench_main() -> None:
     """llmzoo-bench bench.kind=train|decode|memory [overrides...] (``--help`` for examples)."""
-    _hydra_entry("llmzoo-bench", _bench_app)
+    hydra_entry("llmzoo-bench", _bench_app)
 
 
 @hydra.main(config_path=CONF, config_name="generate", version_base="1.3")
@@ -258,7 +258,7 @@ def _quantize(model, cfg: DictConfig, run_dir: Path):
 
 def generate_main() -> None:
     """llmzoo-generate run_dir=<folder> prompt="..." max_new_tokens=N decoder=greedy|sample"""
-    _hydra_entry("llmzoo-generate", _generate_app)
+    hydra_entry("llmzoo-generate", _generate_app)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                        epilog="example: llmzoo export-hf run_dir=runs/quickstart out=exported/quickstart")
     p.add_argument("settings", nargs="*", metavar="key=value",
                    help=f"run_dir=<run> and out=<folder> (required), dtype={'|'.join(DTYPES)}")
+    p = sub.add_parser("merge-adapter", help="a peft=lora run -> a plain run with the adapters folded in",
+                       epilog="example: llmzoo merge-adapter run_dir=runs/lora out=runs/lora_merged")
+    p.add_argument("settings", nargs="*", metavar="key=value", help="run_dir=<run> and out=<new run folder>")
     args = parser.parse_args(argv)
     if args.command == "plugins":
         return _plugins(args.group, args.json)
@@ -297,13 +300,34 @@ def main(argv: list[str] | None = None) -> int:
             out = import_hf(args.folder, s["run_dir"], max_seq_len=int(s["max_seq_len"]) if "max_seq_len" in s
                             else None, dtype=s.get("dtype", "float32"), overwrite=s.get("overwrite") == "true")
             print(f"imported {args.folder} -> {out} (llmzoo-generate run_dir={out} prompt=...)")
-        else:
+        elif args.command == "export-hf":
             s = _settings(args.settings, {"run_dir", "out", "dtype"}, {"run_dir", "out"})
             from .api import load_run
 
             out = export_hf(load_run(s["run_dir"]), s["out"], dtype=s.get("dtype"))
             print(f"exported {s['run_dir']} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+        else:
+            s = _settings(args.settings, {"run_dir", "out"}, {"run_dir", "out"})
+            _merge_adapter(Path(s["run_dir"]), Path(s["out"]))
     return 0
+
+
+def _merge_adapter(run_dir: Path, out: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from .api import CONFIG_FILE, TOKENIZER_DIR, load_run, merged, save_final
+
+    run = load_run(run_dir)
+    if not run.cfg.get("peft"):
+        raise UserError(f"run_dir={run_dir}: the run has no adapters (peft is not set)")
+    if (out / CONFIG_FILE).exists():
+        raise UserError(f"out={out} already holds a run: choose another folder")
+    plain = merged(run)
+    out.mkdir(parents=True, exist_ok=True)
+    plain.tokenizer.save(out / TOKENIZER_DIR)
+    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(plain.cfg, resolve=True))
+    save_final(out, plain.model, plain.objective)
+    print(f"merged the adapters of {run_dir} -> {out}")
 
 
 def _settings(items: list[str], allowed: set[str], required: set[str]) -> dict[str, str]:

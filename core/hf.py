@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from .api import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, Run, build_model
+from .api import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, Run, build_model, merged
 from .config import ConfigError, compose, validate_config
 from .errors import CheckpointError
 from .interfaces import HFUnsupported
@@ -207,6 +207,7 @@ def export_hf(run: Run, out: str | Path, *, dtype: str | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
+    run = merged(run)  # adapters (peft=lora) folded into the weights
     found = [a for a in architectures() if a.exports(run.cfg)]
     if not found:
         raise HFUnsupported(f"block {run.cfg.block._target_}: no transformers counterpart (exported: dense, moe "

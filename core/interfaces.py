@@ -404,3 +404,20 @@ class HFArchitecture(Protocol):
 
     def export_weights(self, cfg: Any, state: dict[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
         """``transformers``' (name, tensor) pairs from our state dict."""
+
+
+class Adapter(Protocol):
+    """A ``peft=`` option: parameter-efficient fine-tuning layered on a built model
+    (the built-in ``llmzoo_plugins.peft_adapters.LoRA`` uses Hugging Face ``peft``).
+    Training builds the model, loads the starting weights (``init_from``), then calls
+    ``apply``; ``load_run`` builds with the adapters so the stored names match."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Add the adapters and leave only their parameters with ``requires_grad``."""
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        """Write the adapter alone (the run folder's ``adapter/``)."""
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the adapters into the base weights: a model with the plain layers back,
+        giving the same outputs (``llmzoo merge-adapter``, ``llmzoo export-hf``)."""

@@ -77,6 +77,36 @@ def table(jobs: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+# The headline figure of an evaluation task (llmzoo-eval writes <run_dir>/eval/results.json).
+HEADLINE = ("bits_per_byte", "perplexity", "acc", "acc_norm", "exact_match", "acc,none", "exact_match,none",
+            "word_perplexity,none", "bits_per_byte,none")
+
+
+def eval_table(jobs: list[dict], keys: list[str]) -> str:
+    """One column per evaluated task (its headline metric), one row per job with results."""
+    found = {}
+    for j in jobs:
+        path = Path(j.get("run_dir", "")) / "eval" / "results.json"
+        if path.exists():
+            found[id(j)] = json.loads(path.read_text())
+    if not found:
+        return ""
+    columns = []
+    for results in found.values():
+        for task, metrics in results.items():
+            metric = next((m for m in HEADLINE if m in metrics), None)
+            if metric and (task, metric) not in columns:
+                columns.append((task, metric))
+    head = keys + [f"{t} {m.split(',')[0]}" for t, m in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in jobs:
+        if id(j) in found:
+            r = found[id(j)]
+            lines.append("| " + " | ".join([str(j["params"].get(k)) for k in keys] + [
+                f"{r[t][m]:.4g}" if t in r and isinstance(r[t].get(m), (int, float)) else "-" for t, m in columns]) + " |")
+    return "\n\n## Evaluation (llmzoo-eval)\n\n" + "\n".join(lines) + "\n"
+
+
 def plots(jobs: list[dict], keys: list[str], out: Path) -> list[Path]:
     import matplotlib
 
@@ -150,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = load_sweep(sweep)
     keys = swept_keys(jobs)
     text = f"# Sweep {sweep}\n\nSwept: {', '.join(keys) or '(nothing)'}; {len(jobs)} jobs, " \
-           f"{sum(j.get('status') != 'ok' for j in jobs)} failed.\n\n{table(jobs, keys)}\n"
+           f"{sum(j.get('status') != 'ok' for j in jobs)} failed.\n\n{table(jobs, keys)}\n{eval_table(jobs, keys)}"
     if not args.no_plots:
         files = plots(jobs, keys, sweep)
         text += "\n" + "\n".join(f"![{f.stem}]({f.name})" for f in files) + "\n"

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from .analysis import device_peak_flops, mfu
-from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_model, build_objective, build_strategy, build_tokenizer,
-                  check_checkpoint_path, generate, load_any, prompt_ids, safe_torch_load, save_final, tokenizer_files)
+from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_adapter, build_model, build_objective, build_strategy,
+                  build_tokenizer, check_checkpoint_path, generate, load_any, prompt_ids, safe_torch_load, save_final,
+                  tokenizer_files)
 from .config import validate_config
 from .data import data_rank
 from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError, UserError
@@ -340,7 +341,8 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         raise RunFolderError(f"run_dir={run_dir} already holds a run ({', '.join(found)}): resume it with "
                              f"ckpt_path={run_dir}/checkpoints/last.ckpt, choose another run_dir, or pass "
                              "overwrite=true to replace it")
-    for name in (*RUN_ARTIFACTS, CONFIG_FILE, TOKENIZER_DIR, "model.json", "objective.safetensors", "tensorboard", "clean_data"):
+    for name in (*RUN_ARTIFACTS, CONFIG_FILE, TOKENIZER_DIR, "model.json", "objective.safetensors", "tensorboard",
+                 "clean_data", "adapter", "wandb", "mlflow.db", "eval"):
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -352,7 +354,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 # Keys whose stored value wins on resume (restored state), and keys that must not change
 # (the model's shape, and what fixes the data order: seed, sequence and batch sizes).
 RESTORED_ON_RESUME = ("optim.",)
-FIXED_ON_RESUME = ("model.", "block.", "tokenizer.", "objective.", "parallel.", "seed", "data.seq_len",
+FIXED_ON_RESUME = ("model.", "block.", "tokenizer.", "objective.", "parallel.", "peft", "seed", "data.seq_len",
                    "data.batch_size")
 IGNORED_ON_RESUME = ("run_dir", "ckpt_path", "overwrite", "sample.", "trainer.enable_progress_bar",
                      "trainer.enable_model_summary", "trainer.progress_refresh_rate")
@@ -394,7 +396,10 @@ def check_resume(cfg: DictConfig) -> int | None:
     stored = (ckpt.get("llmzoo") or {}).get("config")
     if not isinstance(stored, dict):
         return step
-    told, refused = resume_changes(stored, OmegaConf.to_container(cfg, resolve=True))
+    now = OmegaConf.to_container(cfg, resolve=True)
+    if str(cfg.get("init_from")).startswith("hf:"):  # the Hugging Face folder set these when the run began
+        now.update({k: stored.get(k) for k in ("model", "block", "tokenizer")})
+    told, refused = resume_changes(stored, now)
     if refused:
         raise RunFolderError(f"ckpt_path={path}: the resuming run changes settings fixed by the checkpoint:\n  "
                              + "\n  ".join(refused) + "\nstart a new stage with init_from= instead")
@@ -548,9 +553,14 @@ def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str,
     tokenizer.save(run_dir / TOKENIZER_DIR)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    model = build_model(cfg, vocab_size=start.model.vocab_size if start else tokenizer.vocab_size)
+    model = build_model(cfg, vocab_size=start.model.vocab_size if start else tokenizer.vocab_size, adapters=False)
     if start:
         init_weights(model, start.model, cfg.init_from)
+    adapter = build_adapter(cfg)  # peft=lora: adapters on the starting weights, which freeze
+    if adapter:
+        model = adapter.apply(model)
+        log.info("adapters: %.3fM trainable parameters", sum(p.numel() for p in model.parameters()
+                                                             if p.requires_grad) / 1e6)
     strategy = build_strategy(cfg)
     log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
     run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
@@ -584,6 +594,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str,
     model = unsharded(module.model, cfg, strategy)  # collective for sharded models; the model itself otherwise
     if trainer.is_global_zero:
         save_final(run_dir, model, objective)
+        if adapter:
+            adapter.save(model, run_dir / "adapter")
         (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if cfg.get("sample") and cfg.sample.get("prompts"):
             summary["samples"] = sample_text(model, tokenizer, cfg, objective)

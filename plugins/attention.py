@@ -7,8 +7,8 @@ Attention backends (``backend:``):
   flash      flash-attn's kernels (CUDA, fp16/bf16, flash-attn installed)
   auto       flash when it can run on the input, else sdpa
 Separate q, k, v and out projections, named and laid out as Llama's (q_proj, ...), so
-Hugging Face ``LlamaForCausalLM`` weights map one to one (``hf_llama_state_dict``,
-tests/test_hf_parity.py) and tensor parallelism splits q, k and v column-wise by
+Hugging Face ``LlamaForCausalLM`` weights map one to one (``llmzoo_plugins.hf_models``,
+``llmzoo import-hf`` / ``export-hf``) and tensor parallelism splits q, k and v column-wise by
 heads and out row-wise (``tensor_parallel_plan``); the forward works unchanged on the
 local heads.
 """
@@ -359,23 +359,6 @@ class DenseBlock(ResidualBlock):
                           head_dim=head_dim, qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=qk_norm,
                           norm_eps=norm_eps, rope_scaling=rope_scaling, sliding_window=sliding_window)
         super().__init__(mixer, SwiGLU(dim, swiglu_hidden(dim, ffn_hidden)), dim, norm_eps)
-
-
-# ----------------------------------------------------------------------------- Hugging Face
-def hf_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A dense ``LanguageModel``'s weights under ``transformers.LlamaForCausalLM``'s names
-    (load with strict=False: Llama's rotary buffers are not in it)."""
-    sd = {"model.embed_tokens.weight": model.embedding.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.head.weight}
-    for i, b in enumerate(model.blocks):
-        a = b.mixer
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": a.q.weight, p + "self_attn.k_proj.weight": a.k.weight,
-                   p + "self_attn.v_proj.weight": a.v.weight, p + "self_attn.o_proj.weight": a.out.weight,
-                   p + "mlp.gate_proj.weight": b.ffn.gate.weight, p + "mlp.up_proj.weight": b.ffn.up.weight,
-                   p + "mlp.down_proj.weight": b.ffn.down.weight, p + "input_layernorm.weight": b.mixer_norm.weight,
-                   p + "post_attention_layernorm.weight": b.ffn_norm.weight})
-    return {k: v.detach().clone() for k, v in sd.items()}
 
 
 # ----------------------------------------------------------------------------- config checks

@@ -346,6 +346,14 @@ class MambaFamily:
 
 
 # ----------------------------------------------------------------------------- helpers
+def hf_state_dict(model: torch.nn.Module, tie_embeddings: bool = False, family: Any = None) -> dict:
+    """A dense (default) or other ``LanguageModel``'s weights under ``transformers``' names,
+    for loading into a model built in Python (tests, benchmarks)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": {"tie_embeddings": tie_embeddings}})
+    return {k: v.detach().clone() for k, v in (family or LlamaFamily()).export_weights(cfg, model.state_dict())}
+
 def _common_out(cfg: Any, model: torch.nn.Module) -> dict:
     return {"vocab_size": model.vocab_size, "hidden_size": model.dim, "num_hidden_layers": len(model.blocks),
             "tie_word_embeddings": bool(cfg.model.get("tie_embeddings")), "initializer_range": model.init_std,

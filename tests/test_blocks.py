@@ -6,7 +6,8 @@ import torch
 
 from llmzoo.testing import (check_block, check_causality, check_dtype_move, check_model_decode,
                             check_state_dict_roundtrip, check_stateful_decode)
-from llmzoo_plugins.attention import Attention, DenseBlock, attention_reference, attention_sdpa, hf_llama_state_dict
+from llmzoo_plugins.attention import Attention, DenseBlock, attention_reference, attention_sdpa
+from llmzoo_plugins.hf_models import hf_state_dict
 
 DIM = 32
 
@@ -97,7 +98,7 @@ def test_model_matches_hf_llama_with_same_weights():
                                       max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=10000.0,
                                       tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    sd = hf_llama_state_dict(ours)
+    sd = hf_state_dict(ours)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(3))
@@ -120,7 +121,7 @@ def test_greedy_decoding_matches_hf_generate_with_same_weights():
         vocab_size=97, hidden_size=m.dim, intermediate_size=ours.blocks[0].ffn.hidden, num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
         rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False)).eval()
-    hf.load_state_dict(hf_llama_state_dict(ours), strict=False)
+    hf.load_state_dict(hf_state_dict(ours), strict=False)
     prompt = [5, 17, 3, 88, 41]
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
                        pad_token_id=0)[0, len(prompt):].tolist()

@@ -5,8 +5,6 @@ loaded back by ``transformers``. Nothing is downloaded."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
