@@ -237,7 +237,8 @@ class ResumableSampler(Sampler[int]):
 # ----------------------------------------------------------------------------- the data module
 class TextDataModule(L.LightningDataModule):
     """Tokenized, packed language-modelling data. Batches are dicts with ``input_ids``
-    and ``labels`` (B, seq_len); documents are joined with the tokenizer's eos."""
+    and ``labels`` (B, seq_len); documents are joined with the tokenizer's eos (and
+    start with its bos when the tokenizer's ``add_bos`` says so)."""
 
     provides = frozenset({"input_ids", "labels"})
 
@@ -357,8 +358,10 @@ class TextDataModule(L.LightningDataModule):
         tok, eos, L_ = self.tokenizer, self.tokenizer.eos_id, self.seq_len
         encode_batch = getattr(tok, "encode_batch", None) or (lambda texts: [tok.encode(t) for t in texts])
 
+        bos = [tok.bos_id] if getattr(tok, "add_bos", False) else []  # as the tokenizer says (add_bos_token)
+
         def tokenize(batch):
-            return {"ids": [ids + [eos] for ids in encode_batch(batch["text"])]}
+            return {"ids": [bos + ids + [eos] for ids in encode_batch(batch["text"])]}
 
         def pack(batch):
             flat = [i for ids in batch["ids"] for i in ids]

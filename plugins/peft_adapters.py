@@ -24,9 +24,9 @@ class LoRA:
     layers inside the blocks, e.g. [mixer.q, mixer.v]); null: all of them but ``exclude``."""
 
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] | None = None,
-                 exclude: Sequence[str] = ("router",)):
+                 exclude: Sequence[str] = ("router",), experts: bool = True):
         self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.targets, self.exclude = list(targets) if targets else None, tuple(exclude)
+        self.targets, self.exclude, self.experts = list(targets) if targets else None, tuple(exclude), experts
 
     @staticmethod
     def check(node: Any, cfg: Any) -> list[str]:
@@ -51,41 +51,53 @@ class LoRA:
             raise ValueError(f"peft: no linear layer inside the blocks matches targets={self.targets}")
         return names
 
-    def config(self, names: list[str]):
+    def expert_names(self, model: nn.Module) -> list[str]:
+        """The stacked expert weights of MoE blocks ((E, ., .) parameters inside the blocks),
+        adapted through peft's ``target_parameters``: a rank-r update per expert."""
+        if not self.experts:
+            return []
+        return [f"{name}.{pname}" for name, m in model.named_modules()
+                if name.startswith("blocks.") and not isinstance(m, (nn.Conv1d, nn.Linear))
+                for pname, p in m.named_parameters(recurse=False) if p.dim() == 3]
+
+    def config(self, names: list[str], parameters: list[str] | None = None):
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names)
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names,
+                          target_parameters=parameters or None)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Add the adapters in place and freeze everything else; returns ``model``."""
         from peft import inject_adapter_in_model
 
-        model = inject_adapter_in_model(self.config(self.target_names(model)), model)
+        self.adapted = (self.target_names(model), self.expert_names(model))
+        model = inject_adapter_in_model(self.config(*self.adapted), model)
         for name, p in model.named_parameters():
             p.requires_grad = "lora_" in name
         return model
 
     def save(self, model: nn.Module, folder: str | Path) -> None:
-        """The adapter alone, in peft's format (adapter_config.json, adapter_model.safetensors)."""
+        """The adapter alone, in peft's format (adapter_config.json, adapter_model.safetensors),
+        of the model this adapter was applied to."""
         from peft import get_peft_model_state_dict
-        from peft.tuners.lora import LoraLayer
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
         save_file(state, str(folder / "adapter_model.safetensors"))
-        self.config([n for n, m in model.named_modules() if isinstance(m, LoraLayer)]).save_pretrained(str(folder))
+        self.config(*self.adapted).save_pretrained(str(folder))
 
     @staticmethod
     def merge(model: nn.Module) -> nn.Module:
         """Fold every adapter into its base weight and put the plain layers back (in place)."""
         from peft.tuners.lora import LoraLayer
 
-        for name, m in list(model.named_modules()):
-            if isinstance(m, LoraLayer):
-                m.merge()
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, m.get_base_layer())
+        # innermost first: peft nests one wrapper per adapted parameter of a module (MoE experts)
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        for name, m in sorted(layers, key=lambda nm: -nm[0].count(".")):
+            m.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.base_layer)
         return model
 

@@ -30,6 +30,21 @@ def test_packing_is_the_concatenation_of_documents_and_eos(tmp_path):
     assert batch["input_ids"].shape == (4, 16) and torch.equal(batch["labels"], batch["input_ids"])
 
 
+def test_documents_start_with_bos_when_the_tokenizer_says_so(tmp_path):
+    """An imported Llama-style tokenizer (add_bos_token): <bos> doc <eos> <bos> doc <eos> ..."""
+    from llmzoo_plugins.tokenizers import JsonTokenizer
+
+    ByteTokenizer().hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    tok = JsonTokenizer(tmp_path / "tokenizer.json", add_bos=True)
+    f = tmp_path / "a.txt"
+    f.write_text("\n".join(DOCS) + "\n")
+    dm = TextDataModule(tok, path=str(f), seq_len=16, batch_size=4, val_fraction=0)
+    dm.setup()
+    flat = [i for d in DOCS for i in [tok.bos_id, *tok.encode(d), tok.eos_id]]
+    blocks = torch.cat([dm.train_ds[i]["input_ids"] for i in range(len(dm.train_ds))]).tolist()
+    assert blocks == flat[:len(blocks)] and blocks[0] == tok.bos_id == 256
+
+
 def test_jsonl_parquet_folder_and_glob(tmp_path):
     (tmp_path / "d").mkdir()
     with open(tmp_path / "d" / "x.jsonl", "w") as fh:

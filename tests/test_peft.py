@@ -28,9 +28,9 @@ def _logits(model):
         return model.eval()(IDS).logits
 
 
-@pytest.mark.parametrize("block", ["dense", "mamba2"])
+@pytest.mark.parametrize("block", ["dense", "mamba2", "moe"])
 def test_lora_trains_only_adapters_reloads_resumes_and_merges(base, tmp_path, block):
-    if block != "dense":  # a base run of this block first
+    if block != "dense":  # a base run of this block first (MoE: the experts get adapters too)
         base = tmp_path / "base"
         llmzoo.train(llmzoo.compose(overrides=["model=tiny", f"block={block}", f"run_dir={base}",
                                                "trainer.max_steps=3", *QUIET]))
@@ -43,9 +43,10 @@ def test_lora_trains_only_adapters_reloads_resumes_and_merges(base, tmp_path, bl
     lora = [k for k in state if "lora_" in k]
     assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
     # the base weights are exactly the starting run's; the adapters moved
+    frozen = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert frozen.keys() == start.model.state_dict().keys()
     for k, v in start.model.state_dict().items():
-        mine = k if k in state else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        assert torch.equal(state[mine], v), k
+        assert torch.equal(frozen[k], v), k
     assert any(state[k].abs().sum() > 0 for k in lora if ".lora_B." in k)
     assert not torch.allclose(_logits(run.model), _logits(start.model))
     # peft's own loader reads the saved adapter into a fresh copy of the base: same logits
@@ -57,7 +58,8 @@ def test_lora_trains_only_adapters_reloads_resumes_and_merges(base, tmp_path, bl
 
     conf = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
     fresh = inject_adapter_in_model(LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"],
-                                               target_modules=conf["target_modules"]), fresh)
+                                               target_modules=conf["target_modules"],
+                                               target_parameters=conf.get("target_parameters")), fresh)
     set_peft_model_state_dict(fresh, load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"))
     torch.testing.assert_close(_logits(fresh), _logits(run.model), atol=1e-5, rtol=1e-5)
     # a crash at step 3 (its checkpoint is written on the way out), then resume: the same adapters
