@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning with Hugging Face ``peft`` (``peft=lora``).
+"""Parameter-efficient fine-tuning with Hugging Face ``peft`` (``peft=lora``, ``peft=qlora``).
 
 LoRA adds a low-rank update B A (rank r, scaled by alpha / r) beside each chosen linear
 layer of the blocks and trains only A and B: the base weights stay frozen, so a
@@ -101,3 +101,97 @@ class LoRA:
             setattr(model.get_submodule(parent) if parent else model, child, m.base_layer)
         return model
 
+
+
+class QLoRA(LoRA):
+    """``peft=qlora``: LoRA over base linears stored in 4 bits (NF4, bitsandbytes), as in
+    QLoRA -- about 4.5 bits per base weight (one fp32 scale per 64) instead of 16 or 32. Each
+    4-bit layer computes in
+    ``compute_dtype``. Its state dict holds the dequantized weight, so checkpoints, resume
+    and ``load_run`` read and write plain tensors; quantizing them again gives the same
+    4-bit codes and scales (no double quantization of the scales), so reloading is exact."""
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] | None = None,
+                 exclude: Sequence[str] = ("router",), experts: bool = True, quant_type: str = "nf4",
+                 compute_dtype: str = "float32"):
+        super().__init__(r, alpha, dropout, targets, exclude, experts)
+        self.quant_type, self.compute_dtype = quant_type, compute_dtype
+
+    @staticmethod
+    def check(node: Any, cfg: Any) -> list[str]:
+        problems = LoRA.check(node, cfg)
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - missing, or no backend for this machine
+            problems.append(f"needs bitsandbytes (pip install bitsandbytes): {type(e).__name__}: {e}")
+        if node.get("quant_type", "nf4") not in ("nf4", "fp4"):
+            problems.append(f"quant_type={node.get('quant_type')!r} is not one of ['nf4', 'fp4']")
+        return problems
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        for name in self.target_names(model):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, self.quantized(model.get_submodule(name)))
+        return super().apply(model)
+
+    def quantized(self, linear: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+        import torch
+
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=getattr(torch, self.compute_dtype), compress_statistics=False,
+                              quant_type=self.quant_type, device="meta")
+        q.bias = linear.bias
+        # no repacking of the codes for bf16 CPU kernels at inference: the stored codes stay what
+        # dequantize and the state dict read
+        q.support_avx512bf16_for_cpu = False
+        _set_4bit(q, linear.weight.detach())
+        q.residual_out = getattr(linear, "residual_out", False)
+        q._register_state_dict_hook(_dequantized_state)
+        q._register_load_state_dict_pre_hook(_quantize_on_load, with_module=True)
+        return q
+
+    @staticmethod
+    def merge(model: nn.Module) -> nn.Module:
+        """4-bit layers become plain linears holding dequantized weight + B A (exact, no
+        re-quantization); then the other adapters merge as LoRA's do."""
+        import bitsandbytes as bnb
+        from peft.tuners.lora import LoraLayer
+
+        for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+            base = m.base_layer
+            if isinstance(base, bnb.nn.Linear4bit):
+                plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+                plain.weight.data = _dequantize(base) + m.get_delta_weight("default").to(plain.weight.dtype)
+                if base.bias is not None:
+                    plain.bias.data = base.bias.data.clone()
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, plain)
+        return LoRA.merge(model)
+
+
+def _set_4bit(q: nn.Module, weight) -> None:
+    import bitsandbytes as bnb
+
+    q.weight = bnb.nn.Params4bit(weight.float().cpu().clone(), requires_grad=False, quant_type=q.weight.quant_type,
+                                 compress_statistics=False)
+    q.weight = q.weight.to(weight.device if weight.device.type != "meta" else "cpu")  # quantizes
+
+
+def _dequantize(q: nn.Module):
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+
+
+def _dequantized_state(module, state, prefix, local_metadata):
+    for key in [k for k in state if k.startswith(prefix + "weight.")]:
+        del state[key]
+    state[prefix + "weight"] = _dequantize(module)
+
+
+def _quantize_on_load(module, state, prefix, *args):
+    key = prefix + "weight"
+    if key in state and state[key].is_floating_point():
+        _set_4bit(module, state[key])
+        state[key] = module.weight.data  # the packed codes: the default load copies them onto themselves

@@ -101,3 +101,41 @@ def test_merge_adapter_cli_and_export_of_a_lora_run(base, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, _logits(run.model), atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_trains_adapters_over_4bit_weights_reloads_resumes_and_merges(base, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from llmzoo_plugins.peft_adapters import QLoRA, _dequantize
+
+    over = ["model=tiny", "peft=qlora", "peft.r=4", f"init_from={base}", "optim.lr=0.01", "trainer.max_steps=4",
+            *QUIET]
+    llmzoo.train(llmzoo.compose(overrides=[*over, f"run_dir={tmp_path / 'q'}"]))
+    run = llmzoo.load_run(tmp_path / "q")
+    q = run.model.blocks[0].mixer.q
+    assert type(q.base_layer).__name__ == "Linear4bit" and q.base_layer.weight.dtype == torch.uint8
+    # the frozen base is the starting weight in 4 bits: the same codes as quantizing it afresh
+    start = llmzoo.load_run(base).model
+    fresh = QLoRA(r=4).quantized(start.blocks[0].mixer.q)
+    assert torch.equal(q.base_layer.weight.data, fresh.weight.data)
+    assert torch.equal(_dequantize(q.base_layer), _dequantize(fresh))
+    assert q.lora_B.default.weight.abs().sum() > 0
+    # reload twice: the same model; a crash at step 2 and resume: the same adapters
+    again = llmzoo.load_run(tmp_path / "q")
+    torch.testing.assert_close(_logits(again.model), _logits(run.model), atol=0, rtol=0)
+    pm = get_plugin_manager()
+    crash = CrashAt(2)
+    pm.register(crash, name="crash-qlora")
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            llmzoo.train(llmzoo.compose(overrides=[*over, f"run_dir={tmp_path / 'half'}"]))
+    finally:
+        pm.unregister(crash)
+    llmzoo.train(llmzoo.compose(overrides=[*over, f"run_dir={tmp_path / 'half'}",
+                                           f"ckpt_path={tmp_path / 'half' / 'checkpoints' / 'last.ckpt'}"]))
+    torch.testing.assert_close(_logits(llmzoo.load_run(tmp_path / "half").model), _logits(run.model),
+                               atol=1e-6, rtol=1e-5)
+    # merged: plain linears with dequantized weight + B A, the same logits
+    before = _logits(run.model)
+    merged = QLoRA.merge(run.model)
+    assert type(merged.blocks[0].mixer.q) is torch.nn.Linear
+    torch.testing.assert_close(_logits(merged), before, atol=1e-5, rtol=1e-5)
