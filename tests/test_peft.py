@@ -23,6 +23,20 @@ def base(tmp_path_factory):
     return out
 
 
+def _crash_then_resume(overrides, run_dir, step):
+    """Train until a crash at ``step`` (the checkpoint is written on the way out), then resume."""
+    pm = get_plugin_manager()
+    crash = CrashAt(step)
+    pm.register(crash, name="crash-peft")
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            llmzoo.train(llmzoo.compose(overrides=[*overrides, f"run_dir={run_dir}"]))
+    finally:
+        pm.unregister(crash)
+    llmzoo.train(llmzoo.compose(overrides=[*overrides, f"run_dir={run_dir}",
+                                           f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]))
+
+
 def _logits(model):
     with torch.no_grad():
         return model.eval()(IDS).logits
@@ -63,16 +77,7 @@ def test_lora_trains_only_adapters_reloads_resumes_and_merges(base, tmp_path, bl
     set_peft_model_state_dict(fresh, load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"))
     torch.testing.assert_close(_logits(fresh), _logits(run.model), atol=1e-5, rtol=1e-5)
     # a crash at step 3 (its checkpoint is written on the way out), then resume: the same adapters
-    pm = get_plugin_manager()
-    crash = CrashAt(3)
-    pm.register(crash, name="crash-lora")
-    try:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            llmzoo.train(llmzoo.compose(overrides=[*over, f"run_dir={tmp_path / 'half'}"]))
-    finally:
-        pm.unregister(crash)
-    llmzoo.train(llmzoo.compose(overrides=[*over, f"run_dir={tmp_path / 'half'}",
-                                           f"ckpt_path={tmp_path / 'half' / 'checkpoints' / 'last.ckpt'}"]))
+    _crash_then_resume(over, tmp_path / "half", step=3)
     resumed = llmzoo.load_run(tmp_path / "half").model.state_dict()
     for k in lora:
         torch.testing.assert_close(resumed[k], state[k], atol=1e-6, rtol=1e-5)
@@ -122,16 +127,7 @@ def test_qlora_trains_adapters_over_4bit_weights_reloads_resumes_and_merges(base
     # reload twice: the same model; a crash at step 2 and resume: the same adapters
     again = llmzoo.load_run(tmp_path / "q")
     torch.testing.assert_close(_logits(again.model), _logits(run.model), atol=0, rtol=0)
-    pm = get_plugin_manager()
-    crash = CrashAt(2)
-    pm.register(crash, name="crash-qlora")
-    try:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            llmzoo.train(llmzoo.compose(overrides=[*over, f"run_dir={tmp_path / 'half'}"]))
-    finally:
-        pm.unregister(crash)
-    llmzoo.train(llmzoo.compose(overrides=[*over, f"run_dir={tmp_path / 'half'}",
-                                           f"ckpt_path={tmp_path / 'half' / 'checkpoints' / 'last.ckpt'}"]))
+    _crash_then_resume(over, tmp_path / "half", step=2)
     torch.testing.assert_close(_logits(llmzoo.load_run(tmp_path / "half").model), _logits(run.model),
                                atol=1e-6, rtol=1e-5)
     # merged: plain linears with dequantized weight + B A, the same logits
