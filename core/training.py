@@ -233,6 +233,25 @@ class LMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["llmzoo"] = self.run_info
+        pending = self._pending_row()
+        if pending:
+            checkpoint["llmzoo_pending_row"] = pending
+
+    def _pending_row(self) -> dict[str, float] | None:
+        """The metrics row of the step just taken, when Lightning has yet to log it: a
+        checkpoint written at the end of a training batch comes before that row, so a kill
+        in between would lose it. It travels in the checkpoint; a resume writes it if
+        metrics.csv lacks it (``_AppendingWriter``)."""
+        t = self._trainer
+        if t is None or not t.training or t.state.fn != "fit":
+            return None
+        conn = t._logger_connector
+        if conn._first_loop_iter is None or not conn.should_update_logs:
+            return None
+        if self.automatic_optimization and t.fit_loop._should_accumulate():
+            return None
+        row = {k: float(v) for k, v in conn.metrics["log"].items() if torch.is_tensor(v) and v.numel() == 1}
+        return {**row, "epoch": t.current_epoch, "step": t.fit_loop.epoch_loop._batches_that_stepped} if row else None
 
 
 class SaveOnCrash(Callback):
@@ -384,18 +403,20 @@ def resume_changes(stored: dict[str, Any], now: dict[str, Any]) -> tuple[list[st
     return told, refused
 
 
-def check_resume(cfg: DictConfig) -> int | None:
+def check_resume(cfg: DictConfig) -> tuple[int | None, dict[str, float] | None]:
     """Before a resume: the checkpoint is safe to load, and what changed is said (or
-    refused). Returns the checkpoint's step where it records one."""
+    refused). Returns the checkpoint's step where it records one, and the metrics row it
+    carries for the step before (``LMModule._pending_row``)."""
     path = Path(cfg.ckpt_path)
     check_checkpoint_path(path)
     meta = path / "meta.pt" if path.is_dir() else path
     # mmap: the config is read without reading the weights (Lightning loads them next)
     ckpt = safe_torch_load(meta, mmap=True) if meta.exists() else {}
     step = ckpt.get("global_step")
+    pending = ckpt.get("llmzoo_pending_row") if isinstance(ckpt.get("llmzoo_pending_row"), dict) else None
     stored = (ckpt.get("llmzoo") or {}).get("config")
     if not isinstance(stored, dict):
-        return step
+        return step, pending
     now = OmegaConf.to_container(cfg, resolve=True)
     if str(cfg.get("init_from")).startswith("hf:"):  # the Hugging Face folder set these when the run began
         now.update({k: stored.get(k) for k in ("model", "block", "tokenizer")})
@@ -405,7 +426,7 @@ def check_resume(cfg: DictConfig) -> int | None:
                              + "\n  ".join(refused) + "\nstart a new stage with init_from= instead")
     for change in told:
         log.warning("resume: %s", change)
-    return step
+    return step, pending
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -413,8 +434,8 @@ class _AppendingWriter(ExperimentWriter):
     after dropping the rows of steps from ``resume_step`` on (logged after that checkpoint
     by a run that was then killed: the resumed run logs them again)."""
 
-    def __init__(self, log_dir: str, resume_step: int | None = None):
-        self.resume_step = resume_step
+    def __init__(self, log_dir: str, resume_step: int | None = None, pending: dict[str, float] | None = None):
+        self.resume_step, self.pending = resume_step, pending
         super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -428,34 +449,39 @@ class _AppendingWriter(ExperimentWriter):
             return
         col = self.metrics_keys.index("step")
         kept = [r for r in rows[1:] if not (len(r) > col and r[col].isdigit() and int(r[col]) >= self.resume_step)]
-        if len(kept) < len(rows) - 1:
+        restore = self.pending and str(self.pending["step"]) not in {r[col] for r in kept if len(r) > col}
+        if restore:  # killed between the checkpoint and the logging of its step's row
+            self.metrics_keys += [k for k in self.pending if k not in self.metrics_keys]
+            kept.append(["" if self.pending.get(k) is None else str(self.pending[k]) for k in self.metrics_keys])
+        if len(kept) < len(rows) - 1 or restore:
             tmp = path.with_name(f".{path.name}.tmp")
             with open(tmp, "w", newline="") as fh:
                 csv.writer(fh).writerows([self.metrics_keys, *kept])
             os.replace(tmp, path)
-            log.info("metrics.csv: dropped %d rows logged after the checkpoint (step >= %d)",
-                     len(rows) - 1 - len(kept), self.resume_step)
+            log.info("metrics.csv: dropped %d rows logged after the checkpoint (step >= %d)%s",
+                     len(rows) - 1 - len(kept) + bool(restore), self.resume_step,
+                     "; wrote the checkpointed step's row, which the interrupted run had not" if restore else "")
 
 
 class RunCSVLogger(CSVLogger):
     """CSVLogger writing ``<run_dir>/metrics.csv``: rows reach the file as they are logged
     (nothing lost to a kill), and a resumed run keeps the rows before its checkpoint."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, pending: dict[str, float] | None = None):
         super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
-        self.resume_step = resume_step
+        self.resume_step, self.pending = resume_step, pending
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir, resume_step=self.resume_step)
+            self._experiment = _AppendingWriter(self.log_dir, self.resume_step, self.pending)
         return self._experiment
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = False,
-                  resume_step: int | None = None) -> L.Trainer:
+                  resume: tuple[int | None, dict | None] = (None, None)) -> L.Trainer:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
@@ -470,7 +496,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = 
         callbacks.extend(extra or [])
     if t.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=t.get("progress_refresh_rate", 10)))
-    loggers = [RunCSVLogger(run_dir, resume_step), *build_loggers(cfg, run_dir)]
+    loggers = [RunCSVLogger(run_dir, *resume), *build_loggers(cfg, run_dir)]
     return L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices,
         num_nodes=t.get("num_nodes", 1), precision=t.precision, strategy=strategy.lightning_strategy(),
@@ -523,12 +549,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume_step = check_resume(cfg) if cfg.get("ckpt_path") else None
+    resume = check_resume(cfg) if cfg.get("ckpt_path") else (None, None)
     if not _launched_first():  # processes started by a launcher for a run that rank 0 owns
-        return _train(cfg, run_dir, resume_step)
+        return _train(cfg, run_dir, resume)
     with RunLock(run_dir):
         claim_run_dir(cfg, run_dir)
-        return _train(cfg, run_dir, resume_step)
+        return _train(cfg, run_dir, resume)
 
 
 def _launched_first() -> bool:
@@ -537,7 +563,7 @@ def _launched_first() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None]) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     start = load_any(cfg.init_from) if cfg.get("init_from") else None  # a previous stage
@@ -570,7 +596,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> dict[str,
                       run_info, clip_val=cfg.trainer.gradient_clip_val, strategy=strategy,
                       compile=bool(cfg.trainer.get("compile")))
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization,
-                            resume_step=resume_step)
+                            resume=resume)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     finally:

@@ -63,7 +63,8 @@ class CrashAt:
 
 
 def test_crash_then_resume_equals_uninterrupted_run(tmp_path):
-    overrides = ["trainer.max_steps=16", "trainer.val_every=0", "trainer.checkpoint_every=100", "optim.warmup_steps=4"]
+    overrides = ["trainer.max_steps=16", "trainer.val_every=0", "trainer.checkpoint_every=100", "optim.warmup_steps=4",
+                 "trainer.log_every_n_steps=1"]
     llmzoo.train(cfg_for(tmp_path / "straight", *overrides))
 
     pm = get_plugin_manager()
@@ -91,6 +92,11 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path):
         assert float(sa[i]["step"]) == float(sb[i]["step"]) == 16
         torch.testing.assert_close(sb[i]["exp_avg_sq"], sa[i]["exp_avg_sq"], atol=1e-9, rtol=1e-5)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+    # metrics.csv: the crash came after step 8's checkpoint but before Lightning logged step 8's
+    # row; the row travelled in the checkpoint, so the resumed file has every row once
+    rows = [[(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / d) if r["train_loss"]]
+            for d in ("straight", "crashed")]
+    assert rows[1] == rows[0] and [int(s) for s, _ in rows[0]] == list(range(16))
 
 
 def test_checkpoint_alone_rebuilds_the_run_and_generate_cli(tmp_path):
