@@ -212,13 +212,14 @@ class ResumableSampler(Sampler[int]):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_batch = 0, 0
+        self.epoch_offset = 0  # the data epoch minus Lightning's epoch counter (set on resume)
         self.per_rank = (n // (batch_size * world_size)) * batch_size
         if self.per_rank == 0:
             raise DataError(f"only {n} sequences: fewer than one global batch of "
                             f"{batch_size} x {world_size} processes; lower data.batch_size or data.seq_len")
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = epoch + self.epoch_offset
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:

@@ -227,9 +227,16 @@ class LMModule(L.LightningModule):
         # `processed` counts batches whose step ran (checkpoints are written before
         # `completed` is incremented, so that one lags by a batch).
         seen = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if sampler is not None and self.automatic_optimization and self.global_step and hasattr(sampler, "epoch_offset"):
+            # The position follows from the optimizer steps taken: Lightning counts an epoch as
+            # done when a run stops at max_steps, so a finished run trained further would
+            # otherwise start a fresh epoch instead of going on with the one it was in.
+            per_epoch = len(sampler) // sampler.batch_size
+            epoch, seen = divmod(self.global_step * self.trainer.accumulate_grad_batches, per_epoch)
+            sampler.epoch_offset = epoch - self.current_epoch
         if sampler is not None and seen:
             sampler.start_batch = seen
-            log.info("resuming at epoch %d, batch %d", self.current_epoch, seen)
+            log.info("resuming at epoch %d, batch %d", self.current_epoch + getattr(sampler, "epoch_offset", 0), seen)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["llmzoo"] = self.run_info

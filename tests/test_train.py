@@ -193,3 +193,17 @@ def test_a_logger_whose_library_is_missing_is_one_clear_error(tmp_path, monkeypa
     cfg = tiny_cfg("logger=[wandb]", "trainer.max_steps=1", f"run_dir={tmp_path}", "sample.prompts=[]")
     with pytest.raises(UserError, match="logger.wandb .* cannot start"):
         llmzoo.train(cfg)
+
+
+def test_training_a_finished_run_further_continues_its_data_order(tmp_path):
+    """3 steps, then resumed to 6, equals 6 steps at once (constant learning rate): the
+    resumed run goes on with the epoch the first one was in, though Lightning counted it done."""
+    common = ["trainer.val_every=0", "trainer.log_every_n_steps=1", "optim.warmup_steps=1", "optim.min_lr_ratio=1.0",
+              "data.seq_len=32", "data.batch_size=4"]
+    llmzoo.train(cfg_for(tmp_path / "straight", *common, "trainer.max_steps=6"))
+    llmzoo.train(cfg_for(tmp_path / "more", *common, "trainer.max_steps=3"))
+    llmzoo.train(cfg_for(tmp_path / "more", *common, "trainer.max_steps=6",
+                         f"ckpt_path={tmp_path / 'more' / 'checkpoints' / 'last.ckpt'}"))
+    rows = [[(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / d) if r["train_loss"]]
+            for d in ("straight", "more")]
+    assert rows[1] == rows[0] and len(rows[0]) == 6
