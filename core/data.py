@@ -62,6 +62,17 @@ FORMATS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parq
 SAVED = "hf_disk"  # a folder written by datasets' save_to_disk
 
 
+def plugin_formats() -> dict:
+    """{name: (extensions, reader)} of the formats plugins add (``llmzoo_data_formats``)."""
+    from .plugins import get_plugin_manager
+
+    return {k: v for found in get_plugin_manager().hook.llmzoo_data_formats() for k, v in found.items()}
+
+
+def all_formats() -> dict[str, tuple[str, ...]]:
+    return {**FORMATS, **{k: tuple(v[0]) for k, v in plugin_formats().items()}}
+
+
 def is_saved_dataset(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
     p = Path(path)
@@ -81,16 +92,17 @@ def resolve_files(path: str | os.PathLike, fmt: str | None) -> tuple[list[str], 
         files = [p]
     else:
         raise DataError(f"data.path={p!r}: no such file or folder")
+    formats = all_formats()
     if fmt in (None, "auto"):
-        found = {name for f in files for name, exts in FORMATS.items() if f.endswith(exts)}
+        found = {name for f in files for name, exts in formats.items() if f.endswith(exts)}
         if len(found) != 1:
             raise DataError(f"data.path={p!r}: cannot tell the format from the file names (found {sorted(found) or 'none'}); "
-                            f"set data.format to one of {list(FORMATS)}")
+                            f"set data.format to one of {list(formats)}")
         fmt = found.pop()
-    if fmt not in FORMATS:
-        raise DataError(f"data.format={fmt!r} is not one of {[*FORMATS, SAVED]}")
+    if fmt not in formats:
+        raise DataError(f"data.format={fmt!r} is not one of {[*formats, SAVED]}")
     if os.path.isdir(p):  # a folder may hold other files: keep the ones of this format
-        files = [f for f in files if f.endswith(FORMATS[fmt])]
+        files = [f for f in files if f.endswith(formats[fmt])]
     if not files:
         raise DataError(f"data.path={p!r}: no {fmt} files found")
     return files, fmt
@@ -190,6 +202,14 @@ def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, cle
     return out
 
 
+def _read_records(fmt: str, files: list[str], skip_bad: bool, options: dict, stamp: Any) -> Iterator[dict]:
+    """``datasets.Dataset.from_generator``'s generator for plugin formats (``stamp`` only keys the cache)."""
+    reader = plugin_formats()[fmt][1]
+    for f in files:
+        for record in reader(f, skip_bad, [], **options):
+            yield {"text": record["text"]}
+
+
 # ----------------------------------------------------------------------------- sampling
 def data_rank(trainer: Any) -> tuple[int, int]:
     """(this process's data rank, number of data ranks): the data-parallel ones. The
@@ -246,13 +266,14 @@ class TextDataModule(L.LightningDataModule):
     def __init__(self, tokenizer: Any, *, path: str, format: str | None = "auto", text_field: str = "text",
                  seq_len: int = 128, batch_size: int = 16, val_fraction: float = 0.05, max_val_sequences: int = 256,
                  num_workers: int = 0, skip_bad_records: bool = False, cache_dir: str | None = None,
-                 sample_by: str = "line", seed: int = 0, work_dir: str | None = None):
+                 sample_by: str = "line", seed: int = 0, work_dir: str | None = None,
+                 format_options: dict | None = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.path, self.format, self.text_field, self.seq_len = path, format, text_field, seq_len
         self.batch_size, self.val_fraction, self.max_val_sequences = batch_size, val_fraction, max_val_sequences
         self.num_workers, self.skip_bad_records, self.cache_dir = num_workers, skip_bad_records, cache_dir
-        self.sample_by, self.seed = sample_by, seed
+        self.sample_by, self.seed, self.format_options = sample_by, seed, format_options or {}
         self.work_dir = Path(work_dir or ".")
         self.train_ds = self.val_ds = None
         self.train_sampler: ResumableSampler | None = None
@@ -266,6 +287,10 @@ class TextDataModule(L.LightningDataModule):
         if self.format == SAVED or (self.format in (None, "auto") and is_saved_dataset(self.path)):
             return self._load_saved()
         files, fmt = resolve_files(self.path, self.format)
+        if fmt in plugin_formats():
+            return self._load_plugin_format(files, fmt)
+        if self.format_options:
+            raise DataError(f"data.format_options={dict(self.format_options)}: format {fmt!r} takes no options")
         files = check_files(files, fmt, self.text_field, self.skip_bad_records, self.work_dir / "clean_data")
         if fmt == "arrow":
             ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=self.cache_dir)
@@ -283,6 +308,27 @@ class TextDataModule(L.LightningDataModule):
         if len(ds) == 0:
             raise DataError(f"data.path={self.path!r}: every record is empty")
         return ds
+
+    def _load_plugin_format(self, files: list[str], fmt: str):
+        """Records from a plugin's reader (``llmzoo_data_formats``), read once to check them,
+        then cached by datasets under a key that changes with the files' sizes and times."""
+        import datasets
+
+        reader = plugin_formats()[fmt][1]
+        options = dict(self.format_options or {})
+        bad: list[str] = []
+        try:
+            count = sum(1 for f in files for _ in reader(f, self.skip_bad_records, bad, **options))
+        except TypeError as e:
+            raise DataError(f"data.format_options={options}: not options of format {fmt!r} ({e})") from None
+        if bad:
+            log.warning("skipped %d bad records: %s", len(bad), "; ".join(bad[:10]))
+        if count == 0:
+            raise DataError(f"data.path={self.path!r}: no usable {fmt} records")
+        stamp = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        ds = datasets.Dataset.from_generator(_read_records, cache_dir=self.cache_dir, gen_kwargs={
+            "fmt": fmt, "files": files, "skip_bad": self.skip_bad_records, "options": options, "stamp": stamp})
+        return ds.select_columns(["text"])
 
     def _load_saved(self):
         """A ``save_to_disk`` folder (Arrow files and JSON metadata: nothing is executed);

@@ -55,3 +55,12 @@ def llmzoo_hf_architectures() -> list["HFArchitecture"]:
     one whose ``model_types`` holds config.json's ``model_type``, ``llmzoo export-hf``
     the first whose ``exports(cfg)`` says yes. A plugin whose block has a ``transformers``
     counterpart returns its converter here; return [] otherwise."""
+
+
+@hookspec
+def llmzoo_data_formats() -> dict:
+    """More ``data.format`` options for the built-in data module: ``{name: (file
+    extensions, reader)}``. ``reader(path, skip_bad, bad, **data.format_options)`` yields one
+    dict per record with the document in ``"text"``; it raises ``llmzoo.errors.DataError``
+    naming ``file:line`` for a broken record, or, with ``skip_bad``, appends that message
+    to the ``bad`` list and goes on. Files are found by extension with ``data.format=auto``."""

@@ -1,0 +1,99 @@
+"""FASTA / FASTQ data and the nucleotide and protein tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmzoo
+from llmzoo.data import DataError, TextDataModule
+from llmzoo.testing import check_tokenizer
+from llmzoo_plugins.bio import AMINO_ACIDS, AlphabetTokenizer, read_fasta, read_fastq
+from llmzoo_plugins.bio import reverse_complement_of as reverse_complement
+
+FASTA = """>chr1 test genome
+ACGTACGTNNNNNNNNac
+gtacGGTTAA
+;a comment line
+>gene2 promoter
+TATAAT
+TTGACA
+
+>empty_line_above
+RYKM
+"""
+
+
+def test_fasta_joins_lines_keeps_case_headers_and_n_runs(tmp_path):
+    f = tmp_path / "g.fa"
+    f.write_text(FASTA)
+    records = list(read_fasta(str(f)))
+    assert records == [{"text": "ACGTACGTNNNNNNNNacgtacGGTTAA", "id": "chr1 test genome"},
+                       {"text": "TATAATTTGACA", "id": "gene2 promoter"}, {"text": "RYKM", "id": "empty_line_above"}]
+
+
+@pytest.mark.parametrize("text,line,said", [
+    ("ACGT\n>x\nAC\n", 1, "sequence before the first '>' header"),
+    (">x\nAC GT\n", 2, "characters ' ' are not sequence letters"),
+    (">x\nACGT\n>y\n>z\nAA\n", 3, "record 'y' has no sequence"),
+    (">x\nAC7T\n", 2, "characters '7'"),
+])
+def test_bad_fasta_records_name_file_and_line(tmp_path, text, line, said):
+    f = tmp_path / "bad.fasta"
+    f.write_text(text)
+    with pytest.raises(DataError, match=rf"bad.fasta:{line}: {said}"):
+        list(read_fasta(str(f)))
+    bad: list[str] = []
+    kept = list(read_fasta(str(f), skip_bad=True, bad=bad))
+    assert len(bad) == 1 and all(r["text"] for r in kept)
+
+
+def test_fastq_records_and_errors(tmp_path):
+    f = tmp_path / "r.fq"
+    f.write_text("@read1\nACGTN\n+\nIIII#\n@read2 x\nacgt\n+read2\nABCD\n")
+    assert list(read_fastq(str(f))) == [{"text": "ACGTN", "id": "read1"}, {"text": "acgt", "id": "read2 x"}]
+    for text, said in (("@r\nACGT\n+\nIII\n", "r.fq:4: 3 quality characters for 4 bases"),
+                       ("r\nACGT\n+\nIIII\n", "r.fq:1: a FASTQ record starts with '@'"),
+                       ("@r\nACGT\nIIII\n", "r.fq:3: expected the '\\+' line")):
+        f.write_text(text)
+        with pytest.raises(DataError, match=said):
+            list(read_fastq(str(f)))
+
+
+def test_reverse_complement():
+    assert reverse_complement("ATGCNacgtR") == "YacgtNGCAT"
+    assert reverse_complement("AACGTT") == "AACGTT" and reverse_complement("ATGc") == "gCAT"
+    assert reverse_complement("RYN") == "NRY" and reverse_complement(reverse_complement("ACGTRYKMN")) == "ACGTRYKMN"
+
+
+@pytest.mark.parametrize("tok,texts", [
+    (AlphabetTokenizer(), ["ACGTNNNNacgt", "TATAAT-RYKM", ""]),
+    (AlphabetTokenizer(AMINO_ACIDS, lower=False), ["MKTAYIAKQR*", "ACDEFGHIKLMNPQRSTVWYBZXUO-", ""]),
+])
+def test_alphabet_tokenizers_pass_the_tokenizer_check(tok, texts, tmp_path):
+    check_tokenizer(tok, texts=texts)
+    assert tok.encode("A") != tok.encode("a") if tok.lower else True
+    assert tok.encode("Ü") == [tok.unk_id] and tok.decode([tok.unk_id]) == "?"
+
+
+def test_fasta_trains_with_the_nucleotide_tokenizer(tmp_path):
+    f = tmp_path / "genes.fasta"
+    f.write_text("".join(f">g{i}\nATG{'ACGT' * (i % 5 + 3)}TAA\n" for i in range(80)))
+    dm = TextDataModule(AlphabetTokenizer(), path=str(f), seq_len=16, batch_size=4, val_fraction=0)
+    dm.setup()
+    tok = AlphabetTokenizer()
+    flat = [t for i in range(80) for t in tok.encode(f"ATG{'ACGT' * (i % 5 + 3)}TAA") + [tok.eos_id]]
+    blocks = torch.cat([dm.train_ds[i]["input_ids"] for i in range(len(dm.train_ds))]).tolist()
+    assert blocks == flat[:len(blocks)]  # auto-detected as FASTA: records in file order, joined by eos
+    rc = TextDataModule(AlphabetTokenizer(), path=str(f), seq_len=16, batch_size=4, val_fraction=0,
+                        format_options={"reverse_complement": True})
+    rc.setup()
+    assert len(rc.train_ds) == pytest.approx(2 * len(dm.train_ds), abs=1)  # each record and its other strand
+    cfg = llmzoo.compose(overrides=["model=tiny", "tokenizer=nucleotide", f"data.path={f}", "data.seq_len=32",
+                                    "data.batch_size=4", "data.val_fraction=0", "trainer.max_steps=3",
+                                    "trainer.val_every=0", "logger=[]",
+                                    "sample.prompts=[]", "trainer.enable_progress_bar=false",
+                                    f"run_dir={tmp_path / 'run'}"])
+    assert llmzoo.train(cfg)["step"] == 3
+    run = llmzoo.load_run(tmp_path / "run")
+    assert isinstance(run.tokenizer, AlphabetTokenizer) and run.model.vocab_size == run.tokenizer.vocab_size
