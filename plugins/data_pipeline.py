@@ -1,0 +1,261 @@
+"""``llmzoo-data``: raw documents -> filtered, deduplicated jsonl that ``llmzoo-train
+data.path=<output>/data`` reads. Built on datatrove (pip install "datatrove[processing]"):
+its readers, its C4 and Gopher filters, its exact and MinHash deduplication and its
+executors; llmzoo adds length, bad-words and decontamination filters and the report.
+
+Stages, each a datatrove pipeline run by the configured executor (``executor=local`` with
+``tasks`` x ``workers``, or ``executor=slurm`` on a cluster):
+  1. read ``input`` -> every ``filter`` in order -> <output>/filtered/  (each filter writes
+     the documents it removes to <output>/removed/<filter>/, with the reason)
+  2. ``dedup=exact`` (hash of the normalised text) or ``dedup=minhash`` (n-gram MinHash,
+     bands x rows) over the filtered documents -> <output>/data/ ; ``dedup=none`` copies.
+The report (<output>/report.json, printed as a table) counts documents and characters
+kept and removed by each step, and the duplicate clusters found.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from llmzoo.errors import UserError
+
+try:  # datatrove is optional: llmzoo-data says how to install it
+    from datatrove.data import Document
+    from datatrove.pipeline.filters.base_filter import BaseFilter
+except ImportError:  # pragma: no cover - exercised without datatrove installed
+    BaseFilter, Document = object, Any
+
+
+# ----------------------------------------------------------------------------- llmzoo's own filters
+class LengthFilter(BaseFilter):
+    """Keeps documents with ``min_words`` <= words <= ``max_words`` (null: no bound)."""
+
+    name = "📏 length"
+
+    def __init__(self, min_words: int = 0, max_words: int | None = None, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.min_words, self.max_words = min_words, max_words
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        n = len(doc.text.split())
+        if n < self.min_words:
+            return False, "too_few_words"
+        if self.max_words is not None and n > self.max_words:
+            return False, "too_many_words"
+        return True
+
+
+class BadWordsFilter(BaseFilter):
+    """Removes documents holding any word or phrase listed in ``path`` (one per line,
+    matched case-insensitively on word boundaries), as C4's "bad words" list does."""
+
+    name = "🚫 bad words"
+
+    def __init__(self, path: str, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        words = [w.strip() for w in Path(path).read_text(encoding="utf-8").splitlines() if w.strip()]
+        if not words:
+            raise UserError(f"filter.bad_words.path={path}: the word list is empty")
+        self.pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        return (False, "bad_word") if self.pattern.search(doc.text) else True
+
+
+class DecontaminationFilter(BaseFilter):
+    """Removes training documents that share a word ``n``-gram with an evaluation set (the
+    GPT-3 paper's 13-gram overlap test), so evaluation measures more than memory. ``paths``:
+    jsonl files (every string field of a row, lists of strings included, counts as text) or
+    .txt files (a line each); an item shorter than ``n`` words counts when it appears whole."""
+
+    name = "🧪 decontamination"
+
+    def __init__(self, paths: list[str], n: int = 13, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.n, self.grams, self.short = n, set(), set()
+        for path in paths:
+            for text in _eval_texts(Path(path)):
+                words = _words(text)
+                if len(words) >= n:
+                    self.grams.update(zip(*(words[i:] for i in range(n))))
+                elif words:
+                    self.short.add(tuple(words))
+        self.short_lengths = sorted({len(w) for w in self.short})
+        if not self.grams and not self.short:
+            raise UserError(f"filter.decontaminate.paths={paths}: no evaluation text found")
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        words = _words(doc.text)
+        if any(g in self.grams for g in zip(*(words[i:] for i in range(self.n)))):
+            return False, "eval_ngram"
+        for k in self.short_lengths:
+            if any(g in self.short for g in zip(*(words[i:] for i in range(k)))):
+                return False, "eval_item"
+        return True
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _eval_texts(path: Path):
+    if not path.is_file():
+        raise UserError(f"filter.decontaminate.paths: {path}: no such file")
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            yield line
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for v in (row.values() if isinstance(row, dict) else [row]):
+            for t in (v if isinstance(v, list) else [v]):
+                if isinstance(t, str):
+                    yield t
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _reader(cfg: DictConfig, folder: str, glob: str | None = None):
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    if cfg.get("input_format", "jsonl") == "parquet":
+        return ParquetReader(folder, text_key=cfg.text_field, glob_pattern=glob or "*.parquet")
+    return JsonlReader(folder, text_key=cfg.text_field, glob_pattern=glob or cfg.get("input_glob") or "*.jsonl*")
+
+
+def _writer(folder: Path):
+    from datatrove.pipeline.writers import JsonlWriter
+
+    return JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None)
+
+
+def build_filters(cfg: DictConfig, out: Path) -> list:
+    from hydra.utils import instantiate
+
+    steps = []
+    for name, node in (cfg.get("filter") or {}).items():
+        if node is not None:
+            steps.append(instantiate(node, exclusion_writer=_writer(out / "removed" / name), _convert_="all"))
+    return steps
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """All stages of ``cfg`` (conf/data_pipeline.yaml); returns (and writes) the report."""
+    try:
+        import datatrove  # noqa: F401
+    except ImportError:
+        raise UserError('llmzoo-data needs datatrove: pip install "datatrove[processing]"') from None
+    from hydra.utils import instantiate
+
+    src = Path(str(cfg.input))
+    if not src.exists():
+        raise UserError(f"input={src}: no such file or folder")
+    folder, glob = (str(src.parent), src.name) if src.is_file() else (str(src), None)
+    out = Path(str(cfg.output))
+    ours = [out / n for n in ("filtered", "removed", "dedup", "data", "logs", "report.json")]
+    if any(p.exists() for p in ours):
+        if not cfg.get("overwrite"):
+            raise UserError(f"output={out} already holds a result: choose another folder or overwrite=true")
+        for p in ours:  # datatrove would skip the tasks it finds completed
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    logs = out / "logs"
+
+    def execute(stage: str, pipeline: list, tasks: int | None = None) -> Any:
+        node = cfg.executor
+        kw = {"tasks": tasks} if tasks is not None else {}
+        return instantiate(node, pipeline=pipeline, logging_dir=str(logs / stage), **kw).run()
+
+    execute("1_filter", [_reader(cfg, folder, glob), *build_filters(cfg, out), _writer(out / "filtered")])
+    kind = cfg.dedup.kind if cfg.get("dedup") else "none"
+    filtered = lambda: _reader(cfg, str(out / "filtered"), "*.jsonl")  # noqa: E731 - the same split in every stage
+    if kind == "exact":
+        from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
+                                                          ExactFindDedups)
+
+        conf = ExactDedupConfig(content_getter=normalise)
+        execute("2_exact_signatures", [filtered(), ExactDedupSignature(str(out / "dedup" / "sigs"), conf)])
+        execute("3_exact_find", [ExactFindDedups(str(out / "dedup" / "sigs"), str(out / "dedup" / "dups"), conf,
+                                                 save_cluster_size=True)], tasks=1)
+        execute("4_exact_filter", [filtered(), ExactDedupFilter(str(out / "dedup" / "dups"), conf,
+                                                                 exclusion_writer=_writer(out / "removed" / "dedup")),
+                                   _writer(out / "data")])
+    elif kind == "minhash":
+        from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                      MinhashDedupFilter, MinhashDedupSignature)
+        from datatrove.utils.hashing import HashConfig
+
+        d = cfg.dedup
+        conf = MinhashConfig(n_grams=d.n_grams, num_buckets=d.bands, hashes_per_bucket=d.rows, seed=d.seed,
+                             hash_config=HashConfig(precision=64))
+        execute("2_minhash_signatures", [filtered(), MinhashDedupSignature(str(out / "dedup" / "sigs"), conf)])
+        execute("3_minhash_buckets", [MinhashDedupBuckets(str(out / "dedup" / "sigs"), str(out / "dedup" / "buckets"),
+                                                          config=conf)], tasks=d.bands)
+        execute("4_minhash_clusters", [MinhashDedupCluster(str(out / "dedup" / "buckets"), str(out / "dedup" / "dups"),
+                                                           config=conf, save_cluster_size=True)], tasks=1)
+        execute("5_minhash_filter", [filtered(), MinhashDedupFilter(str(out / "dedup" / "dups"),
+                                                                     exclusion_writer=_writer(out / "removed" / "dedup")),
+                                     _writer(out / "data")])
+    elif kind == "none":
+        execute("2_copy", [filtered(), _writer(out / "data")])
+    else:
+        raise UserError(f"dedup.kind={kind!r} is not one of ['none', 'exact', 'minhash']")
+    report = make_report(out)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def normalise(doc: Document) -> str:
+    """What exact dedup compares: lower case, runs of white space made one space."""
+    return " ".join(doc.text.lower().split())
+
+
+def make_report(out: Path) -> dict[str, Any]:
+    """Documents in, kept and removed (with their characters) for each filter and the dedup."""
+    def count(folder: Path) -> tuple[int, int]:
+        docs = chars = 0
+        for f in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
+            for line in f.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    docs, chars = docs + 1, chars + len(json.loads(line)["text"])
+        return docs, chars
+
+    steps = {}
+    for folder in sorted((out / "removed").iterdir()) if (out / "removed").exists() else []:
+        docs, chars = count(folder)
+        steps[folder.name] = {"removed_documents": docs, "removed_characters": chars}
+    kept, kept_chars = count(out / "data")
+    return {"kept_documents": kept, "kept_characters": kept_chars, "removed": steps,
+            "data": str(out / "data"), "examples_of_removals": str(out / "removed")}
+
+
+@hydra.main(config_path="pkg://llmzoo_conf", config_name="data_pipeline", version_base="1.3")
+def _app(cfg: DictConfig) -> None:
+    from llmzoo.errors import reported
+
+    with reported("llmzoo-data"):
+        if cfg.get("input") is None or cfg.get("output") is None:
+            raise UserError("give input=<jsonl file or folder> and output=<folder>")
+        report = run_pipeline(cfg)
+        print(f"kept {report['kept_documents']} documents ({report['kept_characters']} characters) in {report['data']}")
+        for name, r in report["removed"].items():
+            print(f"  {name:>20}: removed {r['removed_documents']} documents ({r['removed_characters']} characters)")
+        print(f"train on it: llmzoo-train data.path={report['data']} data.format=jsonl", file=sys.stderr)
+
+
+def main() -> None:
+    """llmzoo-data input=<raw> output=<folder> [filter=[...]] [dedup=exact|minhash|none] [executor.tasks=N]"""
+    from llmzoo.cli import hydra_entry
+
+    hydra_entry("llmzoo-data", _app)
+

@@ -1,0 +1,135 @@
+"""llmzoo-data on datatrove: filters against their published rules on crafted documents,
+exact and MinHash dedup on planted duplicates, the same output with 1 and 4 tasks."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+import llmzoo
+
+pytest.importorskip("datatrove")
+from llmzoo_plugins.data_pipeline import run_pipeline  # noqa: E402
+
+WORDS = ("the of and to in river stone cat found kept walked home night small quiet garden bright morning "
+         "children paper window market music letter winter travel simple").split()
+
+
+def prose(rng: random.Random, n_words: int = 80) -> str:
+    """English-like text that passes the Gopher and C4 rules: sentences of 8 words ending in '.'."""
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    sentences = [" ".join(words[i:i + 8]).capitalize() + "." for i in range(0, n_words, 8)]
+    return "\n".join(" ".join(sentences[i:i + 2]) for i in range(0, len(sentences), 2))
+
+
+def write(path, docs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t, "id": str(i)}) + "\n" for i, t in enumerate(docs)))
+
+
+def kept(out) -> list[str]:
+    return sorted(json.loads(line)["text"] for f in (out / "data").glob("*.jsonl")
+                  for line in f.read_text().splitlines() if line.strip())
+
+
+def run(tmp_path, docs, *overrides, name="out"):
+    write(tmp_path / "raw" / "docs.jsonl", docs)
+    cfg = llmzoo.compose("data_pipeline", [f"input={tmp_path / 'raw'}", f"output={tmp_path / name}", *overrides],
+                         validate=False)
+    return run_pipeline(cfg)
+
+
+def test_filters_remove_what_their_rules_say(tmp_path):
+    rng = random.Random(0)
+    good = [prose(rng) for _ in range(6)]
+    long_words = " ".join("".join(rng.choice("abcdefghij") for _ in range(14)) for _ in range(60))
+    bad = {
+        "length": "Too short.",                                                 # < 5 words
+        "gopher_repetition": "\n".join(["The same line is here again and again."] * 20),  # duplicate lines
+        "gopher_quality": long_words + ".",                                     # mean word length 14 > 10
+        "c4": "lorem ipsum " + prose(rng),                                      # C4 drops lorem ipsum pages
+        "bad_words": prose(rng) + "\nThe zorblax was in the small quiet garden today.",
+    }
+    words = tmp_path / "bad.txt"
+    words.write_text("zorblax\n")
+    report = run(tmp_path, [*good, *bad.values()], "filter=[length,gopher_repetition,gopher_quality,c4,bad_words]",
+                 f"filter.bad_words.path={words}", "dedup=none")
+    assert kept(tmp_path / "out") == sorted(good)
+    removed = {name: r["removed_documents"] for name, r in report["removed"].items()}
+    assert removed == {"length": 1, "gopher_repetition": 1, "gopher_quality": 1, "c4": 1, "bad_words": 1}
+    # each removal is kept as an example, with the document
+    example = json.loads((tmp_path / "out" / "removed" / "length").glob("*.jsonl").__next__().read_text())
+    assert example["text"] == "Too short."
+
+
+def test_exact_dedup_keeps_one_copy_of_each_text(tmp_path):
+    rng = random.Random(1)
+    unique = [prose(rng) for _ in range(5)]
+    docs = unique + [unique[0], unique[0], unique[2].upper(), "  ".join(unique[3].split(" "))]  # case and spaces
+    report = run(tmp_path, docs, "filter=[]", "dedup=exact")
+    assert kept(tmp_path / "out") == sorted(unique)
+    assert report["removed"]["dedup"]["removed_documents"] == 4
+
+
+def test_minhash_finds_near_duplicates_and_keeps_unrelated_documents(tmp_path):
+    """20 originals of 200 words, each with one near copy (3 words changed: Jaccard of 5-grams
+    ~0.86) and 20 unrelated documents: recall and precision of the removals are measured."""
+    rng = random.Random(2)
+    originals = [prose(rng, 200) for _ in range(20)]
+    copies = []
+    for t in originals:
+        words = t.split(" ")
+        for i in rng.sample(range(len(words)), 3):
+            words[i] = "changed"
+        copies.append(" ".join(words))
+    unrelated = [prose(rng, 200) for _ in range(20)]
+    report = run(tmp_path, [*originals, *copies, *unrelated], "filter=[]", "dedup=minhash")
+    out = set(kept(tmp_path / "out"))
+    pairs_caught = sum((a in out) != (b in out) for a, b in zip(originals, copies))  # exactly one of each pair kept
+    recall = pairs_caught / len(originals)
+    wrongly_removed = sum(t not in out for t in unrelated)
+    precision = pairs_caught / max(1, pairs_caught + wrongly_removed)
+    assert recall >= 0.95 and precision == 1.0, (recall, precision)
+    assert report["removed"]["dedup"]["removed_documents"] == pairs_caught
+
+
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_one_and_four_tasks_give_the_same_output(tmp_path, workers):
+    rng = random.Random(3)
+    docs = [prose(rng) for _ in range(30)] + ["short"] * 3
+    docs += docs[:5]  # duplicates across the input
+    for name, tasks in (("one", 1), ("four", 4)):
+        folder = tmp_path / f"raw_{name}"
+        for k in range(4):  # four input files, so four tasks each get one
+            write(folder / f"part{k}.jsonl", docs[k::4])
+        cfg = llmzoo.compose("data_pipeline", [f"input={folder}", f"output={tmp_path / name}", "dedup=exact",
+                                               "filter=[length]", f"executor.tasks={tasks}",
+                                               f"executor.workers={min(tasks, workers)}"], validate=False)
+        run_pipeline(cfg)
+    assert kept(tmp_path / "one") == kept(tmp_path / "four") and len(kept(tmp_path / "one")) == 30
+
+
+def test_the_cleaned_data_trains(tmp_path):
+    rng = random.Random(4)
+    run(tmp_path, [prose(rng) for _ in range(40)], "filter=[length]", "dedup=exact")
+    cfg = llmzoo.compose(overrides=["model=tiny", f"data.path={tmp_path / 'out' / 'data'}", "data.format=jsonl",
+                                    "data.seq_len=32", "data.batch_size=4", "trainer.max_steps=2", "trainer.val_every=0",
+                                    "logger=[]", "sample.prompts=[]", "trainer.enable_progress_bar=false",
+                                    f"run_dir={tmp_path / 'run'}"])
+    assert llmzoo.train(cfg)["step"] == 2
+
+
+def test_decontamination_removes_every_planted_leak_and_nothing_else(tmp_path):
+    rng = random.Random(5)
+    evals = tmp_path / "eval.jsonl"
+    questions = [prose(rng, 30) for _ in range(5)]
+    evals.write_text("".join(json.dumps({"question": q, "choices": ["a b", "zeta omega"], "answer": 0}) + "\n"
+                             for q in questions))
+    clean = [prose(rng, 60) for _ in range(10)]
+    leaks = [clean[0] + "\n" + questions[1][:120], prose(rng, 40) + "\n" + questions[3],
+             prose(rng, 60) + "\nThe answer was zeta omega."]  # a short item (2 words) appearing whole
+    run(tmp_path, [*clean, *leaks], "filter=[decontaminate]", f"filter.decontaminate.paths=[{evals}]",
+        "filter.decontaminate.n=13", "dedup=none")
+    assert kept(tmp_path / "out") == sorted(clean)
