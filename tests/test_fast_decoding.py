@@ -197,6 +197,7 @@ def test_medusa_on_mamba_is_rejected_at_config_time():
         tiny_cfg("block=mamba", "decoder=medusa")  # compose validates
 
 
+@pytest.mark.slow  # ~50 s of training; benchmarks/decode.py measures acceptance too
 def test_medusa_heads_trained_on_the_corpus_accept_more_than_1_5_tokens_per_step(tmp_path, pretrained):
     """Pretrain the tiny model, train Medusa-1 heads on it (init_from), decode through the CLI."""
     pre, med = pretrained("dense", 300), tmp_path / "medusa"

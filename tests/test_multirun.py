@@ -39,6 +39,7 @@ def test_one_failing_job_keeps_the_others(tmp_path):
     assert "FAILED model.n_heads=3" in out.stderr
 
 
+@pytest.mark.slow  # ~30 s; the other sweep tests cover multirun in the default run
 def test_every_block_trains_with_falling_loss_in_one_sweep(tmp_path):
     blocks = "dense,moe,mamba,mamba2,hybrid"
     run_cli("llmzoo-train", "-m", f"block={blocks}", f"run_dir={tmp_path}", *FAST, "trainer.max_steps=40",

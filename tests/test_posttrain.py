@@ -154,6 +154,7 @@ def preference_stats(run_dir, pairs):
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 
+@pytest.mark.slow  # ~60 s; each stage has its own default test
 def test_pretrain_sft_dpo_and_reward_chain(tmp_path, pretrained):
     pre = pretrained("dense", 300)
     sft, dpo, rm = (tmp_path / n for n in ("sft", "dpo", "reward"))

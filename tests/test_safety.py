@@ -289,6 +289,7 @@ def test_signals_and_kill_then_resume_give_the_rows_of_an_uninterrupted_run(tmp_
     assert len(resumed) >= 2, f"only {resumed} were interrupted before the run ended"
 
 
+@pytest.mark.slow  # ~50 s; signals are tested on one process by default, FSDP resume by test_fsdp
 @pytest.mark.distributed
 def test_sigterm_on_two_fsdp_processes_then_resume_gives_the_same_rows(tmp_path):
     common = [*FAST, "parallel=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=8",
