@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import FAST, run_cli
 
 SHORT = [*FAST, "trainer.max_steps=3", "trainer.val_every=3", "trainer.log_every_n_steps=1", "data.batch_size=4",
