@@ -117,7 +117,7 @@ def test_lm_eval_llmzoo_model_equals_the_hf_model_on_the_export(run_dir, tmp_pat
     from lm_eval.tasks import TaskManager
 
     from llmzoo.hf import export_hf
-    from llmzoo_plugins.lm_eval_adapter import LlmzooLM
+    from llmzoo_plugins.evaluation import lm_eval_model
 
     run = llmzoo.load_run(run_dir)
     exported = export_hf(run, tmp_path / "hf")
@@ -158,7 +158,7 @@ metric_list:
 """)
     manager = TaskManager(include_path=str(tasks))
     kw = dict(tasks=["llmzoo_mc", "llmzoo_ppl"], task_manager=manager, log_samples=True)
-    ours = simple_evaluate(model=LlmzooLM(run=run, batch_size=4), **kw)
+    ours = simple_evaluate(model=lm_eval_model()(run=run, batch_size=4), **kw)
     theirs = simple_evaluate(model=HFLM(pretrained=str(exported), device="cpu", batch_size=4), **kw)
     assert ours["results"]["llmzoo_mc"]["acc,none"] == theirs["results"]["llmzoo_mc"]["acc,none"]
     for key in ("word_perplexity,none", "bits_per_byte,none"):
