@@ -103,7 +103,51 @@ def parallel_rows(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-RENDER = {"parallel": parallel_rows, "train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows, "posttrain": posttrain_rows}
+def gpu_rows(records: list[dict]) -> str:
+    """benchmarks/gpu_suite.sh records: the newest of each section."""
+    newest = {r["section"]: r for r in records if "error" not in r}
+    out = []
+    if newest:
+        first = next(iter(newest.values()))
+        out.append(f"{first['device']}, torch {first['torch']}, commit {first['commit']}\n")
+    out.append("| measurement | figure | detail |\n|---|---|---|")
+    if "train_1b" in newest:
+        r = newest["train_1b"]
+        for name, v in r["variants"].items():
+            out.append(f"| 1B dense training, bf16 autocast, {name} | {v['tokens_per_s']:,.0f} tok/s, "
+                       f"**MFU {v['mfu']:.1%}** | batch {r['batch']} x {r['seq_len']}, "
+                       f"peak {v['peak_mem_gib']:.1f} GiB, first step {v['first_step_s']:.0f} s |")
+    if "fsdp_ac" in newest:
+        r = newest["fsdp_ac"]
+        for name, v in r["variants"].items():
+            out.append(f"| 1B FSDP2 (1 process, bf16 params), {name.replace('_', ' ')} | {v['tokens_per_s']:,.0f} tok/s "
+                       f"| peak {v['peak_mem_gib']:.1f} GiB |")
+    if "decode_7b" in newest:
+        r = newest["decode_7b"]
+        for name, v in r["variants"].items():
+            out.append(f"| 7B bf16 decode, batch 1, {name.replace('_', ' ')} | {v['tokens_per_s']:.1f} tok/s = "
+                       f"**{v['pct_of_hbm_roofline']:.0f}% of the HBM roofline** | roofline "
+                       f"{r['roofline_tokens_per_s']:.0f} tok/s ({r['bytes_per_token'] / 1e9:.2f} GB/token at "
+                       f"{r['hbm_bytes_per_s'] / 1e12:.2f} TB/s) |")
+    if "moe" in newest:
+        r = newest["moe"]
+        out.append(f"| MoE grouped GEMM vs per-expert loop, bf16 fwd+bwd | **{r['speedup']:.2f}x** "
+                   f"| {r['grouped_ms']:.2f} vs {r['loop_ms']:.2f} ms, {r['n_experts']} experts top-{r['top_k']}, "
+                   f"{r['tokens']} tokens |")
+    if "mamba2" in newest:
+        r = newest["mamba2"]
+        for name, v in r["variants"].items():
+            out.append(f"| Mamba-2 fla Triton vs chunked PyTorch, {name} | **{v['speedup']:.2f}x** "
+                       f"| {v['triton_ms']:.2f} vs {v['torch_ms']:.2f} ms, relative diff {v['max_rel_diff']:.1e} |")
+    if "kernels" in newest:
+        r = newest["kernels"]
+        for name, v in r["variants"].items():
+            out.append(f"| Liger {name} vs reference, bf16 fwd+bwd | **{v['speedup']:.2f}x** "
+                       f"| {v['liger_ms']:.2f} vs {v['reference_ms']:.2f} ms |")
+    return "\n".join(out)
+
+
+RENDER = {"parallel": parallel_rows, "train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows, "posttrain": posttrain_rows, "gpu": gpu_rows}
 
 
 def load(paths: list[str]) -> dict[str, list[dict]]:
@@ -113,7 +157,7 @@ def load(paths: list[str]) -> dict[str, list[dict]]:
         for line in f.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                by_kind.setdefault(r["benchmark"], []).append(r)
+                by_kind.setdefault(r.get("benchmark", f.stem), []).append(r)
     return by_kind
 
 
@@ -153,6 +197,17 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
             if name in res and "ratio_vs_greedy" in res[name]:
                 lines.append(f"| batch-1 decoding, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "
                              f"tokens/step) | {res[name]['ratio_vs_greedy']:.2f}x | {when} |")
+    gpu = {r["section"]: r for r in by_kind.get("gpu", []) if "error" not in r}
+    if "train_1b" in gpu:
+        r = gpu["train_1b"]
+        best = max(r["variants"].items(), key=lambda kv: kv[1]["mfu"])
+        lines.append(f"| 1B dense bf16 training MFU ({best[0]}) | {best[1]['mfu']:.1%} "
+                     f"| {r['device']}, {r['time'][:10]} |")
+    if "decode_7b" in gpu:
+        r = gpu["decode_7b"]
+        best = max(r["variants"].items(), key=lambda kv: kv[1]["pct_of_hbm_roofline"])
+        lines.append(f"| 7B bf16 batch-1 decode ({best[0].replace('_', ' ')}) vs the HBM roofline "
+                     f"| {best[1]['pct_of_hbm_roofline']:.0f}% | {r['device']}, {r['time'][:10]} |")
     return "| measurement | ratio | machine, date |\n|---|---|---|\n" + "\n".join(lines)
 
 

@@ -34,7 +34,8 @@ def build_blocks(cfg: DictConfig) -> list[nn.Module]:
 def build_model(cfg: DictConfig, vocab_size: int | None = None, adapters: bool = True) -> LanguageModel:
     """The configured LanguageModel. ``vocab_size`` defaults to ``model.vocab_size``,
     else to the configured tokenizer's. With ``adapters`` the ``peft=`` adapters are
-    added (training adds them itself, after loading the starting weights)."""
+    added (training adds them itself, after loading the starting weights); the
+    ``kernels=`` option (``llmzoo.interfaces.Kernels``) swaps in its faster forwards."""
     m = cfg.model
     vocab_size = vocab_size or m.get("vocab_size") or build_tokenizer(cfg).vocab_size
     if m.get("pad_vocab_to"):
@@ -42,6 +43,8 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None, adapters: bool =
     model = LanguageModel(vocab_size, m.dim, build_blocks(cfg), max_seq_len=m.max_seq_len,
                           tie_embeddings=m.get("tie_embeddings", False), norm_eps=m.get("norm_eps", 1e-5),
                           init_std=m.get("init_std", 0.02))
+    if cfg.get("kernels"):  # llmzoo.interfaces.Kernels: faster forwards, same weights
+        model = instantiate(cfg.kernels, _convert_="all").apply(model)
     adapter = build_adapter(cfg) if adapters else None
     return adapter.apply(model) if adapter else model
 

@@ -421,3 +421,21 @@ class Adapter(Protocol):
     def merge(self, model: nn.Module) -> nn.Module:
         """Fold the adapters into the base weights: a model with the plain layers back,
         giving the same outputs (``llmzoo merge-adapter``, ``llmzoo export-hf``)."""
+
+
+class Kernels(Protocol):
+    """A ``kernels=`` option: faster implementations of layers' forward (fused Triton
+    kernels, ...) swapped into a built model; the built-in one is
+    ``llmzoo_plugins.kernels.Liger``. ``build_model`` calls ``apply`` on every model it
+    builds (training, ``load_run``, generation, benchmarks).
+
+    Parameters, buffers and state-dict names must not change, so runs load with and
+    without the kernels; outputs and gradients must equal the references' within the
+    kernel's rounding (``llmzoo.testing.check_kernels``). Where a kernel cannot run (no
+    GPU, its library missing) the reference must stay in place, unless the user asked
+    for that kernel by name."""
+
+    name: str
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """The model with the faster forwards in place (it may be the same object)."""

@@ -97,7 +97,7 @@ class ResidualBlock(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         fn = getattr(self.ffn, "aux_loss", None)
-        return fn() if fn else None
+        return fn() if fn is not None else None
 
     def flops_per_token(self, seq_len: int) -> float | None:
         """Forward matmul FLOPs per token of the mixer and the ffn (norms not counted);

@@ -104,4 +104,4 @@ class LanguageModel(nn.Module):
 
 def _aux(block: nn.Module) -> torch.Tensor | None:
     fn: Callable[[], Any] | None = getattr(block, "aux_loss", None)
-    return fn() if fn else None
+    return fn() if fn is not None else None

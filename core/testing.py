@@ -8,6 +8,7 @@ A third-party author runs them in their own tests::
     check_decoder(MyDecoder(), model, equals_greedy=True)
     check_objective(MyObjective(), model, batch)
     check_strategy(["parallel=my_strategy", "trainer.devices=2"], tmp_path)
+    check_kernels(MyKernels(), model.cuda(), ids.cuda(), atol=2e-2)
 
 Each check raises AssertionError with a message saying what differs and by how much.
 """
@@ -53,9 +54,10 @@ def check_causality(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 
 @torch.no_grad()
 def check_stateful_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 2,
                           atol: float = 1e-5, chunks: tuple[int, ...] = (1, 3)) -> None:
-    """Feeding the sequence in pieces through ``init_state`` equals one full forward (fp32)."""
+    """Feeding the sequence in pieces through ``init_state`` equals one full forward (fp32),
+    on the device of the block's parameters."""
     block.eval()
-    x = _randn(batch, seq_len, dim, seed=7)
+    x = _randn(batch, seq_len, dim, seed=7).to(next(block.parameters()).device)
     full = block(x)
     for chunk in chunks:
         state = block.init_state(batch, seq_len, device=x.device, dtype=x.dtype)
@@ -184,6 +186,38 @@ def check_model_decode(model: nn.Module, ids: torch.Tensor, prefill: int, atol: 
     steps += [model(ids[:, t:t + 1], states=states).logits for t in range(prefill, T)]
     d = _max_diff(torch.cat(steps, 1), full)
     assert d <= atol, f"model decode (prefill {prefill}, then single tokens) differs from the full forward by {d:.3g}"
+
+
+def check_kernels(kernels: Any, model: nn.Module, ids: torch.Tensor, *, atol: float = 1e-5) -> None:
+    """A ``kernels=`` option (``llmzoo.interfaces.Kernels``) on a LanguageModel, on the
+    device of ``model`` and ``ids``: the state-dict names and values stay as they were, the
+    logits of a forward and the gradients of every parameter equal the reference model's
+    within ``atol`` (relative to each tensor's largest magnitude), and the model reloads
+    the reference's weights."""
+    ref = model
+    fast = kernels.apply(copy.deepcopy(model))
+    ref_sd, fast_sd = ref.state_dict(), fast.state_dict()
+    assert list(fast_sd) == list(ref_sd), (
+        f"kernels {getattr(kernels, 'name', kernels)!r} changed the state-dict names: "
+        f"{sorted(set(fast_sd) ^ set(ref_sd))[:5]}")
+    for k, v in ref_sd.items():
+        assert torch.equal(fast_sd[k], v), f"kernels changed the value of {k}"
+    fast.load_state_dict(ref_sd)
+    outs = []
+    for m in (ref, fast):
+        m.zero_grad(set_to_none=True)
+        logits = m(ids).logits
+        (logits.float().square().mean()).backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (ref_logits, ref_grads), (fast_logits, fast_grads) = outs
+    scale = ref_logits.abs().max().item() or 1.0
+    d = _max_diff(fast_logits, ref_logits) / scale
+    assert d <= atol, f"logits with the kernels differ from the reference by {d:.3g} (relative)"
+    assert fast_grads.keys() == ref_grads.keys(), "the kernels changed which parameters get gradients"
+    for n, g in ref_grads.items():
+        d = _max_diff(fast_grads[n], g) / (g.abs().max().item() or 1.0)
+        assert d <= atol, f"gradient of {n} with the kernels differs from the reference by {d:.3g} (relative)"
+    ref.zero_grad(set_to_none=True)
 
 
 # ============================================================================ tokenizers

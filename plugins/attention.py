@@ -303,6 +303,11 @@ class Attention(nn.Module):
         cos, sin = rope_tables(self.head_dim, self.max_seq_len, self.rope_theta, self.rope_scaling)
         self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q, k: (B, T, H, hd) -> (B, H, T, hd). ``kernels=liger`` swaps in a fused kernel."""
+        return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, *, state: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
@@ -312,8 +317,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         positions = torch.arange(T, device=x.device) if state is None else state.positions(T, x.device)
         cos, sin = (self.cos[:T], self.sin[:T]) if state is None else (self.cos[positions], self.sin[positions])
-        q = apply_rope(q, cos, sin).transpose(1, 2)
-        k = apply_rope(k, cos, sin).transpose(1, 2)
+        q, k = self.rotary(q, k, cos, sin)
         v = v.transpose(1, 2)
         mask = None
         if state is not None:

@@ -12,7 +12,10 @@ Backends (``backend:``):
              chunks. Mamba-1: a lean step loop (one fused multiply-add per step).
   cuda       mamba_ssm's kernels (CUDA, mamba-ssm installed); used for stateless
              forwards, the torch path serves decoding
-  auto       cuda when it can run, else torch
+  triton     Mamba-2 only: flash-linear-attention's Triton chunked kernel (fla-core, CUDA),
+             which installs without building. SSD is gated linear attention with one
+             scalar gate per head: q = C, k = B, v = dt * x, log-gate = dt * a
+  auto       cuda when it can run, else triton (Mamba-2), else torch
 Decoding keeps a conv state (the last d_conv - 1 inputs) and the SSM state h: memory
 and time per token do not grow with the context.
 """
@@ -34,7 +37,7 @@ from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "torch", "cuda")
+BACKENDS = ("auto", "reference", "torch", "cuda", "triton")
 
 
 # ============================================================================ Mamba-1 scans
@@ -119,12 +122,31 @@ def ssd_chunked(x, dt, a, B, C, h0=None, chunk: int = 64):
     return y.reshape(b, c * chunk, H, P)[:, :T].to(x.dtype), h
 
 
+def ssd_fla(x, dt, a, B, C, heads_per_group: int, state=None):  # pragma: no cover - CUDA only
+    """SSD through flash-linear-attention's chunked simple-GLA kernel: o_t = q_t S_t with
+    S_t = exp(g_t) S_t-1 + k_t^T v_t, so q = C, k = B, v = dt * x, g = dt * a and no
+    scale. x: (b, T, H, P); B, C: (b, T, G, N); the state (b, H, P, N) is fla's
+    "V first" layout, read as the initial state and written back."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    Bh, Ch = (t.repeat_interleave(heads_per_group, dim=2).to(x.dtype) for t in (B, C))
+    v = (x * dt[..., None]).to(x.dtype)
+    h0 = state.ssm if state is not None else None
+    y, h = chunk_simple_gla(Ch, Bh, v, g=(dt * a).float(), scale=1.0, initial_state=h0,
+                            output_final_state=state is not None, state_v_first=True)
+    if state is not None:
+        state.ssm.copy_(h.detach())
+    return y
+
+
 # ============================================================================ shared pieces
 def mamba_problems(node: DictConfig, cfg: DictConfig) -> list[str]:
     """Config checks shared by the Mamba mixers and blocks (``check`` on each class)."""
     problems = []
     if node.get("backend", "auto") not in BACKENDS:
         problems.append(f"backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
+    if node.get("backend") == "triton" and "Mamba2" not in node._target_:
+        problems.append("backend='triton' (fla-core's chunked kernel) is for block=mamba2 only")
     if "Mamba2" in node._target_:
         inner, hd = node.get("expand", 2) * node.get("dim"), node.get("headdim", 32)
         if inner % hd:
@@ -176,20 +198,80 @@ def _linear_flops(*linears: nn.Linear) -> float:
     return sum(2 * m.in_features * m.out_features for m in linears)
 
 
-def _mamba_ssm_available() -> bool:
-    try:
-        import mamba_ssm  # noqa: F401
-    except Exception:  # noqa: BLE001 - missing, or built without CUDA
-        return False
+# What the optional kernels' libraries offer, found once, outside torch.compile (whose
+# tracing cannot import a module that fails): {check: result}.
+_FOUND: dict[str, bool] = {}
+
+
+def _found(key: str, probe) -> bool:
+    if key not in _FOUND:
+        if torch.compiler.is_compiling():
+            return False
+        try:
+            _FOUND[key] = bool(probe())
+        except Exception:  # noqa: BLE001 - missing, built without CUDA, or no Triton
+            _FOUND[key] = False
+    return _FOUND[key]
+
+
+def _probe_mamba_ssm() -> bool:
+    import mamba_ssm  # noqa: F401
+
     return torch.cuda.is_available()
 
 
-def pick_backend(requested: str, x: torch.Tensor, stateless: bool) -> str:
+def _probe_fla() -> bool:
+    from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+
+    return True
+
+
+def _probe_fla_backward() -> bool:
+    """fla-core refuses its gated backward on Hopper GPUs with Triton >= 3.4, < 3.7.1
+    (wrong results, fla issue #640) unless tilelang is installed."""
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return True
+    import tilelang  # noqa: F401
+
+    return True
+
+
+def _mamba_ssm_available() -> bool:
+    return _found("mamba_ssm", _probe_mamba_ssm)
+
+
+def _fla_available() -> bool:
+    return _found("fla", _probe_fla)
+
+
+def _fla_backward_ok() -> bool:
+    return _found("fla_backward", _probe_fla_backward)
+
+
+def pick_backend(requested: str, x: torch.Tensor, stateless: bool, triton: bool = False) -> str:
+    """The backend for this call. ``triton``: the mixer has a Triton path (Mamba-2),
+    used for training only where fla's backward is sound on this GPU and Triton."""
     cuda_ok = x.is_cuda and _mamba_ssm_available()
+    triton_ok = triton and x.is_cuda and _fla_available()
     if requested == "cuda" and not cuda_ok:
         raise RuntimeError("mamba backend 'cuda' needs mamba-ssm installed and CUDA tensors; use backend=auto")
+    if requested == "triton" and not triton_ok:
+        raise RuntimeError("mamba backend 'triton' is for block=mamba2 and needs fla-core installed and CUDA "
+                           "tensors; use backend=auto")
+    if triton_ok and torch.is_grad_enabled() and x.requires_grad and not _fla_backward_ok():
+        if requested == "triton":
+            raise RuntimeError("mamba backend 'triton' cannot train here: fla-core's gated backward gives wrong "
+                               "results with Triton < 3.7.1 on Hopper GPUs (upgrade Triton or install tilelang); "
+                               "use backend=auto, which trains with the torch path and decodes with triton")
+        triton_ok = False
+    if requested == "auto" and cuda_ok and stateless:
+        return "cuda"
+    if requested in ("auto", "cuda") and triton_ok:
+        return "triton"
     if requested in ("auto", "cuda"):
-        return "cuda" if cuda_ok and stateless else "torch"
+        return "torch"
     return requested
 
 
@@ -315,7 +397,7 @@ class Mamba2Mixer(nn.Module):
         B, C = B.reshape(b, T, G, N), C.reshape(b, T, G, N)
         dt = F.softplus(dt + self.dt_bias)
         a = -torch.exp(self.A_log.float())
-        backend = pick_backend(self.backend, x, state is None)
+        backend = pick_backend(self.backend, x, state is None, triton=True)
         if not self._logged and self.layer_idx == 0:
             log.info("mamba2 backend: %s (requested %s)", backend, self.backend)
             self._logged = True
@@ -323,6 +405,8 @@ class Mamba2Mixer(nn.Module):
             from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
             y = mamba_chunk_scan_combined(xs, dt, a, B, C, chunk_size=self.chunk_size)
+        elif backend == "triton" and T > 1:  # pragma: no cover - CUDA only, see tests/gpu
+            y = ssd_fla(xs, dt, a, B, C, H // G, state)
         else:
             Bh, Ch = (t.repeat_interleave(H // G, dim=2) for t in (B, C))
             h0 = state.ssm if state is not None else None

@@ -90,6 +90,19 @@ def test_example_block_passes_conformance():
         sys.path.remove(str(EXAMPLE))
 
 
+def test_example_kernels_pass_check_kernels_and_compose_by_name(site, examples_importable):
+    from llmzoo_example_plugin import FusedGateUp
+
+    import llmzoo
+    from conftest import tiny_cfg
+    from llmzoo.testing import check_kernels
+
+    model = llmzoo.build_model(tiny_cfg("model.vocab_size=64"))
+    check_kernels(FusedGateUp(), model, torch.randint(0, 64, (2, 10)), atol=1e-5)
+    out = run_cli("llmzoo", "plugins", "--group", "kernels", env=env_with(site), check=False)
+    assert "kernels=fused_gate_up" in out.stdout and "kernels=liger" in out.stdout
+
+
 @pytest.fixture()
 def examples_importable(site):
     sys.path.insert(0, str(site))

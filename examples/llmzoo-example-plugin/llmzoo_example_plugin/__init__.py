@@ -71,6 +71,26 @@ class ShortConvBlock(ResidualBlock):
         return [] if isinstance(k, int) and k >= 2 else [f"kernel_size must be at least 2, got {k}"]
 
 
+class FusedGateUp:
+    """``kernels=fused_gate_up`` (``llmzoo.interfaces.Kernels``): SwiGLU's gate and up
+    projections as one matrix product over their stacked weights, then the split. The
+    layers keep their own ``gate`` and ``up`` weights, so checkpoints do not change;
+    ``llmzoo.testing.check_kernels`` checks outputs and gradients against the original."""
+
+    name = "fused_gate_up"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        for module in model.modules():
+            if isinstance(module, SwiGLU):
+                module.forward = _fused_gate_up.__get__(module)
+        return model
+
+
+def _fused_gate_up(self: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, torch.cat([self.gate.weight, self.up.weight])).split(self.hidden, dim=-1)
+    return self.down(F.silu(gate) * up)
+
+
 @hookimpl
 def llmzoo_conf_path() -> str:
     return str(Path(__file__).parent / "conf")

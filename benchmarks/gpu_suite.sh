@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU suite on one H100/H200 in under ten minutes: tests/gpu, then the headline
+# figures of benchmarks/gpu_bench.py as JSON records (benchmarks/report.py renders them).
+#
+#   bash benchmarks/gpu_suite.sh                 # everything
+#   SECTIONS=kernels,mamba2 TESTS=0 bash benchmarks/gpu_suite.sh
+#
+# For a machine that has torch, lightning, transformers, triton and peft but no network:
+# the missing packages (hydra-core, omegaconf, datasets, liger-kernel, fla-core, ...)
+# are installed from the wheels in $WHEELS (default .whl/), which
+# `bash benchmarks/gpu_wheels.sh` downloads on a machine that has pip access.
+# Results: $RESULTS (default $OUT/gpu.jsonl when $OUT is set, else benchmarks/results/gpu.jsonl).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${WHEELS:-.whl}
+PY=${PYTHON:-python3}
+RESULTS=${RESULTS:-${OUT:+$OUT/gpu.jsonl}}
+RESULTS=${RESULTS:-benchmarks/results/gpu.jsonl}
+SECTIONS=${SECTIONS:-kernels,mamba2,moe,train_1b,fsdp_ac,decode_7b}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/llmzoo-site "$WHEELS"/*.whl \
+    || { echo "installing the wheels in $WHEELS failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/llmzoo-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# llmzoo itself, editable, so its entry points (the built-in plugins) are registered
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "installing llmzoo failed" >&2; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, llmzoo; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
+  || exit 1
+
+status=0
+if [ "${TESTS:-1}" = 1 ]; then
+  echo "== tests/gpu"
+  per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${TEST_TIMEOUT:-150}")
+  timeout ${TESTS_TIMEOUT:-420} $PY -m pytest -q -m gpu -p no:cacheprovider -rfEs --tb=short $per_test \
+    ${OUT:+--junitxml=$OUT/gpu_tests.xml} ${TEST_ARGS:-tests/gpu} || status=1
+fi
+echo "== benchmarks ($SECTIONS) -> $RESULTS"
+mkdir -p "$(dirname "$RESULTS")"
+timeout ${BENCH_TIMEOUT:-480} $PY benchmarks/gpu_bench.py --out "$RESULTS" --sections "$SECTIONS" || status=1
+exit $status

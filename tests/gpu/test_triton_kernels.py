@@ -1,0 +1,104 @@
+"""Triton fast paths against the PyTorch references (CUDA only): Liger's RMSNorm,
+SwiGLU and RoPE (kernels=liger) and fla-core's chunked kernel for Mamba-2 (backend=triton)."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import llmzoo  # noqa: E402
+from llmzoo.testing import check_kernels, check_stateful_decode  # noqa: E402
+
+
+def _model(dtype):
+    cfg = llmzoo.compose(overrides=["model=tiny", "block=dense", "model.vocab_size=64"])
+    torch.manual_seed(0)
+    return llmzoo.build_model(cfg).cuda().to(dtype)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_liger_kernels_match_the_references(dtype, atol):
+    pytest.importorskip("liger_kernel")
+    from llmzoo_plugins.kernels import Liger
+
+    ids = torch.randint(0, 64, (2, 48), device="cuda")
+    check_kernels(Liger(backend="liger"), _model(dtype), ids, atol=atol)
+
+
+def test_liger_kernels_are_used_on_cuda(monkeypatch):
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    from llmzoo_plugins.kernels import Liger
+
+    calls = []
+    original = LigerRMSNormFunction.apply
+    monkeypatch.setattr(LigerRMSNormFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    model = Liger(backend="liger").apply(_model(torch.float32))
+    model(torch.randint(0, 64, (1, 8), device="cuda"))
+    assert len(calls) == 2 * len(model.blocks) + 1  # two norms per block and the final one
+
+
+def _mamba2_pair(dtype):
+    from llmzoo_plugins.mamba import Mamba2Mixer
+
+    torch.manual_seed(0)
+    ref = Mamba2Mixer(256, d_state=64, headdim=32, ngroups=2, backend="torch").cuda().to(dtype)
+    fast = Mamba2Mixer(256, d_state=64, headdim=32, ngroups=2, backend="triton").cuda().to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _close(a, b, atol):
+    scale = b.float().abs().max()
+    torch.testing.assert_close(a.float() / scale, b.float() / scale, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+def test_mamba2_triton_forward_matches_chunked_torch(dtype, atol):
+    pytest.importorskip("fla")
+    ref, fast = _mamba2_pair(dtype)
+    x = torch.randn(2, 300, 256, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        _close(fast(x), ref(x), atol)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+def test_mamba2_triton_gradients_match_chunked_torch(dtype, atol):
+    pytest.importorskip("fla")
+    from llmzoo_plugins.mamba import _fla_backward_ok
+
+    if not _fla_backward_ok():
+        pytest.skip("fla-core refuses its gated backward with Triton < 3.7.1 on Hopper (fla #640)")
+    ref, fast = _mamba2_pair(dtype)
+    x = torch.randn(2, 300, 256, device="cuda", dtype=dtype, requires_grad=True)
+    grads = []
+    for m in (fast, ref):
+        y = m(x)
+        grads.append([y, *torch.autograd.grad(y.float().square().mean(), [x, m.in_proj.weight, m.A_log])])
+    for a, b in zip(*grads):
+        _close(a, b, atol)
+
+
+def test_mamba2_auto_trains_with_torch_where_fla_backward_is_unsound():
+    pytest.importorskip("fla")
+    from llmzoo_plugins.mamba import _fla_backward_ok, pick_backend
+
+    x = torch.zeros(1, 8, 4, device="cuda", requires_grad=True)
+    expected = "triton" if _fla_backward_ok() else "torch"
+    assert pick_backend("auto", x, stateless=True, triton=True) in (expected, "cuda")
+    with torch.no_grad():
+        assert pick_backend("auto", x, stateless=True, triton=True) in ("triton", "cuda")
+
+
+def test_mamba2_triton_prefill_then_decode_equals_full_forward():
+    pytest.importorskip("fla")
+    from llmzoo_plugins.mamba import Mamba2Block
+
+    torch.manual_seed(0)
+    block = Mamba2Block(128, d_state=32, headdim=32, backend="triton").cuda()
+    with torch.no_grad():
+        check_stateful_decode(block, dim=128, seq_len=24, atol=2e-3)
