@@ -1,6 +1,7 @@
 """Training throughput: llmzoo (LanguageModel + clm objective through Lightning) against
 the Hugging Face model of the same shape (Llama for dense, Mixtral for MoE, Mamba and
-Mamba-2 for MLP-free Mamba blocks) in a plain PyTorch loop, with the same batches,
+Mamba-2 for MLP-free Mamba blocks) and, for dense blocks, litgpt's GPT of the same shape
+(when installed: ``pip install --no-deps litgpt``) in a plain PyTorch loop, with the same batches,
 optimizer and precision, in one process. Also times the llmzoo model in the same plain
 loop, which isolates what Lightning and the plugin layers cost.
 
@@ -65,6 +66,29 @@ def hf_same_shape(model: llmzoo.LanguageModel, cfg: DictConfig, attn: str):
         state_size=mixer.d_state, expand=mixer.d_inner // m.dim, head_dim=mixer.headdim, num_heads=mixer.nheads,
         n_groups=mixer.ngroups, conv_kernel=mixer.conv1d.kernel_size[0], chunk_size=mixer.chunk_size,
         layer_norm_epsilon=m.norm_eps, use_bias=False, use_conv_bias=True, **common))
+
+
+def litgpt_same_shape(model: llmzoo.LanguageModel, cfg: DictConfig):
+    """litgpt's GPT (Llama layout: RMSNorm, grouped-query attention with RoPE, LLaMAMLP)
+    of the same shape as a dense ``model``; None with the reason when it cannot be built.
+    litgpt pins huggingface-hub and psutil below what llmzoo's extras bring, so it is
+    installed without its dependencies: ``pip install --no-deps litgpt`` (the model
+    module needs only torch and lightning)."""
+    try:
+        from litgpt.config import Config
+        from litgpt.model import GPT
+    except ImportError as e:
+        return None, f"litgpt is not installed ({e}); pip install --no-deps litgpt"
+    block = model.blocks[0]
+    if type(block).__name__ != "DenseBlock":
+        return None, f"{type(block).__name__} has no litgpt twin"
+    m = cfg.model
+    c = Config(n_layer=m.n_layers, n_embd=m.dim, n_head=m.n_heads, n_query_groups=m.n_kv_heads,
+               head_size=block.mixer.head_dim, intermediate_size=block.ffn.hidden, block_size=m.max_seq_len,
+               vocab_size=model.vocab_size, padded_vocab_size=model.vocab_size, bias=False,
+               mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm", norm_eps=m.norm_eps, parallel_residual=False,
+               rotary_percentage=1.0, rope_base=int(m.rope_theta))
+    return GPT(c), None
 
 
 def adamw(params, o):
@@ -148,6 +172,13 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
         return next_token_loss(m(input_ids=ids).logits, ids)[0]
 
     times = {"llmzoo_lightning": [], "llmzoo_plain_loop": [], "hf_plain_loop": []}
+    lit, lit_missing = litgpt_same_shape(ours, cfg)
+    if lit is not None:
+        times["litgpt_plain_loop"] = []
+
+    def lit_loss(m, ids):
+        return next_token_loss(m(ids), ids)[0]
+
     for r in range(b.repeats):  # alternate so that machine noise hits every contender alike
         times["llmzoo_lightning"].append(time_lightning(cfg, data, b.warmup))
         m = build_ours(cfg)
@@ -157,6 +188,11 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
         h = hf_same_shape(ours, cfg, b.attn_implementation)
         times["hf_plain_loop"].append(time_plain_loop(plain_step(h, adamw(h.parameters(), cfg.optim), hf_loss),
                                                       data, b.warmup))
+        if lit is not None:
+            torch.manual_seed(0)
+            g, _ = litgpt_same_shape(ours, cfg)
+            times["litgpt_plain_loop"].append(time_plain_loop(plain_step(g, adamw(g.parameters(), cfg.optim),
+                                                                         lit_loss), data, b.warmup))
         print(f"{type(ours.blocks[0]).__name__} repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     return {
@@ -168,6 +204,10 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
         "ratio_llmzoo_lightning_vs_hf": tps["llmzoo_lightning"] / tps["hf_plain_loop"],
         "ratio_llmzoo_plain_vs_hf": tps["llmzoo_plain_loop"] / tps["hf_plain_loop"],
         "lightning_overhead": 1 - tps["llmzoo_lightning"] / tps["llmzoo_plain_loop"],
+        **({"params_litgpt": sum(p.numel() for p in lit.parameters()),
+            "ratio_llmzoo_lightning_vs_litgpt": tps["llmzoo_lightning"] / tps["litgpt_plain_loop"],
+            "ratio_llmzoo_plain_vs_litgpt": tps["llmzoo_plain_loop"] / tps["litgpt_plain_loop"]}
+           if lit is not None else {"litgpt": lit_missing}),
     }
 
 

@@ -53,9 +53,10 @@ def test_plugins_lists_third_party_options_and_reports_broken_ones(site):
     out = run_cli("llmzoo", "plugins", env=env_with(site), check=False)
     assert "block=shortconv" in out.stdout and "[llmzoo-example-plugin]" in out.stdout
     for option, package in (("tokenizer=kmer", "tokenizer"), ("objective=simpo", "objective"),
-                            ("decoder=min_p", "decoder"), ("parallel=recompute", "strategy")):
+                            ("decoder=min_p", "decoder"), ("parallel=recompute", "strategy"),
+                            ("kernels=fused_gate_up", "plugin")):
         assert option in out.stdout and f"[llmzoo-example-{package}]" in out.stdout, option
-    assert "block=dense" in out.stdout and "[llmzoo]" in out.stdout
+    assert "block=dense" in out.stdout and "[llmzoo]" in out.stdout and "kernels=liger" in out.stdout
     assert "plugin 'broken' from package 'broken-llmzoo-plugin' failed to load: ImportError: needs libfoo 9" in out.stderr
     assert out.returncode == 1  # a broken plugin is an error, but the others still listed
 
@@ -99,8 +100,6 @@ def test_example_kernels_pass_check_kernels_and_compose_by_name(site, examples_i
 
     model = llmzoo.build_model(tiny_cfg("model.vocab_size=64"))
     check_kernels(FusedGateUp(), model, torch.randint(0, 64, (2, 10)), atol=1e-5)
-    out = run_cli("llmzoo", "plugins", "--group", "kernels", env=env_with(site), check=False)
-    assert "kernels=fused_gate_up" in out.stdout and "kernels=liger" in out.stdout
 
 
 @pytest.fixture()
