@@ -210,9 +210,51 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         execute("2_copy", [filtered(), _writer(out / "data")])
     else:
         raise UserError(f"dedup.kind={kind!r} is not one of ['none', 'exact', 'minhash']")
+    selected = None
+    if cfg.get("select"):  # global: over everything the stages kept
+        selected = run_selection(instantiate(cfg.select, _convert_="all"), out / "data", out / "removed" / "select")
     report = make_report(out)
+    if selected:
+        report["select"] = selected
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+# ----------------------------------------------------------------------------- selection
+def how_many(n: int, target_docs: int | None, fraction: float | None) -> int:
+    """How many of ``n`` documents a selector keeps: ``target_docs`` when given, else the ``fraction``."""
+    if target_docs is None and fraction is None:
+        raise UserError("select: give select.target_docs (a count) or select.fraction (0..1)")
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise UserError(f"select.fraction={fraction!r} must be in [0, 1]")
+    if target_docs is not None and target_docs < 0:
+        raise UserError(f"select.target_docs={target_docs!r} must be >= 0")
+    return min(n, target_docs) if target_docs is not None else round(n * fraction)
+
+
+def run_selection(selector, data: Path, removed: Path, text_field: str = "text") -> dict:
+    """Keep the ``how_many`` highest-scoring documents of ``data/*.jsonl`` (rewritten in
+    place, order kept); the others, with their score, go to ``removed/``."""
+    files = sorted(data.glob("*.jsonl"))
+    rows = [(f, json.loads(line)) for f in files for line in f.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    scores = selector.scores([r[text_field] for _, r in rows])
+    k = how_many(len(rows), selector.target_docs, selector.fraction)
+    order = sorted(range(len(rows)), key=lambda i: (-scores[i], i))
+    chosen = set(order[:k])
+    kept: dict[Path, list[str]] = {f: [] for f in files}
+    dropped = []
+    for i, (f, r) in enumerate(rows):
+        if i in chosen:
+            kept[f].append(json.dumps(r))
+        else:
+            meta = {**r.get("metadata", {}), "filter_reason": "select", "select_score": scores[i]}
+            dropped.append(json.dumps({**r, "metadata": meta}))
+    for f, lines in kept.items():
+        f.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    removed.mkdir(parents=True, exist_ok=True)
+    (removed / "00000.jsonl").write_text("".join(line + "\n" for line in dropped), encoding="utf-8")
+    return {"candidates": len(rows), "kept": k, "score_of_last_kept": scores[order[k - 1]] if k else None}
 
 
 def normalise(doc: Document) -> str:
