@@ -161,6 +161,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     src = Path(str(cfg.input))
     if not src.exists():
         raise UserError(f"input={src}: no such file or folder")
+    counter = token_counter(cfg.get("tokens", "byte"))  # checked before any work
     folder, glob = (str(src.parent), src.name) if src.is_file() else (str(src), None)
     out = Path(str(cfg.output))
     ours = [out / n for n in ("filtered", "removed", "dedup", "data", "logs", "report.json")]
@@ -213,7 +214,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     selected = None
     if cfg.get("select"):  # global: over everything the stages kept
         selected = run_selection(instantiate(cfg.select, _convert_="all"), out / "data", out / "removed" / "select")
-    report = make_report(out)
+    report = make_report(out, counter)
     if selected:
         report["select"] = selected
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -262,22 +263,46 @@ def normalise(doc: Document) -> str:
     return " ".join(doc.text.lower().split())
 
 
-def make_report(out: Path) -> dict[str, Any]:
-    """Documents in, kept and removed (with their characters) for each filter and the dedup."""
-    def count(folder: Path) -> tuple[int, int]:
-        docs = chars = 0
+def token_counter(tokens: str | None):
+    """(name, text -> token count) for the report: ``byte`` counts UTF-8 bytes (the tokens
+    of ``tokenizer=byte``); a run folder counts with that run's tokenizer."""
+    if tokens in (None, "byte"):
+        return "byte", lambda text: len(text.encode("utf-8"))
+    from omegaconf import OmegaConf
+
+    from llmzoo.api import CONFIG_FILE, TOKENIZER_DIR, check_stored_config
+    from llmzoo.config import target_class
+
+    run = Path(str(tokens))
+    if not (run / CONFIG_FILE).exists() or not (run / TOKENIZER_DIR).is_dir():
+        raise UserError(f"tokens={tokens}: not a run folder (no {CONFIG_FILE} and {TOKENIZER_DIR}/); "
+                        "give tokens=byte or an llmzoo run folder")
+    cfg = check_stored_config(OmegaConf.load(run / CONFIG_FILE), run / CONFIG_FILE)
+    tok = target_class(cfg.tokenizer).load(str(run / TOKENIZER_DIR))
+    return f"{cfg.tokenizer._target_.rsplit('.', 1)[-1]} of {run}", lambda text: len(tok.encode(text))
+
+
+def make_report(out: Path, counter=None) -> dict[str, Any]:
+    """Documents in, kept and removed (with their characters and tokens, counted by
+    ``counter`` from ``token_counter``) for each filter, the dedup and the selection."""
+    name, n_tokens = counter or token_counter("byte")
+
+    def count(folder: Path) -> dict[str, int]:
+        c = {"documents": 0, "characters": 0, "tokens": 0}
         for f in sorted(folder.glob("*.jsonl")) if folder.exists() else []:
             for line in f.read_text(encoding="utf-8").splitlines():
                 if line.strip():
-                    docs, chars = docs + 1, chars + len(json.loads(line)["text"])
-        return docs, chars
+                    text = json.loads(line)["text"]
+                    c["documents"] += 1
+                    c["characters"] += len(text)
+                    c["tokens"] += n_tokens(text)
+        return c
 
     steps = {}
     for folder in sorted((out / "removed").iterdir()) if (out / "removed").exists() else []:
-        docs, chars = count(folder)
-        steps[folder.name] = {"removed_documents": docs, "removed_characters": chars}
-    kept, kept_chars = count(out / "data")
-    return {"kept_documents": kept, "kept_characters": kept_chars, "removed": steps,
+        steps[folder.name] = {f"removed_{k}": v for k, v in count(folder).items()}
+    kept = count(out / "data")
+    return {**{f"kept_{k}": v for k, v in kept.items()}, "tokens_counted_with": name, "removed": steps,
             "data": str(out / "data"), "examples_of_removals": str(out / "removed")}
 
 
@@ -289,9 +314,12 @@ def _app(cfg: DictConfig) -> None:
         if cfg.get("input") is None or cfg.get("output") is None:
             raise UserError("give input=<jsonl file or folder> and output=<folder>")
         report = run_pipeline(cfg)
-        print(f"kept {report['kept_documents']} documents ({report['kept_characters']} characters) in {report['data']}")
+        print(f"kept {report['kept_documents']} documents ({report['kept_characters']} characters, "
+              f"{report['kept_tokens']} tokens) in {report['data']}")
         for name, r in report["removed"].items():
-            print(f"  {name:>20}: removed {r['removed_documents']} documents ({r['removed_characters']} characters)")
+            print(f"  {name:>20}: removed {r['removed_documents']} documents ({r['removed_characters']} characters, "
+                  f"{r['removed_tokens']} tokens)")
+        print(f"tokens counted with: {report['tokens_counted_with']}")
         print(f"train on it: llmzoo-train data.path={report['data']} data.format=jsonl", file=sys.stderr)
 
 

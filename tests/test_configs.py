@@ -28,16 +28,20 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
         spec = OmegaConf.to_container(node, resolve=True)
         assert len(Task(**{**spec, "until": tuple(spec.get("until", ()))}).rows()) >= 20
         return
-    if group in ("filter", "dedup", "executor"):  # groups of llmzoo-data's config
+    if group in ("filter", "dedup", "executor", "select"):  # groups of llmzoo-data's config
         pytest.importorskip("datatrove")
         from hydra.utils import instantiate
 
-        cfg = llmzoo.compose("data_pipeline", [f"{group}=[{name}]" if group == "filter" else f"{group}={name}"],
-                             validate=False)
+        needs = {"perplexity": ["select.run_dir=runs/x"], "dsir": ["select.target=t.jsonl"]}.get(name, [])
+        cfg = llmzoo.compose("data_pipeline", [f"{group}=[{name}]" if group == "filter" else f"{group}={name}",
+                                               *(needs if group == "select" else [])], validate=False)
         if group == "filter" and name != "bad_words":  # bad_words needs a word list (filter.bad_words.path)
             assert instantiate(cfg.filter[name]).filter is not None
         elif group == "executor" and name == "local":
             assert instantiate(cfg.executor, pipeline=[], logging_dir=str(tmp_path)).tasks == 1
+        elif group == "select":  # a selector: scores(texts), and how many to keep
+            sel = instantiate(cfg.select)
+            assert callable(sel.scores) and (sel.target_docs, sel.fraction) == (None, 0.5)
         else:
             assert cfg[group] is not None
         return

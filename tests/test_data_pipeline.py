@@ -133,3 +133,16 @@ def test_decontamination_removes_every_planted_leak_and_nothing_else(tmp_path):
     run(tmp_path, [*clean, *leaks], "filter=[decontaminate]", f"filter.decontaminate.paths=[{evals}]",
         "filter.decontaminate.n=13", "dedup=none")
     assert kept(tmp_path / "out") == sorted(clean)
+
+
+def test_report_counts_tokens_with_a_runs_tokenizer(tmp_path, single_process_run):
+    from llmzoo.api import load_run
+
+    rng = random.Random(5)
+    docs = [prose(rng) for _ in range(4)] + ["Too short."]
+    report = run(tmp_path, docs, "filter=[length]", "dedup=none", f"tokens={single_process_run}")
+    tok = load_run(single_process_run).tokenizer
+    assert report["kept_tokens"] == sum(len(tok.encode(t)) for t in docs[:4])
+    assert report["removed"]["length"]["removed_tokens"] == len(tok.encode("Too short."))
+    assert run(tmp_path, docs, "filter=[length]", "dedup=none", name="bytes")["kept_tokens"] == \
+        sum(len(t.encode()) for t in docs[:4])
