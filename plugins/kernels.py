@@ -35,25 +35,21 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "liger", "reference")
 
 
-_LIGER: list[bool] = []  # found once, outside torch.compile (which cannot trace a failing import)
-
-
 def liger_available() -> bool:
-    if not _LIGER:
-        if torch.compiler.is_compiling():
-            return False
-        try:
-            import liger_kernel.ops  # noqa: F401
-            _LIGER.append(True)
-        except Exception:  # noqa: BLE001 - missing, or no Triton
-            _LIGER.append(False)
-    return _LIGER[0]
+    try:
+        import liger_kernel.ops  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or no Triton
+        return False
+    return True
 
 
-def _use_liger(backend: str, x: torch.Tensor) -> bool:
+def _use_liger(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether this call runs Liger's kernel. ``apply`` stored (backend, installed) on the
+    module at build time, so nothing is imported inside torch.compile's tracing."""
+    backend, installed = module._kernels
     if backend == "reference":
         return False
-    ok = x.is_cuda and liger_available()
+    ok = x.is_cuda and installed
     if backend == "liger" and not ok:
         raise RuntimeError("kernels.backend=liger needs liger-kernel installed and CUDA tensors; "
                            "use backend=auto to fall back to the PyTorch references")
@@ -61,7 +57,7 @@ def _use_liger(backend: str, x: torch.Tensor) -> bool:
 
 
 def _rms_norm(self: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    if not _use_liger(self._kernels_backend, x):
+    if not _use_liger(self, x):
         return RMSNorm.forward(self, x)
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
@@ -70,7 +66,7 @@ def _rms_norm(self: RMSNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _swiglu(self: SwiGLU, x: torch.Tensor) -> torch.Tensor:
-    if not _use_liger(self._kernels_backend, x):
+    if not _use_liger(self, x):
         return SwiGLU.forward(self, x)
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
@@ -79,7 +75,7 @@ def _swiglu(self: SwiGLU, x: torch.Tensor) -> torch.Tensor:
 
 def _rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q, k: (B, T, H, hd) -> (B, H, T, hd) rotated, as ``Attention.rotary``."""
-    if not _use_liger(self._kernels_backend, q) or cos.dim() != 2:
+    if not _use_liger(self, q) or cos.dim() != 2:
         return type(self).rotary(self, q, k, cos, sin)
     from liger_kernel.ops.rope import LigerRopeFunction
 
@@ -99,6 +95,9 @@ class Liger:
         self.backend, self.rms_norm, self.swiglu, self.rope = backend, rms_norm, swiglu, rope
 
     def apply(self, model: nn.Module) -> nn.Module:
+        installed = liger_available()
+        if self.backend == "liger" and not installed:
+            raise UserError("kernels.backend=liger but liger-kernel is not installed (pip install liger-kernel)")
         swapped: dict[str, int] = {}
         for module in model.modules():
             fn = None
@@ -110,15 +109,13 @@ class Liger:
                 fn, kind = _rotary, "rope"
             if fn is None:
                 continue
-            module._kernels_backend = self.backend
+            module._kernels = (self.backend, installed)
             if kind == "rope":
                 module.rotary = types.MethodType(fn, module)
             else:
                 module.forward = types.MethodType(fn, module)
             swapped[kind] = swapped.get(kind, 0) + 1
-        where = "on CUDA tensors" if liger_available() else "nowhere: liger-kernel is not installed"
+        where = "on CUDA tensors" if installed else "nowhere: liger-kernel is not installed"
         log.info("kernels=liger: %s swapped (%s; the PyTorch references elsewhere)",
                  ", ".join(f"{n} {k}" for k, n in swapped.items()) or "nothing", where)
-        if self.backend == "liger" and not liger_available():
-            raise UserError("kernels.backend=liger but liger-kernel is not installed (pip install liger-kernel)")
         return model
