@@ -75,14 +75,15 @@ def pair_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return rows("input_ids", 0), rows("labels", IGNORE_INDEX)
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) sum over t of log p(labels[:, t + 1] | tokens <= t), counting labels != -100.
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """(B,) sum over t of log p(labels[:, t + 1] | tokens <= t), counting labels != -100;
+    ``mean``: divided by that count (the length-normalised log-likelihood of IPO, SimPO, ORPO).
     logits (B, T, V) float32-accumulated, labels (B, T)."""
     target = shifted_labels(labels)
     mask = target != IGNORE_INDEX
     logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return (picked * mask).sum(-1)
+    picked = (logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * mask).sum(-1)
+    return picked / mask.sum(-1).clamp(min=1) if mean else picked
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,18 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
+def frozen_reference(model: nn.Module, path: str | None = None) -> nn.Module:
+    """The frozen model a loss compares against: ``path`` (a run folder, ``.ckpt`` or
+    ``hf:<folder>``, loaded without running code) or a copy of ``model`` as training starts."""
+    if path:
+        from llmzoo.api import load_any
+
+        ref = load_any(path).model
+    else:
+        ref = copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
+
+
 class DPO(nn.Module):
     needs = frozenset({"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"})
 
@@ -57,13 +69,7 @@ class DPO(nn.Module):
         self.cache: dict[tuple, tuple[float, float]] | None = None  # pair -> reference log-probs
 
     def setup(self, model: nn.Module, tokenizer=None) -> None:
-        if self.reference_path:
-            from llmzoo.api import load_any
-
-            ref = load_any(self.reference_path).model
-        else:
-            ref = copy.deepcopy(model)
-        self.ref = [ref.eval().requires_grad_(False)]
+        self.ref = [frozen_reference(model, self.reference_path)]
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         return pair_rows(batch)[0]
@@ -71,9 +77,7 @@ class DPO(nn.Module):
     def pair_logprobs(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-probs (B,) of chosen and rejected from the logits of ``inputs(batch)``."""
         labels = pair_rows(batch)[1]
-        logp = sequence_logprobs(logits, labels)
-        if self.loss_type == "ipo":  # IPO compares average log-likelihoods
-            logp = logp / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+        logp = sequence_logprobs(logits, labels, mean=self.loss_type == "ipo")  # IPO: average log-likelihoods
         return logp[0::2], logp[1::2]
 
     def logprobs(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

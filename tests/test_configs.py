@@ -54,9 +54,14 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
         return
     # quantize is a group of llmzoo-generate's config only (a model transform for decoding)
     overrides = [f"+{group}={name}" if group == "quantize" else f"{group}={name}"]
-    if (group, name) in (("objective", "grpo"), ("objective", "ppo"), ("data", "prompts")):  # RL: prompts, a reward
-        overrides += ["data=prompts", "reward=keyword"] + (["objective=grpo"] if group == "data" else [])
-    if (group, name) in (("objective", "dpo"), ("objective", "reward"), ("data", "preferences")):  # preference pairs
+    if (group, name) in (("objective", "grpo"), ("objective", "ppo"), ("objective", "rloo"), ("data", "prompts")):
+        overrides += ["data=prompts", "reward=keyword"] + (["objective=grpo"] if group == "data" else [])  # RL
+    if (group, name) == ("objective", "distill"):  # a teacher run to learn from: the tiny model, saved
+        teacher = tmp_path / "teacher"
+        run_cli("llmzoo-train", "model=tiny", f"run_dir={teacher}", "trainer.max_steps=1", "trainer.val_every=0", *FAST)
+        overrides += ["data=prompts", f"objective.teacher={teacher}"]
+    if (group, name) in (("objective", "dpo"), ("objective", "reward"), ("objective", "kto"), ("objective", "orpo"),
+                         ("objective", "simpo"), ("data", "preferences")):  # preference pairs
         overrides += ["data=preferences"] + (["objective=dpo"] if group == "data" else [])
     if (group, name) == ("decoder", "medusa"):  # decodes with the heads objective=medusa trains
         overrides.append("objective=medusa")
