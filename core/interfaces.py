@@ -175,6 +175,12 @@ STATIC_STATE = "static_state"
 # before a forward of T candidates, then ``state.keep(start, index)`` keeps the
 # accepted ones (Medusa's one-forward verification).
 TREE_MASK = "tree_mask"
+# init_state(..., rows=True) gives a state whose rows are independent sequences, each at
+# its own position (a server's continuous batching): ``state.put(row, other, other_row=0)``
+# makes row ``row`` a copy of ``other``'s row (a state of the same block, e.g. a batch-1
+# prefill), and ``state.head(b)`` is the first b rows as a state sharing storage (a forward
+# of b rows through it advances them in place). Checked by llmzoo.testing.check_row_state.
+ROW_STATE = "row_state"
 # the block has a ``tensor_parallel_plan``: {submodule name: "colwise" | "rowwise" | "norm"}
 # whose column-/row-wise split keeps the math unchanged (parallel=tp; a mixer or ffn
 # declares its own plan, ResidualBlock joins them).
@@ -316,8 +322,9 @@ class DecodeState(Protocol):
         """Keep batch rows ``index`` (B',) long, in that order -- rows may repeat (beam
         search duplicates a beam) or drop; the batch size becomes B'."""
 
-    # Where the block can: ``rewind(n)`` forgets the last n tokens (KV caches), and with
-    # TREE_MASK ``tree`` / ``keep(start, index)`` verify a candidate tree (see below).
+    # Where the block can: ``rewind(n)`` forgets the last n tokens (KV caches), with
+    # TREE_MASK ``tree`` / ``keep(start, index)`` verify a candidate tree, and with
+    # ROW_STATE ``put(row, other, other_row)`` / ``head(b)`` (see the capability names above).
 
 
 class TokenizerExtras(Protocol):

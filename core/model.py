@@ -78,15 +78,18 @@ class LanguageModel(nn.Module):
         return ModelOutput(self.head(hidden), aux, hidden)
 
     def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None,
-                    static: bool = False) -> list[Any]:
+                    static: bool = False, rows: bool = False) -> list[Any]:
         """One decode-time state per block, for ``batch_size`` rows and ``max_len`` tokens.
-        ``static``: fixed-shape states updated in place (blocks with ``static_state``)."""
+        ``static``: fixed-shape states updated in place (blocks with ``static_state``);
+        ``rows``: rows at independent positions (blocks with ``row_state``)."""
         if max_len > self.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.max_seq_len}")
         p = self.embedding.weight
         device = device or p.device
         dtype = dtype or p.dtype
         kw = {"static": True} if static else {}
+        if rows:
+            kw["rows"] = True
         return [b.init_state(batch_size, max_len, device=device, dtype=dtype, **kw) for b in self.blocks]
 
     def flops_per_token(self, seq_len: int) -> float | None:

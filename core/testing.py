@@ -86,6 +86,45 @@ def check_state_reorder(block: nn.Module, dim: int, seq_len: int = 12, atol: flo
 
 
 @torch.no_grad()
+def check_row_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (3, 7, 5), steps: int = 4,
+                    atol: float = 1e-5) -> None:
+    """For blocks with ``row_state``: rows of ``init_state(..., rows=True)`` are independent
+    sequences at their own positions. Each row's prompt is prefilled alone and ``put``
+    into the batch; decoding all rows together, or only the first rows through
+    ``head(b)``, and reusing a row for a new sequence, gives every row its own full
+    forward's outputs."""
+    block.eval()
+    b_rows, total = len(lengths), max(lengths) + steps + 4
+    xs = [_randn(1, n + steps + 1, dim, seed=20 + i) for i, n in enumerate(lengths)]
+    refs = [block(x)[0] for x in xs]
+    state = block.init_state(b_rows, total, device=None, dtype=None, rows=True)
+    assert callable(getattr(state, "put", None)) and callable(getattr(state, "head", None)), \
+        "a row_state block's init_state(..., rows=True) needs put(row, other) and head(b) (see DecodeState)"
+
+    def prefill(row: int, x: torch.Tensor, n: int) -> None:
+        single = block.init_state(1, total, device=None, dtype=None)
+        block(x[:, :n], state=single)
+        state.put(row, single)
+
+    for i, (n, x) in enumerate(zip(lengths, xs)):
+        prefill(i, x, n)
+    at = list(lengths)
+    for step in range(steps + 1):
+        if step == steps:  # row 0 starts a new sequence; the others go on
+            xs[0], at[0] = _randn(1, 4, dim, seed=30), 3
+            refs[0] = block(xs[0])[0]
+            prefill(0, xs[0], 3)
+        rows = b_rows if step % 2 == 0 else b_rows - 1  # odd steps: only the first rows, through head()
+        tokens = torch.cat([xs[i][:, at[i]:at[i] + 1] for i in range(rows)])
+        out = block(tokens, state=state if rows == b_rows else state.head(rows))
+        for i in range(rows):
+            d = _max_diff(out[i, 0], refs[i][at[i]])
+            assert d <= atol, (f"row {i} of a rows=True state at position {at[i]} differs from its own full forward "
+                               f"by {d:.3g} > {atol} (step {step}, {rows} rows decoding)")
+            at[i] += 1
+
+
+@torch.no_grad()
 def check_static_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 2, atol: float = 1e-5) -> None:
     """For blocks with ``static_state``: a state from ``init_state(..., static=True)`` keeps
     its tensors (same objects, shapes and storage) while decoding, gives the full
@@ -169,6 +208,8 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
         check_state_reorder(block, dim, atol=atol)
     if "static_state" in block.capabilities:
         check_static_decode(block, dim, seq_len, atol=atol)
+    if "row_state" in block.capabilities:
+        check_row_state(block, dim, atol=atol)
     check_state_dict_roundtrip(make_block, dim)
     check_dtype_move(block, dim)
     check_gradients(block, dim)

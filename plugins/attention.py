@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.decoding import take_rows
-from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
+from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
 from llmzoo.layers import ResidualBlock, RMSNorm, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ def rope_tables(head_dim: int, max_len: int, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, hd); cos, sin: (T, hd). Rotates pairs (i, i + hd/2)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """x: (B, T, H, hd); cos, sin: (T, hd), or (B, T, hd) when rows sit at different
+    positions. Rotates pairs (i, i + hd/2)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)
@@ -191,6 +192,52 @@ class StaticKVCache:
         take_rows(self.k, index), take_rows(self.v, index)
 
 
+@dataclass
+class RowKVCache:
+    """A KV cache whose rows are independent sequences, each at its own position
+    (``init_state(..., rows=True)``; a server's continuous batching).
+
+    k, v: (B, H_kv, max_len, hd); ``pos`` (B,) long: row b holds ``pos[b]`` tokens. A
+    forward of T tokens on the first b rows writes each row's keys at its own next
+    positions and attends over all max_len slots with a per-row mask, so rows that
+    started at different times decode together. ``put`` moves a prefilled sequence
+    into a row; ``head(b)`` is the first b rows, sharing storage.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+
+    def positions(self, t: int, device) -> torch.Tensor:
+        """(B, t) rotary positions of each row's next t tokens."""
+        return self.pos[:, None] + torch.arange(t, device=device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        idx = self.positions(k.shape[2], k.device)  # (B, t)
+        if int(idx[:, -1].max()) >= self.k.shape[2]:
+            raise RuntimeError(f"KV cache full: a row would hold more than max_len {self.k.shape[2]} tokens")
+        where = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k.scatter_(2, where, k), self.v.scatter_(2, where, v)
+        self.pos.add_(k.shape[2])
+        mask = torch.arange(self.k.shape[2], device=k.device) <= idx[:, :, None]  # (B, t, max_len)
+        return self.k, self.v, mask[:, None]
+
+    def put(self, row: int, other: KVCache | RowKVCache, other_row: int = 0) -> None:
+        """Row ``row`` becomes row ``other_row`` of ``other`` (its tokens and position)."""
+        n = int(other.pos[other_row]) if torch.is_tensor(other.pos) else other.pos
+        self.k[row, :, :n], self.v[row, :, :n] = other.k[other_row, :, :n], other.v[other_row, :, :n]
+        self.pos[row] = n
+
+    def head(self, rows: int) -> RowKVCache:
+        return RowKVCache(self.k[:rows], self.v[:rows], self.pos[:rows])
+
+    def reset(self) -> None:
+        self.pos.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k, self.v, self.pos = take_rows(self.k, index), take_rows(self.v, index), take_rows(self.pos, index)
+
+
 # ----------------------------------------------------------------------------- attention kernels
 def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     """(t_q, t_k) bool, True where query i (the last t_q of t_k positions) may see key j."""
@@ -199,11 +246,14 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
 
 
 def window_mask(q_pos: torch.Tensor, t_k: int, window: int, mask: torch.Tensor | None) -> torch.Tensor:
-    """``mask`` (or the causal one) restricted to keys less than ``window`` positions
+    """With per-row positions ``q_pos`` (B, Tq) the result is (B, 1, Tq, t_k).
+``mask`` (or the causal one) restricted to keys less than ``window`` positions
     before each query; ``q_pos`` (Tq,) are the queries' positions among the t_k keys."""
-    k_pos = torch.arange(t_k, device=q_pos.device)[None, :]
-    near = k_pos > q_pos[:, None] - window
-    return near & (k_pos <= q_pos[:, None] if mask is None else mask)
+    k_pos = torch.arange(t_k, device=q_pos.device)
+    near = k_pos > q_pos[..., None] - window
+    if q_pos.dim() == 2:
+        near = near[:, None]
+    return near & (k_pos <= q_pos[..., None] if mask is None else mask)
 
 
 def attention_reference(q, k, v, mask=None):
@@ -272,7 +322,7 @@ class Attention(nn.Module):
     itself and the window - 1 keys before it: Mistral).
     """
 
-    capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK, TENSOR_PARALLEL})
+    capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK, TENSOR_PARALLEL, ROW_STATE})
     # Tensor parallel: whole heads per process (n_kv_heads divisible by the degree).
     tensor_parallel_plan = {"q": "colwise", "k": "colwise", "v": "colwise", "out": "rowwise"}
 
@@ -338,9 +388,11 @@ class Attention(nn.Module):
             + 4 * context * self.n_heads * self.head_dim
 
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None,
-                   static: bool = False) -> KVCache | StaticKVCache:
+                   static: bool = False, rows: bool = False) -> KVCache | StaticKVCache | RowKVCache:
         shape = (batch_size, self.n_kv_heads, max_len, self.head_dim)
         k, v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        if rows:
+            return RowKVCache(k, v, torch.zeros(batch_size, dtype=torch.long, device=device))
         if static:
             return StaticKVCache(k, v, torch.zeros((), dtype=torch.long, device=device))
         return KVCache(k, v)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.decoding import take_rows
-from llmzoo.interfaces import RECURRENT, STATEFUL, STATIC_STATE
+from llmzoo.interfaces import RECURRENT, ROW_STATE, STATEFUL, STATIC_STATE
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,16 @@ class MambaState:
         """Keep batch rows ``index`` (repeats allowed), in that order (in place when the count stays)."""
         self.conv, self.ssm = take_rows(self.conv, index), take_rows(self.ssm, index)
 
+    # Rows are independent sequences already (a recurrent state has no position), so this
+    # state also serves ``init_state(..., rows=True)``.
+    def put(self, row: int, other: "MambaState", other_row: int = 0) -> None:
+        """Row ``row`` becomes row ``other_row`` of ``other``."""
+        self.conv[row], self.ssm[row] = other.conv[other_row], other.ssm[other_row]
+
+    def head(self, rows: int) -> "MambaState":
+        """The first ``rows`` rows, sharing storage (a forward through it updates them in place)."""
+        return MambaState(self.conv[:rows], self.ssm[:rows])
+
 
 def causal_conv(u: torch.Tensor, conv: nn.Conv1d, state: MambaState | None) -> torch.Tensor:
     """Depthwise causal conv over time. u: (B, T, C) -> (B, T, C); advances state.conv."""
@@ -280,7 +290,7 @@ class MambaMixer(nn.Module):
     """Mamba-1 selective SSM mixer. (B, T, D) -> (B, T, D)."""
 
     check = staticmethod(mamba_problems)
-    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE})
+    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE, ROW_STATE})
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
                  backend: str = "auto", layer_idx: int = 0):
@@ -335,7 +345,8 @@ class MambaMixer(nn.Module):
         return _linear_flops(self.in_proj, self.x_proj, self.dt_proj, self.out_proj) \
             + 2 * self.conv1d.kernel_size[0] * self.d_inner + 2 * self.d_inner * self.d_state
 
-    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, static: bool = False) -> MambaState:
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, static: bool = False,
+                   rows: bool = False) -> MambaState:
         k = self.conv1d.kernel_size[0]
         return MambaState(torch.zeros(batch_size, self.d_inner, k - 1, device=device, dtype=dtype),
                           torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32))
@@ -358,7 +369,7 @@ class Mamba2Mixer(nn.Module):
     """Mamba-2 (SSD) mixer with multi-head scalar decays. (B, T, D) -> (B, T, D)."""
 
     check = staticmethod(mamba_problems)
-    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE})
+    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE, ROW_STATE})
 
     def __init__(self, dim: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 32,
                  ngroups: int = 1, chunk_size: int = 64, backend: str = "auto", layer_idx: int = 0):
@@ -429,7 +440,8 @@ class Mamba2Mixer(nn.Module):
         ssd = (2 * l * H * (N + P) + 4 * H * P * N) * padded / seq_len
         return _linear_flops(self.in_proj, self.out_proj) + 2 * self.conv1d.kernel_size[0] * self.conv_dim + ssd
 
-    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, static: bool = False) -> MambaState:
+    def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, static: bool = False,
+                   rows: bool = False) -> MambaState:
         k = self.conv1d.kernel_size[0]
         return MambaState(
             torch.zeros(batch_size, self.conv_dim, k - 1, device=device, dtype=dtype),
