@@ -1,0 +1,273 @@
+"""llmzoo-serve: many concurrent clients get exactly what greedy decoding of each prompt
+alone gives (dense, MoE, Mamba-2, hybrid), streaming and chat, a client that leaves frees
+its row, overload is a 429, bad requests are a 400, a few hundred requests lose none."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+import llmzoo  # noqa: E402
+from conftest import FAST, run_cli  # noqa: E402
+from llmzoo.api import Run, generate_ids, prompt_ids  # noqa: E402
+from llmzoo_plugins.sampling import Greedy  # noqa: E402
+from llmzoo_plugins.serve import Engine, Metrics, create_app  # noqa: E402
+
+PROMPTS = ["Once upon a time", "The owl", "A", "In the morning the fox went to the river and",
+           "12 + 7 =", "gene: TATAAT", "She said", "x" * 30]
+
+
+def make_run(block: str, seed: int = 0, model: str = "tiny") -> Run:
+    cfg = llmzoo.compose(overrides=[f"model={model}", f"block={block}"])
+    torch.manual_seed(seed)
+    tokenizer = llmzoo.build_tokenizer(cfg)
+    return Run(llmzoo.build_model(cfg, vocab_size=tokenizer.vocab_size).eval(), tokenizer, cfg)
+
+
+def alone(run: Run, prompt: str, max_tokens: int) -> str:
+    """What llmzoo-generate gives this prompt on its own (greedy), as text without eos."""
+    out = generate_ids(run, Greedy(), prompt_ids(run.tokenizer, [prompt]), max_new_tokens=max_tokens)[0]
+    if out and out[-1] == run.tokenizer.eos_id:
+        out = out[:-1]
+    return run.tokenizer.decode(out)
+
+
+class Server:
+    """An llmzoo-serve app on a free local port, in a thread."""
+
+    def __init__(self, run: Run, **engine_kw):
+        self.engine = Engine(run.model, run.tokenizer, metrics=Metrics(), **engine_kw)
+        app = create_app(self.engine, "tiny")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.engine.start()
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.shutdown()
+
+
+async def complete_all(url: str, bodies: list[dict], path: str = "/v1/completions", limit: int = 64):
+    """POST every body, ``limit`` at a time; the responses in order. (The semaphore keeps
+    requests out of httpx's pool queue, whose bookkeeping grows with its square and would
+    take the interpreter from the server's threads in this process.)"""
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    gate = asyncio.Semaphore(limit)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def post(body):
+            async with gate:
+                return await client.post(path, json=body)
+
+        return await asyncio.gather(*(post(b) for b in bodies))
+
+
+@pytest.mark.parametrize("block", ["dense", "moe", "mamba2", "hybrid"])
+def test_concurrent_clients_get_what_each_prompt_gives_alone(block):
+    run = make_run(block)
+    bodies = [{"prompt": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), "max_tokens": 4 + (7 * i) % 23,
+               "temperature": 0} for i in range(48)]
+    with Server(run, max_batch=32) as srv:
+        responses = asyncio.run(complete_all(srv.url, bodies))
+        peak = srv.engine.peak_batch
+    for body, r in zip(bodies, responses):
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == alone(run, body["prompt"], body["max_tokens"]), body
+        assert choice["finish_reason"] in ("stop", "length")
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] == len(prompt_ids(run.tokenizer, [body["prompt"]])[0])
+    assert peak >= 16, f"requests were not batched together (at most {peak} rows at once)"
+
+
+def test_streaming_chat_models_health_and_metrics():
+    run = make_run("dense")
+    with Server(run, max_batch=4) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        body = {"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        pieces, finish = [], None
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        for line in lines[:-1]:
+            choice = json.loads(line.removeprefix("data: "))["choices"][0]
+            pieces.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+        assert "".join(pieces) == whole and finish in ("stop", "length") and len(pieces) > 3
+        # chat: the tokenizer's template, as llmzoo-generate chat=true renders one user turn
+        msg = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 12, "temperature": 0}
+        got = client.post("/v1/chat/completions", json=msg).json()["choices"][0]["message"]
+        ids = prompt_ids(run.tokenizer, ["Say hi."], chat=True)
+        out = generate_ids(run, Greedy(), ids, max_new_tokens=12)[0]
+        assert got == {"role": "assistant", "content": run.tokenizer.decode([t for t in out if t != run.tokenizer.eos_id])}
+        # seeded sampling repeats; stop strings end the text before them
+        sampled = {**body, "temperature": 1.0, "top_p": 0.9, "seed": 5}
+        a, b = (client.post("/v1/completions", json=sampled).json()["choices"][0]["text"] for _ in range(2))
+        assert a == b
+        stop = whole[5:7]
+        cut = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+        assert cut == {"index": 0, "text": whole[:whole.index(stop)], "finish_reason": "stop"}
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        assert client.get("/health").json()["status"] == "ok"
+        metrics = client.get("/metrics").text
+        assert "llmzoo_time_to_first_token_seconds_count" in metrics and "llmzoo_requests_waiting" in metrics
+        generated = [line for line in metrics.splitlines() if line.startswith("llmzoo_generated_tokens_total")]
+        assert float(generated[0].split()[-1]) >= 20
+
+
+def test_a_client_that_leaves_frees_its_row_and_overload_is_429():
+    run = make_run("dense", model="small")  # ~10 ms a step here: 200 steps outlast the test's requests
+    with Server(run, max_batch=2, max_queue=0) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        long = {"prompt": "Once", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        streams = [client.stream("POST", "/v1/completions", json={**long, "stream": True}) for _ in range(2)]
+        readers = []  # kept: dropping a line iterator closes its response (a disconnect)
+        for s in streams:  # both rows busy
+            r = s.__enter__()
+            assert r.status_code == 200
+            readers.append(r.iter_lines())
+            next(readers[-1])
+        assert len(srv.engine.active) == 2
+        busy = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert busy.status_code == 429 and "full" in busy.json()["error"]["message"]
+        for s in streams:  # the clients leave mid-stream
+            s.__exit__(None, None, None)
+        deadline = time.time() + 10
+        while srv.engine.active and time.time() < deadline:
+            time.sleep(0.02)
+        assert not srv.engine.active, "a disconnected client kept its row"
+        assert srv.engine.metrics.generated < 2 * 200, "the requests ran to the end: nothing was cancelled"
+        ok = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+BAD = [
+    ("not json", "the body must be a JSON object"),
+    ('{"prompt": ', "the body must be a JSON object (JSON decode error)"),
+    ({"max_tokens": 4}, "prompt: Field required"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
+    ({"prompt": "a", "temperature": -1}, "temperature"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p"),
+    ({"prompt": "a", "n": 2}, "n: Input should be 1"),
+    ({"prompt": "a", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "a" * 100, "max_tokens": 100}, "this server's context is 128"),
+    ({"prompt": ["a", "b"], "stream": True}, "stream=true takes one prompt"),
+    ({"prompt": "a", "stop": [""]}, "stop strings must not be empty"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD, ids=[m for _, m in BAD])
+def test_bad_requests_are_400_with_the_reason(body, message, bad_request_server):
+    client = bad_request_server
+    if isinstance(body, str):
+        r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_bad_chat_request_is_400(bad_request_server):
+    r = bad_request_server.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
+    assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def bad_request_server():
+    with Server(make_run("dense"), max_batch=2) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        yield client
+
+
+def test_a_few_hundred_requests_lose_none():
+    run = make_run("dense")
+    bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 1 + i % 9, "temperature": 0} for i in range(300)]
+    with Server(run, max_batch=32, max_queue=512) as srv:
+        responses = asyncio.run(complete_all(srv.url, bodies, limit=100))
+        assert not srv.engine.active and not srv.engine.queue
+    want = {(b["prompt"], b["max_tokens"]): alone(run, b["prompt"], b["max_tokens"]) for b in bodies}
+    assert [r.status_code for r in responses] == [200] * 300
+    assert [r.json()["choices"][0]["text"] for r in responses] == [want[b["prompt"], b["max_tokens"]] for b in bodies]
+
+
+def test_static_batching_gives_the_same_answers():
+    run = make_run("mamba2")
+    bodies = [{"prompt": p, "max_tokens": 3 + i, "temperature": 0} for i, p in enumerate(PROMPTS)]
+    with Server(run, max_batch=3, batching="static") as srv:
+        responses = asyncio.run(complete_all(srv.url, bodies))
+    assert [r.json()["choices"][0]["text"] for r in responses] == [alone(run, b["prompt"], b["max_tokens"]) for b in bodies]
+
+
+def test_cli_help_and_errors(tmp_path):
+    out = run_cli("llmzoo-serve", "--help")
+    assert "/v1/chat/completions" in out.stdout and "max_batch" in out.stdout
+    r = run_cli("llmzoo-serve", check=False)
+    assert r.returncode == 2 and "give run_dir=" in r.stderr and "Traceback" not in r.stderr
+    from llmzoo.errors import UserError
+    from llmzoo_plugins.serve import serve
+
+    cfg = llmzoo.compose("serve", [f"run_dir={tmp_path / 'nowhere'}"], validate=False)
+    with pytest.raises(UserError, match="does not exist"):
+        serve(cfg)
+
+
+def test_a_block_without_row_state_is_refused_with_the_reason():
+    import types
+
+    with pytest.raises(ValueError, match="needs blocks whose decode state has independent rows .* \\['Identity'\\]"):
+        Engine(types.SimpleNamespace(blocks=[torch.nn.Identity()]), None)
+
+
+def test_the_command_serves_a_trained_run(pretrained):
+    """llmzoo-serve as a user starts it: a trained run, a real port, then Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import BIN
+
+    run_dir = pretrained("dense", 300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(BIN / "llmzoo-serve"), f"run_dir={run_dir}", f"port={port}", "max_batch=8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0}
+        got = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+        run = llmzoo.load_run(run_dir)
+        assert got["choices"][0]["text"] == alone(run, body["prompt"], 30)
+        assert got["model"] == run_dir.name
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
