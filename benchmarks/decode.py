@@ -44,6 +44,11 @@ def trained_run(name: str, overrides: list[str], b: DictConfig) -> Path:
     return run_dir
 
 
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def hf_twin(model):
     import transformers
 
@@ -73,10 +78,10 @@ def methods(b: DictConfig, run, draft_run):
         return lambda prompts: [decoder.generate(m, [p], max_new_tokens=n)[0] for p in prompts], decoder
 
     def hf_generate():
-        hf = hf_twin(model)
+        hf = hf_twin(model).to(b.device)
 
         def go(prompts):
-            return [hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            return [hf.generate(torch.tensor([p], device=b.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                 pad_token_id=0)[0, len(p):].tolist() for p in prompts]
         return go, None
 
@@ -104,6 +109,8 @@ def main(cfg: DictConfig) -> None:
     med = trained_run("medusa", [*b.shape, "objective=medusa", f"init_from={pre}", f"trainer.max_steps={b.medusa_steps}"], b)
     drf = trained_run("draft", [*b.draft_shape, f"trainer.max_steps={b.pretrain_steps}"], b)
     run, draft_run = llmzoo.load_run(med), llmzoo.load_run(drf)
+    run = run._replace(model=run.model.to(b.device), objective=run.objective.to(b.device))
+    draft_run = draft_run._replace(model=draft_run.model.to(b.device))
     prompts = [run.tokenizer.encode(p) for p in b.prompts]
     results, reference = {}, None
     for name, make in methods(b, run, draft_run).items():
@@ -112,8 +119,10 @@ def main(cfg: DictConfig) -> None:
             outs = go(prompts)  # warm-up (compilation happens here)
             times = []
             for _ in range(b.repeats):
+                sync(b.device)
                 t0 = time.perf_counter()
                 go(prompts)
+                sync(b.device)
                 times.append(time.perf_counter() - t0)
         if name == "greedy":
             reference = outs
@@ -132,8 +141,9 @@ def main(cfg: DictConfig) -> None:
             r["ratio_vs_greedy"] = r["tokens_per_s"] / results["greedy"]["tokens_per_s"]
     from train_vs_hf import git_commit  # the script folder is on sys.path
 
-    record = {"benchmark": "decode", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),
-              "device": device_description(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    record = {"benchmark": "decode" if b.device == "cpu" else "decode_gpu", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),
+              "device": device_description(),
+              "decode_device": str(b.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "shape": list(b.shape), "params": run.model.num_parameters(), "new_tokens": b.new_tokens,
               "prompts": len(prompts), "repeats": b.repeats, "results": results}
     out = Path(hydra.utils.to_absolute_path(b.out))

@@ -16,7 +16,7 @@ WHEELS=${WHEELS:-.whl}
 PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-${OUT:+$OUT/gpu.jsonl}}
 RESULTS=${RESULTS:-benchmarks/results/gpu.jsonl}
-SECTIONS=${SECTIONS:-kernels,mamba2,moe,train_1b,fsdp_ac,decode_7b}
+SECTIONS=${SECTIONS:-kernels,mamba2,moe,train_1b,fsdp_ac,decode_7b,medusa}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -37,7 +37,17 @@ if [ "${TESTS:-1}" = 1 ]; then
   timeout ${TESTS_TIMEOUT:-420} $PY -m pytest -q -m gpu -p no:cacheprovider -rfEs --tb=short $per_test \
     ${OUT:+--junitxml=$OUT/gpu_tests.xml} ${TEST_ARGS:-tests/gpu} || status=1
 fi
-echo "== benchmarks ($SECTIONS) -> $RESULTS"
 mkdir -p "$(dirname "$RESULTS")"
-timeout ${BENCH_TIMEOUT:-480} $PY benchmarks/gpu_bench.py --out "$RESULTS" --sections "$SECTIONS" || status=1
+BENCH_SECTIONS=$(echo "$SECTIONS" | tr , '\n' | grep -vx medusa | paste -sd, -)
+if [ -n "$BENCH_SECTIONS" ]; then
+  echo "== benchmarks ($BENCH_SECTIONS) -> $RESULTS"
+  timeout ${BENCH_TIMEOUT:-480} $PY benchmarks/gpu_bench.py --out "$RESULTS" --sections "$BENCH_SECTIONS" || status=1
+fi
+if [[ ",$SECTIONS," == *",medusa,"* ]]; then
+  # batch-1 decoders on the GPU: trains the small target, Medusa heads and a draft (~1 min), then times them
+  echo "== medusa: benchmarks/decode.py bench.device=cuda -> $(dirname "$RESULTS")/decode_gpu.jsonl"
+  timeout ${MEDUSA_TIMEOUT:-240} $PY benchmarks/decode.py bench.device=cuda bench.work_dir=/tmp/llmzoo-decode \
+    'bench.methods=[hf_generate,greedy,static_compile,medusa,speculative_draft]' \
+    bench.out="$(dirname "$RESULTS")/decode_gpu.jsonl" || status=1
+fi
 exit $status

@@ -150,7 +150,25 @@ def gpu_rows(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-RENDER = {"parallel": parallel_rows, "train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows, "posttrain": posttrain_rows, "gpu": gpu_rows}
+def serve_rows(records: list[dict]) -> str:
+    """benchmarks/serve_bench.py: the newest run (its records share a time prefix to the minute)."""
+    last = records[-1]["time"][:16]
+    run = [r for r in records if r["time"][:16] == last]
+    r0 = run[0]
+    out = [f"{r0['time']} on {r0['device']}, torch {r0['torch']}; model={r0['model']}, greedy, {r0['max_tokens']} "
+           f"tokens per request, {r0['requests_per_client']} streamed requests per client in a row\n",
+           "| server | clients | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | failed |", "|---|---|---|---|---|---|"]
+    for r in run:
+        if "error" in r:
+            out.append(f"| {r['server']} | {r.get('clients', '-')} | not measured | | | |")
+        else:
+            out.append(f"| {r['server']} | {r['clients']} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} "
+                       f"| {r['ttft_p99_ms']:.0f} | {r['failed']} |")
+    return "\n".join(out)
+
+
+RENDER = {"parallel": parallel_rows, "train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows,
+          "decode_gpu": decode_rows, "posttrain": posttrain_rows, "gpu": gpu_rows, "serve": serve_rows}
 
 
 def load(paths: list[str]) -> dict[str, list[dict]]:
@@ -203,6 +221,23 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
             if name in res and "ratio_vs_greedy" in res[name]:
                 lines.append(f"| batch-1 decoding, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "
                              f"tokens/step) | {res[name]['ratio_vs_greedy']:.2f}x | {when} |")
+    if by_kind.get("decode_gpu"):
+        d = by_kind["decode_gpu"][-1]
+        res = d["results"]
+        if "medusa" in res and "ratio_vs_greedy" in res["medusa"]:
+            lines.append(f"| batch-1 decoding on GPU, medusa vs eager greedy ({res['medusa']['accepted_per_step']:.2f} "
+                         f"tokens/step) | {res['medusa']['ratio_vs_greedy']:.2f}x | {d['device']}, {d['time'][:10]} |")
+    serve = [r for r in by_kind.get("serve", []) if "error" not in r]
+    if serve:
+        last = serve[-1]["time"][:16]
+        at = {(r["server"], r["clients"]): r for r in serve if r["time"][:16] == last}
+        top = max(c for _, c in at)
+        for other in ("transformers", "llmzoo-static"):
+            if ("llmzoo-continuous", top) in at and (other, top) in at:
+                ratio = at["llmzoo-continuous", top]["tokens_per_s"] / at[other, top]["tokens_per_s"]
+                lines.append(f"| llmzoo-serve throughput, {top} clients, vs {other.replace('llmzoo-static', 'static batching')}"
+                             f"{' serve (same weights)' if other == 'transformers' else ''} | {ratio:.2f}x "
+                             f"| {serve[-1]['device']}, {last[:10]} |")
     gpu = {r["section"]: r for r in by_kind.get("gpu", []) if "error" not in r}
     if "train_1b" in gpu:
         r = gpu["train_1b"]

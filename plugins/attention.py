@@ -198,10 +198,10 @@ class RowKVCache:
     (``init_state(..., rows=True)``; a server's continuous batching).
 
     k, v: (B, H_kv, max_len, hd); ``pos`` (B,) long: row b holds ``pos[b]`` tokens. A
-    forward of T tokens on the first b rows writes each row's keys at its own next
-    positions and attends over all max_len slots with a per-row mask, so rows that
-    started at different times decode together. ``put`` moves a prefilled sequence
-    into a row; ``head(b)`` is the first b rows, sharing storage.
+    forward of T tokens writes each row's keys at its own next positions and attends up
+    to the longest row with a per-row mask, so rows that started at different times
+    decode together. ``put`` moves a prefilled sequence into a row; ``head(b)`` is the
+    first b rows, sharing storage.
     """
 
     k: torch.Tensor
@@ -214,13 +214,14 @@ class RowKVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         idx = self.positions(k.shape[2], k.device)  # (B, t)
-        if int(idx[:, -1].max()) >= self.k.shape[2]:
+        end = int(idx[:, -1].max()) + 1  # the longest row (one host sync, like KVCache's int pos)
+        if end > self.k.shape[2]:
             raise RuntimeError(f"KV cache full: a row would hold more than max_len {self.k.shape[2]} tokens")
         where = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k.scatter_(2, where, k), self.v.scatter_(2, where, v)
         self.pos.add_(k.shape[2])
-        mask = torch.arange(self.k.shape[2], device=k.device) <= idx[:, :, None]  # (B, t, max_len)
-        return self.k, self.v, mask[:, None]
+        mask = torch.arange(end, device=k.device) <= idx[:, :, None]  # (B, t, end)
+        return self.k[:, :, :end], self.v[:, :, :end], mask[:, None]
 
     def put(self, row: int, other: KVCache | RowKVCache, other_row: int = 0) -> None:
         """Row ``row`` becomes row ``other_row`` of ``other`` (its tokens and position)."""

@@ -16,12 +16,19 @@ ancestors and itself), picks the longest path that the model itself agrees with,
 that path in the KV cache and drops the rest. Greedy acceptance (temperature 0) gives
 exactly the tokens of plain greedy decoding; with temperature > 0 it uses typical
 acceptance (a guess is kept when p(guess) > min(epsilon, delta * exp(-entropy(p)))).
-Blocks must take tree masks (``tree_mask``: dense attention, MoE); Mamba and hybrid
-stacks are rejected at config time. Rows of a batch are decoded one after another.
+
+Blocks that take tree masks (``tree_mask``: dense attention, MoE) verify the whole tree in
+one forward of its nodes. Other blocks (Mamba, Mamba-2, hybrid stacks: a recurrent state
+cannot branch) verify it as rows: every root-to-leaf path is one row of a batch over
+copies of the state (``reorder``), one forward for all of them; the state of the best
+row is kept when it accepted its whole path, else the accepted tokens are fed again to a
+copy of the state from before the step. ``verify: auto | tree | rows`` picks (auto: tree
+where the blocks can). Rows of a batch are decoded one after another.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -121,6 +128,8 @@ class Tree:
                     break
                 j = self.parent[j]
         self.max_depth, self.max_rank = max(self.depth), max(self.rank)
+        parents = set(self.parent[1:])
+        self.leaves = [i for i in range(1, n) if i not in parents]  # each path of rows verification
 
     def __len__(self) -> int:
         return len(self.parent)
@@ -146,7 +155,7 @@ class Medusa:
     """Tree-verified decoding with the heads of a run trained with ``objective=medusa``
     (taken from the run in ``setup``, or given as ``heads``)."""
 
-    requires = frozenset({STATEFUL, TREE_MASK})
+    requires = frozenset({STATEFUL})  # tree_mask where the blocks have it, else rows verification
 
     @staticmethod
     def check(node: DictConfig, cfg: DictConfig) -> list[str]:
@@ -168,7 +177,10 @@ class Medusa:
     def __init__(self, tree: Sequence[Sequence[int]] | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
-                 heads: nn.Module | None = None):
+                 heads: nn.Module | None = None, verify: str = "auto"):
+        if verify not in ("auto", "tree", "rows"):
+            raise ValueError(f"decoder.verify={verify!r} is not one of ['auto', 'tree', 'rows']")
+        self.verify = verify
         self.tree = Tree(tree or DEFAULT_TREE)
         self.sampler = Sampler(temperature, top_k, top_p, seed)
         self.epsilon, self.delta = posterior_threshold, posterior_alpha
@@ -192,15 +204,47 @@ class Medusa:
                   mask: torch.Tensor) -> torch.Tensor:
         """(nodes,) bool: every guess on the path from the root to the node is accepted by
         the model at its parent (greedy: it is the argmax; sampling: typical acceptance)."""
-        p_parent = probs[parent]  # (nodes, V): the distribution each guess is judged by
-        p_guess = p_parent.gather(-1, nodes[:, None])[:, 0]
-        if self.sampler.greedy:
-            good = p_guess > 0  # p is one-hot on the argmax
-        else:
-            entropy = -(p_parent * p_parent.clamp(min=1e-12).log()).sum(-1)
-            good = p_guess > torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)
+        good = self._good(probs[parent], nodes)  # each guess judged by the distribution at its parent
         good[0] = True  # the root is the token already chosen
         return ~(mask & ~good[None, :]).any(-1)  # all ancestors (and the node) good
+
+    def _good(self, p_parent: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
+        """Whether each guess is accepted by the distribution at its parent (..., V)."""
+        p_guess = p_parent.gather(-1, guess[..., None])[..., 0]
+        if self.sampler.greedy:
+            return p_guess > 0  # p is one-hot on the argmax
+        entropy = -(p_parent * p_parent.clamp(min=1e-12).log()).sum(-1)
+        return p_guess > torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)
+
+    def _next(self, p: torch.Tensor) -> int:
+        return int(p.argmax()) if self.sampler.greedy else int(self.sampler.draw(p[None])[0])
+
+    def _verify_rows(self, model: nn.Module, states: list, nodes: torch.Tensor):
+        """Rows verification (see the module docstring): -> (accepted guesses, next token,
+        hidden state at the last accepted position); ``states`` advanced past them."""
+        tree, device = self.tree, nodes.device
+        paths = [[0] + tree.path_to(leaf) for leaf in tree.leaves]
+        width = tree.max_depth + 1
+        rows = torch.stack([nodes[torch.tensor(p + [p[-1]] * (width - len(p)), device=device)] for p in paths])
+        depth = torch.tensor([len(p) - 1 for p in paths], device=device)
+        before = copy.deepcopy(states)
+        for s in states:
+            s.reorder(torch.zeros(len(paths), dtype=torch.long, device=device))
+        res = model(rows, states=states)
+        probs = self.sampler.probs(res.logits.float().flatten(0, 1)).view(len(paths), width, -1)
+        good = self._good(probs[:, :-1], rows[:, 1:]) & (torch.arange(width - 1, device=device) < depth[:, None])
+        accepted = good.long().cumprod(-1).sum(-1)  # leading accepted guesses of each row
+        r = int(accepted.argmax())  # the longest (first on ties)
+        a = int(accepted[r])
+        if a == width - 1:  # the whole row was accepted: its state is the one to go on from
+            for s in states:
+                s.reorder(torch.tensor([r], device=device))
+            self._refed[0] += 1
+        else:  # feed the accepted tokens again, from the state before the step
+            states[:] = before
+            model(rows[r:r + 1, :a + 1], states=states)
+            self._refed[1] += 1
+        return rows[r, 1:a + 1].tolist(), self._next(probs[r, a]), res.hidden[r, a]
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -211,12 +255,15 @@ class Medusa:
         if len(self.heads) < self.tree.max_depth:
             raise ValueError(f"decoder.tree is {self.tree.max_depth} deep but the run has {len(self.heads)} heads")
         self.sampler.reset()
+        self._refed = [0, 0]  # rows verification: steps that kept a row's state, steps that fed again
         outs, steps, produced = [], 0, 0
         for prompt in prompts:
             out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
             outs.append(out)
             steps, produced = steps + n, produced + len(out)
         self.stats = {"accepted_per_step": (produced - len(prompts)) / max(steps, 1), "steps": steps}
+        if any(self._refed):
+            self.stats.update(rows_state_kept=self._refed[0], rows_state_refed=self._refed[1])
         return outs
 
     def _one(self, model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None):
@@ -225,6 +272,7 @@ class Medusa:
         mask = tree.mask.to(device)
         max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + n_nodes)
         states = model.init_states(1, max_len, device=device)
+        rows = self.verify == "rows" or (self.verify == "auto" and TREE_MASK not in getattr(model, "capabilities", ()))
         res = model(torch.tensor([prompt], device=device), states=states)
         token = int(self.sampler(res.logits[:, -1].float())[0])
         hidden = res.hidden[0, -1]
@@ -235,6 +283,11 @@ class Medusa:
         while not done and len(prompt) + len(out) + n_nodes <= max_len:
             guesses = self._guesses(hidden, depth[1:], rank[1:])
             nodes = torch.cat([torch.tensor([token], device=device), guesses])
+            if rows:
+                accepted, token, hidden = self._verify_rows(model, states, nodes)
+                out, done = finish(out + accepted + [token], max_new_tokens, eos_id)
+                steps += 1
+                continue
             start = states[0].pos
             for s in states:
                 s.tree = mask
@@ -246,8 +299,7 @@ class Medusa:
             keep = torch.tensor([0] + path, device=device)
             for s in states:
                 s.keep(start, keep)
-            token = int(self.sampler.draw(probs[best][None])[0]) if not self.sampler.greedy \
-                else int(probs[best].argmax())
+            token = self._next(probs[best])
             hidden = res.hidden[0, best]
             out, done = finish(out + nodes[keep[1:]].tolist() + [token], max_new_tokens, eos_id)
             steps += 1

@@ -287,6 +287,7 @@ def create_app(engine: Engine, model_name: str) -> Any:
         stream: bool = False
         seed: int | None = None
         ignore_eos: bool = False  # an extension (as vLLM's): generate max_tokens whatever comes
+        stream_options: dict[str, bool] | None = None  # {"include_usage": true}: a last chunk with usage
         n: Literal[1] = 1
 
     class Completion(Sampling):
@@ -410,6 +411,10 @@ def create_app(engine: Engine, model_name: str) -> Any:
                         if finish:
                             break
                         item = await gen.__anext__()
+                    if (body.stream_options or {}).get("include_usage"):
+                        chunk = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                                 "model": model_name, "choices": [], "usage": usage([item[0]])}
+                        yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                     if metrics is not None:
                         metrics.requests.labels("200").inc()

@@ -145,13 +145,32 @@ def _random_heads(model, seed=0):
     return obj
 
 
-@pytest.mark.parametrize("block", ["dense", "moe"])
-def test_medusa_greedy_equals_greedy(block):
-    model = random_model(block)
-    ref = Greedy().generate(model, PROMPTS, max_new_tokens=40, eos_id=7)
+SMALL_VOCAB_PROMPTS = [[1, 2, 3], [3, 0, 1, 2], [2]]  # vocab 8: random models repeat, so guesses get accepted
+
+
+@pytest.mark.parametrize("block,verify,vocab", [("dense", "auto", 64), ("moe", "auto", 64), ("dense", "rows", 8),
+                                                ("mamba", "auto", 8), ("mamba2", "auto", 8), ("hybrid", "auto", 8)])
+def test_medusa_greedy_equals_greedy(block, verify, vocab):
+    """Tree verification (dense, MoE) and rows verification (any block; auto for the
+    recurrent ones) both give exactly greedy's tokens."""
+    model = random_model(block, vocab)
+    prompts = PROMPTS if vocab == 64 else SMALL_VOCAB_PROMPTS
+    eos = 7 if vocab == 64 else None  # (in a vocabulary of 8, an eos would end the rows early)
+    ref = Greedy().generate(model, prompts, max_new_tokens=40, eos_id=eos)
+    dec = Medusa(heads=_random_heads(model), verify=verify)
+    assert dec.generate(model, prompts, max_new_tokens=40, eos_id=eos) == ref
+    assert dec.stats["accepted_per_step"] > 1.0  # some guesses accepted: the multi-token paths ran
+
+
+def test_medusa_rows_verification_keeps_or_refeeds_the_state():
+    """Rows mode on a hybrid stack (attention + Mamba-2): steps that accept a whole path
+    keep that row's state, the others feed the accepted tokens again from the state before
+    the step; both kinds occur and the tokens stay greedy's."""
+    model = random_model("hybrid", 4)
     dec = Medusa(heads=_random_heads(model))
-    assert dec.generate(model, PROMPTS, max_new_tokens=40, eos_id=7) == ref
-    assert dec.stats["accepted_per_step"] >= 1.0
+    assert dec.generate(model, SMALL_VOCAB_PROMPTS, max_new_tokens=40) == \
+        Greedy().generate(model, SMALL_VOCAB_PROMPTS, max_new_tokens=40)
+    assert dec.stats["rows_state_kept"] > 0 and dec.stats["rows_state_refed"] > 0, dec.stats
 
 
 def test_medusa_typical_acceptance_runs_and_is_seeded():
@@ -192,9 +211,11 @@ def test_medusa2_trains_the_base_with_weighted_heads():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_medusa_on_mamba_is_rejected_at_config_time():
-    with pytest.raises(ConfigError, match=r"Medusa requires block capabilities .*lacks \['tree_mask'\]"):
-        tiny_cfg("block=mamba", "decoder=medusa")  # compose validates
+def test_medusa_on_mamba_composes_with_rows_verification():
+    cfg = tiny_cfg("block=mamba", "decoder=medusa", "objective=medusa")  # compose validates
+    assert cfg.decoder.verify == "auto"
+    with pytest.raises(ValueError, match="decoder.verify='paths' is not one of"):
+        Medusa(verify="paths")
 
 
 @pytest.mark.slow  # ~50 s of training; benchmarks/decode.py measures acceptance too
