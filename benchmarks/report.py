@@ -155,8 +155,8 @@ def serve_rows(records: list[dict]) -> str:
     last = records[-1]["time"][:16]
     run = [r for r in records if r["time"][:16] == last]
     r0 = run[0]
-    out = [f"{r0['time']} on {r0['device']}, torch {r0['torch']}; model={r0['model']}, greedy, {r0['max_tokens']} "
-           f"tokens per request, {r0['requests_per_client']} streamed requests per client in a row\n",
+    out = [f"{r0['time']} on {r0['device']}, torch {r0['torch']}; model={r0['model']}, greedy, {r0['max_tokens'] // 4} to {r0['max_tokens'] * 7 // 4} "
+           f"tokens per request (the same lengths for every server), {r0['requests_per_client']} streamed requests per client in a row\n",
            "| server | clients | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | failed |", "|---|---|---|---|---|---|"]
     for r in run:
         if "error" in r:
@@ -238,6 +238,11 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
                 lines.append(f"| llmzoo-serve throughput, {top} clients, vs {other.replace('llmzoo-static', 'static batching')}"
                              f"{' serve (same weights)' if other == 'transformers' else ''} | {ratio:.2f}x "
                              f"| {serve[-1]['device']}, {last[:10]} |")
+        if ("llmzoo-continuous", top) in at and ("llmzoo-static", top) in at:
+            c, st = at["llmzoo-continuous", top], at["llmzoo-static", top]
+            lines.append(f"| llmzoo-serve p50 time to first token, {top} clients: static / continuous batching "
+                         f"({st['ttft_p50_ms']:.0f} / {c['ttft_p50_ms']:.0f} ms) | {st['ttft_p50_ms'] / c['ttft_p50_ms']:.2f}x "
+                         f"| {serve[-1]['device']}, {last[:10]} |")
     gpu = {r["section"]: r for r in by_kind.get("gpu", []) if "error" not in r}
     if "train_1b" in gpu:
         r = gpu["train_1b"]
