@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_suite.sh                 # everything
 #   SECTIONS=kernels,mamba2 TESTS=0 bash benchmarks/gpu_suite.sh
+#   SECTIONS=none TEST_ARGS=tests/gpu/test_serve_cuda.py bash benchmarks/gpu_suite.sh   # some tests only
 #
 # For a machine that has torch, lightning, transformers, triton and peft but no network:
 # the missing packages (hydra-core, omegaconf, datasets, liger-kernel, fla-core, ...)
@@ -17,6 +18,7 @@ PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-${OUT:+$OUT/gpu.jsonl}}
 RESULTS=${RESULTS:-benchmarks/results/gpu.jsonl}
 SECTIONS=${SECTIONS:-kernels,mamba2,moe,train_1b,fsdp_ac,decode_7b,medusa}
+[ "$SECTIONS" = none ] && SECTIONS=  # tests only
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then

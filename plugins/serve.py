@@ -157,6 +157,8 @@ class Engine:
                 req = self.queue.popleft()
             if not req.cancelled:
                 self._prefill(req)
+                if req.finish:  # done at its first token (eos, a stop string, max_tokens=1): free the row
+                    self.active.pop()
 
     def _prefill(self, req: Request) -> None:
         single = self.model.init_states(1, len(req.prompt), device=self.device)

@@ -271,3 +271,41 @@ def test_the_command_serves_a_trained_run(pretrained):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("block", ["moe", "mamba2"])
+def test_engine_alone_finishes_each_request_once(block):
+    """The engine without HTTP: 24 requests through 8 rows, some ending at their first token
+    (eos): each gets greedy's tokens and exactly one last emit, and no row is decoded after
+    its request ended."""
+    from types import SimpleNamespace
+
+    from llmzoo.decoding import Sampler
+    from llmzoo_plugins.serve import Request
+
+    cfg = llmzoo.compose(overrides=["model=tiny", f"block={block}", "model.vocab_size=64"])
+    torch.manual_seed(0)
+    model = llmzoo.build_model(cfg).eval()
+    tok = SimpleNamespace(eos_id=63, decode=lambda ids: ",".join(map(str, ids)))
+    prompts = [[1 + (i * 7) % 50 + j for j in range(1 + i % 9)] for i in range(24)]
+    lengths = [3 + (5 * i) % 17 for i in range(24)]
+    engine, text, ends = Engine(model, tok, max_batch=8, max_queue=64), {}, {}
+
+    def emit(i, piece, finish):
+        assert i not in ends, f"request {i} emitted after it ended"
+        text[i] = text.get(i, "") + piece
+        if finish:
+            ends[i] = finish
+
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        engine.submit(Request(prompt=p, max_tokens=n, sampler=Sampler(), emit=lambda t, f, i=i: emit(i, t, f)))
+    while engine.queue or engine.active:
+        engine.step()
+    first_token_eos = 0
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        want = Greedy().generate(model, [p], max_new_tokens=n, eos_id=63)[0]
+        first_token_eos += want == [63]
+        assert text[i] == tok.decode([t for t in want if t != 63]) and ends[i] == ("stop" if want[-1] == 63 else "length")
+    assert engine.peak_batch == 8
+    if block == "moe":
+        assert first_token_eos > 0  # the case of a request that ends at its prefill is covered

@@ -101,4 +101,5 @@ def test_mamba2_triton_prefill_then_decode_equals_full_forward():
     torch.manual_seed(0)
     block = Mamba2Block(128, d_state=32, headdim=32, backend="triton").cuda()
     with torch.no_grad():
-        check_stateful_decode(block, dim=128, seq_len=24, atol=2e-3)
+        # one prefill length and single tokens: each new length costs fla a Triton compile (~35 s)
+        check_stateful_decode(block, dim=128, seq_len=12, atol=2e-3, chunks=(1,))
