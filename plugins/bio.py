@@ -163,3 +163,70 @@ class AlphabetTokenizer(ChatTemplate):
         if not isinstance(alphabet, str) or not alphabet or len(set(alphabet)) != len(alphabet):
             return [f"alphabet={alphabet!r}: a non-empty string of distinct letters"]
         return []
+
+
+class KmerTokenizer(ChatTemplate):
+    """DNA as k-mers (``tokenizer=kmer``, ``k`` from the config), as DNABERT-style models read it.
+
+    ``overlap: false`` (default) cuts a sequence into consecutive k-mers of A/C/G/T; a piece
+    that holds any other letter (N, IUPAC codes, lower case, a gap), and the last piece when
+    shorter than k, become one token per letter. Every string over the nucleotide alphabet
+    round-trips exactly. ``overlap: true`` gives the k-mer starting at every position
+    (stride 1): n - k + 1 tokens for n bases; a k-mer with any other letter is <unk>, and
+    decoding takes the first k-mer whole and the last letter of each next one, so a pure
+    A/C/G/T sequence of length >= k round-trips. Ids: the 4^k k-mers, then the single
+    letters of the nucleotide alphabet (and their lower case), then <unk>, <bos>, <eos>, <pad>.
+    """
+
+    META = "llmzoo_tokenizer.json"
+
+    def __init__(self, k: int = 3, overlap: bool = False):
+        if not isinstance(k, int) or not 1 <= k <= 8:
+            raise ValueError(f"tokenizer.k={k!r}: an integer from 1 to 8 (4^k k-mers)")
+        self.k, self.overlap = k, overlap
+        kmers = [""]
+        for _ in range(k):
+            kmers = [p + b for p in kmers for b in "ACGT"]
+        letters = [c for c in dict.fromkeys(NUCLEOTIDES + NUCLEOTIDES.lower()) if c not in kmers]
+        self.pieces = kmers + letters
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        n = len(self.pieces)
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = range(n, n + 4)
+        self.vocab_size = n + 4
+
+    def encode(self, text: str) -> list[int]:
+        k, ids, unk = self.k, self.ids, self.unk_id
+        if self.overlap:
+            return [ids.get(text[i:i + k], unk) if len(text[i:i + k]) == k and set(text[i:i + k]) <= set("ACGT")
+                    else unk for i in range(len(text) - k + 1)]
+        out = []
+        for i in range(0, len(text), k):
+            piece = text[i:i + k]
+            if len(piece) == k and piece in ids:
+                out.append(ids[piece])
+            else:
+                out += [ids.get(c, unk) for c in piece]
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        n = len(self.pieces)
+        pieces = [self.pieces[i] if i < n else "N" for i in map(int, ids) if i < n or i == self.unk_id]
+        if self.overlap and pieces:
+            return pieces[0] + "".join(p[-1] for p in pieces[1:])
+        return "".join(pieces)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / self.META).write_text(json.dumps({"kind": "kmer", "k": self.k, "overlap": self.overlap}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "KmerTokenizer":
+        meta = json.loads((Path(directory) / cls.META).read_text())
+        return cls(meta["k"], meta["overlap"])
+
+    @staticmethod
+    def check(node, cfg) -> list[str]:
+        k = node.get("k", 3)
+        if not isinstance(k, int) or not 1 <= k <= 8:
+            return [f"k={k!r}: an integer from 1 to 8 (4^k k-mers)"]
+        return []
