@@ -120,6 +120,7 @@ class Task:
     until: tuple[str, ...] = ("\n",)  # generate: stop strings
     max_new_tokens: int = 16   # generate
     separator: str = "\n\n"    # between in-context examples and the question
+    chat: bool = False         # generate: the question as a user turn of the tokenizer's chat template
 
     def rows(self) -> list[Any]:
         path = Path(self.path)
@@ -184,7 +185,12 @@ class Task:
                 acc += max(range(n), key=mine.__getitem__) == r["answer"]
                 acc_norm += max(range(n), key=normed.__getitem__) == r["answer"]
             return {"acc": acc / len(todo), "acc_norm": acc_norm / len(todo), "questions": len(todo)}
-        contexts = [tok.encode(self.shots(rows, i) + r["prompt"]) for i, r in enumerate(todo)]
+        if self.chat:  # as llmzoo-generate chat=true renders it (instruction-tuned runs)
+            from llmzoo.api import prompt_ids
+
+            contexts = prompt_ids(tok, [self.shots(rows, i) + r["prompt"] for i, r in enumerate(todo)], chat=True)
+        else:
+            contexts = [tok.encode(self.shots(rows, i) + r["prompt"]) for i, r in enumerate(todo)]
         outs = scorer.generate(contexts, list(self.until), self.max_new_tokens)
         hits = sum(o.strip() == r["answer"].strip() for o, r in zip(outs, todo))
         return {"exact_match": hits / len(todo), "questions": len(todo)}
