@@ -4,6 +4,7 @@
   greedy                   llmzoo eager decoding with a growing KV cache
   static_compile           static KV cache + torch.compile'd step (decoder=static)
   medusa                   Medusa-1 heads trained on the corpus, tree verification
+  eagle                    an EAGLE draft head trained on the same target, chain of 4 drafts
   speculative_early_exit   draft = the target's first block (decoder.draft_layers=1)
   speculative_draft        draft = a separately trained 2-layer dim-64 model
   int8, int4               greedy on weight-only quantized copies
@@ -64,8 +65,9 @@ def hf_twin(model):
     return hf
 
 
-def methods(b: DictConfig, run, draft_run):
+def methods(b: DictConfig, run, draft_run, eagle_run=None):
     """name -> (decode function prompts -> list of outputs, decoder or None for stats)."""
+    from llmzoo_plugins.eagle import Eagle
     from llmzoo_plugins.medusa import Medusa
     from llmzoo_plugins.quantize import Quantize
     from llmzoo_plugins.sampling import Greedy
@@ -90,6 +92,7 @@ def methods(b: DictConfig, run, draft_run):
         "greedy": lambda: one_by_one(Greedy(), model),
         "static_compile": lambda: one_by_one(StaticCache(), model),
         "medusa": lambda: one_by_one(Medusa(heads=run.objective), model),
+        "eagle": lambda: one_by_one(Eagle(head=eagle_run.objective), model),
         "speculative_early_exit": lambda: one_by_one(Speculative(k=4, draft_layers=1), model),
         "speculative_draft": lambda: one_by_one(Speculative(k=4, draft=draft_run.model), model),
         "int8": lambda: one_by_one(Greedy(), Quantize("int8")(copy.deepcopy(model))),
@@ -108,12 +111,17 @@ def main(cfg: DictConfig) -> None:
     pre = trained_run("pretrain", [*b.shape, f"trainer.max_steps={b.pretrain_steps}"], b)
     med = trained_run("medusa", [*b.shape, "objective=medusa", f"init_from={pre}", f"trainer.max_steps={b.medusa_steps}"], b)
     drf = trained_run("draft", [*b.draft_shape, f"trainer.max_steps={b.pretrain_steps}"], b)
+    eag = trained_run("eagle", [*b.shape, "objective=eagle", f"init_from={pre}", f"trainer.max_steps={b.medusa_steps}"], b) \
+        if "eagle" in b.methods else None
     run, draft_run = llmzoo.load_run(med), llmzoo.load_run(drf)
+    eagle_run = llmzoo.load_run(eag) if eag else None
+    if eagle_run is not None:
+        eagle_run = eagle_run._replace(objective=eagle_run.objective.to(b.device))
     run = run._replace(model=run.model.to(b.device), objective=run.objective.to(b.device))
     draft_run = draft_run._replace(model=draft_run.model.to(b.device))
     prompts = [run.tokenizer.encode(p) for p in b.prompts]
     results, reference = {}, None
-    for name, make in methods(b, run, draft_run).items():
+    for name, make in methods(b, run, draft_run, eagle_run).items():
         go, decoder = make()
         with torch.no_grad():
             outs = go(prompts)  # warm-up (compilation happens here)

@@ -63,8 +63,8 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
     if (group, name) in (("objective", "dpo"), ("objective", "reward"), ("objective", "kto"), ("objective", "orpo"),
                          ("objective", "simpo"), ("data", "preferences")):  # preference pairs
         overrides += ["data=preferences"] + (["objective=dpo"] if group == "data" else [])
-    if (group, name) == ("decoder", "medusa"):  # decodes with the heads objective=medusa trains
-        overrides.append("objective=medusa")
+    if (group, name) in (("decoder", "medusa"), ("decoder", "eagle")):  # decode with the heads objective=... trains
+        overrides.append(f"objective={name}")
     if (group, name) == ("parallel", "fsdp_tp"):  # a (2, 2) mesh: four processes
         overrides.append("trainer.devices=4")
     if (group, name) == ("tokenizer", "file"):
@@ -158,6 +158,6 @@ def test_cli_bad_shape_fails_before_training(tmp_path):
 
 def test_help_lists_groups():
     out = run_cli("llmzoo-train", "--help")
-    for group in ("block: dense", "model: 125m, 1b, small, tiny", "decoder: beam, greedy, medusa, sample, speculative, static"):
+    for group in ("block: dense", "model: 125m, 1b, small, tiny", "decoder: beam, eagle, greedy, medusa, sample, speculative, static"):
         assert group in out.stdout
     assert "plugins" in run_cli("llmzoo", "--help").stdout

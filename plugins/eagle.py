@@ -1,0 +1,193 @@
+"""EAGLE (Li et al. 2024): speculative decoding with a draft head that extrapolates the
+target's features instead of a separate draft model.
+
+``objective=eagle`` trains the head with the target frozen. The head reads, at position t,
+the target's last hidden state f_t (after its final norm) and the embedding of token
+t + 1, and predicts f_{t+1}:
+
+    f^_{t+1} = Block(W [f_t ; e(x_{t+1})])          one transformer layer (``DenseBlock``)
+    loss = SmoothL1(f^_{t+1}, f_{t+1}) + w_cls * CE(softmax(head(f_{t+1})), head(f^_{t+1}))
+
+the second term a cross-entropy against the target's own next-token distribution
+(its frozen vocabulary head ``head``), so the draft learns the target, not the data.
+
+``decoder=eagle`` decodes with it: each step the head drafts ``k`` tokens one by one (its
+own features feeding the next draft), the target scores them in one forward, and they are
+accepted left to right exactly as in ``decoder=speculative`` (greedy: the target's argmax;
+sampling: min(1, p/q) with the corrected residual), so greedy EAGLE gives plain greedy's
+tokens for every block (the target's state is rolled back by ``rewind`` or from a copy).
+The head's own KV cache is kept on the target's true features: after verification the
+accepted positions are fed again with them. Drafting is a chain, not EAGLE-2's dynamic
+tree. Rows of a batch are decoded one after another.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from llmzoo.decoding import Sampler, check_prompts, finish
+from llmzoo.interfaces import STATEFUL, Batch, Loss, ModelOutput
+from llmzoo_plugins.attention import DenseBlock
+from llmzoo_plugins.speculative import Stream
+
+
+class EagleHead(nn.Module):
+    """[f_t ; e(x_{t+1})] -> f^_{t+1}: a linear from 2 * dim to dim, then one dense layer."""
+
+    def __init__(self, dim: int, n_heads: int, max_seq_len: int):
+        super().__init__()
+        self.fc = nn.Linear(2 * dim, dim)
+        self.block = DenseBlock(dim, n_heads, max_seq_len)
+
+    def forward(self, feats: torch.Tensor, embeds: torch.Tensor, state=None) -> torch.Tensor:
+        return self.block(self.fc(torch.cat([feats, embeds], dim=-1)), state=state)
+
+
+def head_shape(model: nn.Module) -> int:
+    """Attention heads of the draft layer: the target's where it has attention, else dim / 64."""
+    mixer = getattr(model.blocks[0], "mixer", None)
+    n = getattr(mixer, "n_heads", None)
+    return n if n and model.dim % n == 0 else max(1, model.dim // 64)
+
+
+class EagleObjective(nn.Module):
+    """Owns the draft head (sized by ``setup(model)``); see the module docstring for the loss."""
+
+    needs = frozenset({"input_ids"})
+    reads = frozenset({"hidden", "logits"})
+
+    def __init__(self, cls_weight: float = 0.1):
+        super().__init__()
+        if cls_weight < 0:
+            raise ValueError(f"objective.cls_weight must be >= 0, got {cls_weight}")
+        self.cls_weight = cls_weight
+        self.head: EagleHead | None = None
+        self.target: list[nn.Module] = []  # the frozen target (not a submodule: not saved twice)
+
+    def setup(self, model: nn.Module, tokenizer=None) -> None:
+        model.requires_grad_(False)  # the target stays as it is
+        self.target = [model]
+        if self.head is None:
+            self.head = EagleHead(model.dim, head_shape(model), model.max_seq_len).to(model.head.weight.device)
+
+    def loss(self, out: ModelOutput, batch: Batch) -> Loss:
+        model = self.target[0]
+        feats, ids = out.hidden.detach(), batch["input_ids"]
+        pred = self.head(feats[:, :-1], model.embedding(ids[:, 1:]).detach())
+        regression = F.smooth_l1_loss(pred.float(), feats[:, 1:].float())
+        target_p = out.logits[:, 1:].detach().float().softmax(-1)
+        draft_logp = model.head(pred).float().log_softmax(-1)
+        cls = -(target_p * draft_logp).sum(-1).mean()
+        agree = (draft_logp.argmax(-1) == target_p.argmax(-1)).float().mean()
+        return Loss(regression + self.cls_weight * cls,
+                    {"feature_loss": regression.detach(), "token_ce": cls.detach(), "draft_top1": agree.detach()},
+                    measure=(regression + self.cls_weight * cls).detach())
+
+
+class Eagle:
+    """Chain drafting with an EAGLE head (from a run trained with ``objective=eagle``)."""
+
+    requires = frozenset({STATEFUL})
+
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        obj = cfg.get("objective")
+        target = obj.get("_target_", "") if isinstance(obj, DictConfig) else ""
+        if not target.endswith(".EagleObjective"):
+            return ["decoder=eagle drafts with the head that objective=eagle trains "
+                    f"(objective._target_={target or None!r}); train with objective=eagle, or choose another decoder"]
+        return []
+
+    def __init__(self, k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, head: EagleHead | EagleObjective | None = None):
+        if k < 1:
+            raise ValueError(f"decoder.k must be >= 1, got {k}")
+        self.k, self.sampler = k, Sampler(temperature, top_k, top_p, seed)
+        self.head = head.head if isinstance(head, EagleObjective) else head
+        self.stats: dict[str, float] = {}
+
+    def setup(self, run) -> None:
+        objective = getattr(run, "objective", None)
+        if not isinstance(objective, EagleObjective) or objective.head is None:
+            raise ValueError("decoder=eagle needs a run trained with objective=eagle (its draft head); this "
+                             f"run's objective is {run.cfg.objective.get('_target_')}")
+        self.head = objective.head
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 eos_id: int | None = None) -> list[list[int]]:
+        check_prompts(prompts)
+        if self.head is None:
+            raise ValueError("decoder=eagle has no draft head: load a run trained with objective=eagle")
+        self.sampler.reset()
+        outs, steps, produced = [], 0, 0
+        for prompt in prompts:
+            out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
+            outs.append(out)
+            steps, produced = steps + n, produced + len(out)
+        self.stats = {"accepted_per_step": produced / max(steps, 1), "steps": steps}
+        return outs
+
+    def _draft_feed(self, model, state, feats: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """The head consumes (feature, next token) pairs; its last predicted feature (D,)."""
+        emb = model.embedding(torch.tensor([tokens], device=feats.device))
+        return self.head(feats[None], emb, state=state)[0, -1]
+
+    def _one(self, model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None):
+        device = next(model.parameters()).device
+        max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + self.k + 1)
+        target = Stream(model, max_len, device)
+        head_state = self.head.block.init_state(1, max_len, device=device, dtype=None)
+        seq, feats = list(prompt), []  # feats[i]: the target's feature after seq[i] (true ones only)
+        if len(seq) > 1:  # invariant: the target has consumed all of seq but its last token
+            feats = list(model(torch.tensor([seq[:-1]], device=device), states=target.states).hidden[0])
+            target.seen += seq[:-1]
+        fed = 0  # pairs (feats[i], seq[i + 1]) the head's cache holds
+        out, steps, done = [], 0, False
+        while not done:
+            k = min(self.k, max_len - len(seq))
+            # 1. the head catches up on true features, then drafts k tokens
+            proposals, qs = [], []
+            if feats:
+                f = self._draft_feed(model, head_state, torch.stack(feats[fed:]), seq[fed + 1:len(feats) + 1])
+                fed = len(feats)
+                mark = head_state.pos
+                for i in range(k):
+                    q = self.sampler.probs(model.head(f)[None].float())
+                    proposals.append(int(q.argmax()) if self.sampler.greedy else int(self.sampler.draw(q)))
+                    qs.append(q[0])
+                    if i < k - 1:
+                        f = self._draft_feed(model, head_state, f[None], proposals[-1:])
+                head_state.rewind(head_state.pos - mark)  # drafted features are not the target's
+            # 2. the target scores [last token] + proposals in one forward
+            target.mark()
+            res = model(torch.tensor([[seq[-1]] + proposals], device=device), states=target.states)
+            target.seen += [seq[-1]] + proposals
+            ps = self.sampler.probs(res.logits[0].float())
+            # 3. accept left to right (as decoder=speculative); the first rejection is replaced
+            n = 0
+            while n < len(proposals):
+                x, p, q = proposals[n], ps[n], qs[n]
+                ok = bool(p[x] > 0) if self.sampler.greedy else self.sampler.uniform(device) * float(q[x]) < float(p[x])
+                if not ok:
+                    break
+                n += 1
+            if n < len(proposals):
+                residual = (ps[n] - qs[n]).clamp(min=0)
+                last = residual if residual.sum() > 0 else ps[n]
+            else:
+                last = ps[n]
+            extra = int(last.argmax()) if self.sampler.greedy else int(self.sampler.draw(last[None] / last.sum()))
+            new = proposals[:n] + [extra]
+            feats += list(res.hidden[0, : n + 1])  # true features after seq[-1] and the accepted drafts
+            steps += 1
+            out, done = finish(out + new, max_new_tokens, eos_id)
+            seq += new
+            done = done or len(seq) >= max_len
+            target.rollback(len(seq) - 1)
+        return out, steps
