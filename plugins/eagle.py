@@ -33,7 +33,7 @@ from torch import nn
 from llmzoo.decoding import Sampler, check_prompts, finish
 from llmzoo.interfaces import STATEFUL, Batch, Loss, ModelOutput
 from llmzoo_plugins.attention import DenseBlock
-from llmzoo_plugins.speculative import Stream
+from llmzoo_plugins.speculative import Stream, accept
 
 
 class EagleHead(nn.Module):
@@ -170,19 +170,7 @@ class Eagle:
             target.seen += [seq[-1]] + proposals
             ps = self.sampler.probs(res.logits[0].float())
             # 3. accept left to right (as decoder=speculative); the first rejection is replaced
-            n = 0
-            while n < len(proposals):
-                x, p, q = proposals[n], ps[n], qs[n]
-                ok = bool(p[x] > 0) if self.sampler.greedy else self.sampler.uniform(device) * float(q[x]) < float(p[x])
-                if not ok:
-                    break
-                n += 1
-            if n < len(proposals):
-                residual = (ps[n] - qs[n]).clamp(min=0)
-                last = residual if residual.sum() > 0 else ps[n]
-            else:
-                last = ps[n]
-            extra = int(last.argmax()) if self.sampler.greedy else int(self.sampler.draw(last[None] / last.sum()))
+            n, extra = accept(self.sampler, proposals, qs, ps, device)
             new = proposals[:n] + [extra]
             feats += list(res.hidden[0, : n + 1])  # true features after seq[-1] and the accepted drafts
             steps += 1

@@ -102,6 +102,26 @@ class Stream:
             self.feed(refeed)
 
 
+def accept(sampler: Sampler, proposals: list[int], qs: list[torch.Tensor], ps: torch.Tensor, device) -> tuple[int, int]:
+    """Speculative acceptance of drafted ``proposals`` (their draft distributions ``qs``)
+    against the target's distributions ``ps`` (len(proposals) + 1 rows): (how many are
+    accepted left to right, the token that follows them -- the target's choice after the
+    last accepted one, or on rejection a draw from the corrected residual)."""
+    n = 0
+    while n < len(proposals):
+        x, p, q = proposals[n], ps[n], qs[n]
+        ok = bool(p[x] > 0) if sampler.greedy else sampler.uniform(device) * float(q[x]) < float(p[x])
+        if not ok:
+            break
+        n += 1
+    if n < len(proposals):
+        residual = (ps[n] - qs[n]).clamp(min=0)
+        last = residual if residual.sum() > 0 else ps[n]
+    else:
+        last = ps[n]
+    return n, int(last.argmax()) if sampler.greedy else int(sampler.draw(last[None] / last.sum()))
+
+
 def load_draft(path: str) -> nn.Module:
     from llmzoo.api import load_run
 
@@ -179,22 +199,7 @@ class Speculative:
             target.mark()
             ps = self.sampler.probs(target.feed([seq[-1]] + proposals))
             # 3. accept left to right; replace the first rejection
-            n = 0
-            while n < k:
-                x, p, q = proposals[n], ps[n], qs[n]
-                if self.sampler.greedy:
-                    ok = bool(p[x] > 0)
-                else:
-                    ok = self.sampler.uniform(device) * float(q[x]) < float(p[x])
-                if not ok:
-                    break
-                n += 1
-            if n < k:
-                residual = (ps[n] - qs[n]).clamp(min=0)
-                last = residual if residual.sum() > 0 else ps[n]
-            else:
-                last = ps[k]
-            extra = int(last.argmax()) if self.sampler.greedy else int(self.sampler.draw(last[None] / last.sum()))
+            n, extra = accept(self.sampler, proposals, qs, ps, device)
             new = proposals[:n] + [extra]
             steps += 1
             out, done = finish(out + new, max_new_tokens, eos_id)
