@@ -217,16 +217,17 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
         if "static_compile" in res and "ratio_vs_hf_generate" in res["static_compile"]:
             lines.append(f"| batch-1 decoding, static cache + compile vs HF `generate` "
                          f"| {res['static_compile']['ratio_vs_hf_generate']:.2f}x | {when} |")
-        for name in ("medusa", "speculative_draft"):
+        for name in ("medusa", "eagle", "speculative_draft"):
             if name in res and "ratio_vs_greedy" in res[name]:
                 lines.append(f"| batch-1 decoding, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "
                              f"tokens/step) | {res[name]['ratio_vs_greedy']:.2f}x | {when} |")
     if by_kind.get("decode_gpu"):
         d = by_kind["decode_gpu"][-1]
         res = d["results"]
-        if "medusa" in res and "ratio_vs_greedy" in res["medusa"]:
-            lines.append(f"| batch-1 decoding on GPU, medusa vs eager greedy ({res['medusa']['accepted_per_step']:.2f} "
-                         f"tokens/step) | {res['medusa']['ratio_vs_greedy']:.2f}x | {d['device']}, {d['time'][:10]} |")
+        for name in ("medusa", "eagle"):
+            if name in res and "ratio_vs_greedy" in res[name]:
+                lines.append(f"| batch-1 decoding on GPU, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "
+                             f"tokens/step) | {res[name]['ratio_vs_greedy']:.2f}x | {d['device']}, {d['time'][:10]} |")
     serve = [r for r in by_kind.get("serve", []) if "error" not in r]
     if serve:
         last = serve[-1]["time"][:16]

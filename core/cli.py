@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, open_dict
 
-from .config import CONF_PACKAGE, list_options, validate_config
+from .config import CONF_PACKAGE, list_options, shadowed_options, validate_config
 from .errors import Interrupted, UserError, debug, reported
 from .hf import DTYPES, export_hf, import_hf
 from .plugins import get_plugin_manager
@@ -359,6 +359,9 @@ def _plugins(group: str | None, as_json: bool) -> int:
             current = o.group
         print(f"  {o.group}={o.name}".ljust(width + 4), f"[{o.distribution}]")
     print("\nplugins: " + ", ".join(f"{i.name} ({i.distribution})" for i in pm.infos.values()))
+    for winner, other in shadowed_options():
+        print(f"WARNING: {winner.group}={winner.name} from package {other!r} is shadowed by the one from "
+              f"{winner.distribution!r} (first on the config search path): rename it to use it", file=sys.stderr)
     for e in pm.errors:
         print(f"ERROR: {e}", file=sys.stderr)
     return 1 if pm.errors else 0

@@ -459,3 +459,16 @@ def list_options() -> list[Option]:
         if d.group:
             seen.setdefault((d.group, d.name), Option(d.group, d.name, d.info.distribution, d.path))
     return sorted(seen.values(), key=lambda o: (o.group, o.name))
+
+
+def shadowed_options() -> list[tuple[Option, str]]:
+    """Options that a second package also defines, with that package: the first on the
+    config search path (``list_options``) is the one used, the other is unreachable."""
+    first: dict[tuple[str, str], Option] = {}
+    out = []
+    for d in conf_docs():
+        if d.group:
+            winner = first.setdefault((d.group, d.name), Option(d.group, d.name, d.info.distribution, d.path))
+            if winner.distribution != d.info.distribution:
+                out.append((winner, d.info.distribution))
+    return out

@@ -52,7 +52,7 @@ def env_with(site, **extra):
 def test_plugins_lists_third_party_options_and_reports_broken_ones(site):
     out = run_cli("llmzoo", "plugins", env=env_with(site), check=False)
     assert "block=shortconv" in out.stdout and "[llmzoo-example-plugin]" in out.stdout
-    for option, package in (("tokenizer=kmer", "tokenizer"), ("objective=simpo", "objective"),
+    for option, package in (("tokenizer=example_kmer", "tokenizer"), ("objective=example_simpo", "objective"),
                             ("decoder=min_p", "decoder"), ("parallel=recompute", "strategy"),
                             ("kernels=fused_gate_up", "plugin")):
         assert option in out.stdout and f"[llmzoo-example-{package}]" in out.stdout, option
@@ -119,11 +119,11 @@ def test_example_tokenizer_passes_its_check_and_trains_on_dna(site, examples_imp
     dna = "\n".join("".join("ACGT"[int(i)] for i in torch.randint(0, 4, (96,), generator=g)) for _ in range(200))
     (tmp_path / "dna.txt").write_text(dna)
     run = tmp_path / "run"
-    run_cli("llmzoo-train", "tokenizer=kmer", f"data.path={tmp_path / 'dna.txt'}", f"run_dir={run}", *FAST,
+    run_cli("llmzoo-train", "tokenizer=example_kmer", f"data.path={tmp_path / 'dna.txt'}", f"run_dir={run}", *FAST,
             "trainer.max_steps=3", "trainer.val_every=0", env=env_with(site))
     out = run_cli("llmzoo-generate", f"run_dir={run}", "prompt=ACGTAC", "max_new_tokens=4", env=env_with(site))
     assert out.stdout.startswith("ACGTAC") and set(out.stdout.strip()) <= set("ACGTN\n")
-    bad = run_cli("llmzoo-train", "tokenizer=kmer", f"run_dir={tmp_path / 'bad'}", *FAST, "trainer.max_steps=1",
+    bad = run_cli("llmzoo-train", "tokenizer=example_kmer", f"run_dir={tmp_path / 'bad'}", *FAST, "trainer.max_steps=1",
                   env=env_with(site), check=False)  # the bundled English corpus is not DNA
     assert bad.returncode != 0 and "is not one of ['A', 'C', 'G', 'T', 'N']" in bad.stderr
 
@@ -149,7 +149,22 @@ def test_example_objective_decoder_and_strategy_pass_their_checks(site, examples
     # the strategy: the same losses as a plain single-device run
     check_strategy(["parallel=recompute"], tmp_path, env=env_with(site))
     # SimPO trains, and the run's closing samples come from the min_p decoder
-    out = run_cli("llmzoo-train", "objective=simpo", "data=preferences", "decoder=min_p", f"run_dir={tmp_path / 'simpo'}",
+    out = run_cli("llmzoo-train", "objective=example_simpo", "data=preferences", "decoder=min_p", f"run_dir={tmp_path / 'simpo'}",
                   *FAST, "sample.prompts=[Hello]", "sample.max_new_tokens=4", "trainer.max_steps=2",
                   "trainer.val_every=0", env=env_with(site))
     assert "--- sample ---\nHello" in out.stdout
+
+
+def test_an_option_two_packages_define_is_reported_as_shadowed(monkeypatch):
+    """The first package on the config search path wins; the other one's option is flagged."""
+    from types import SimpleNamespace
+
+    from llmzoo import config
+
+    docs = [SimpleNamespace(group="tokenizer", name="kmer", path="a.yaml", info=SimpleNamespace(distribution="llmzoo")),
+            SimpleNamespace(group="tokenizer", name="kmer", path="b.yaml", info=SimpleNamespace(distribution="dna-pkg")),
+            SimpleNamespace(group="tokenizer", name="byte", path="c.yaml", info=SimpleNamespace(distribution="llmzoo"))]
+    monkeypatch.setattr(config, "conf_docs", lambda: docs)
+    (winner, other), = config.shadowed_options()
+    assert (winner.group, winner.name, winner.distribution, other) == ("tokenizer", "kmer", "llmzoo", "dna-pkg")
+    assert [o.distribution for o in config.list_options() if o.name == "kmer"] == ["llmzoo"]

@@ -1,4 +1,4 @@
-"""objective=simpo: Simple Preference Optimization (Meng et al. 2024), with data=preferences.
+"""objective=example_simpo: Simple Preference Optimization (Meng et al. 2024), with data=preferences.
 
 No reference model: the implicit reward of a response is its average log-probability
 per token, scaled by beta, and the chosen one must win by a margin gamma:

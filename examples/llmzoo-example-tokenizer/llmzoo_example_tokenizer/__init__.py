@@ -1,4 +1,4 @@
-"""tokenizer=kmer: DNA text (A, C, G, T, N and newlines) in non-overlapping k-mers.
+"""tokenizer=example_kmer: DNA text (A, C, G, T, N and newlines) in non-overlapping k-mers.
 
 "ACGTACGTA" with k=3 -> ACG TAC GTA. A run of bases is cut into k-mers from its start;
 a tail shorter than k becomes one shorter piece (every string of 1..k bases is in the
