@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import serve_rows  # benchmarks/report.py (this folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROMPTS = ["Once upon a time", "The owl and the fox", "In the morning the fox went to the river and",
@@ -193,18 +195,7 @@ def main() -> None:
     with open(args.out, "a") as fh:
         for rec in records:
             fh.write(json.dumps({**meta, **rec}) + "\n")
-    print(table(records))
-
-
-def table(records: list[dict]) -> str:
-    rows = ["| server | clients | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | failed |", "|---|---|---|---|---|---|"]
-    for r in records:
-        if "error" in r:
-            rows.append(f"| {r['server']} | {r.get('clients', '-')} | not measured: {r['error'][:80]!r} | | | |")
-        else:
-            rows.append(f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} | {r['ttft_p50_ms']} | "
-                        f"{r['ttft_p99_ms']} | {r['failed']} |")
-    return "\n".join(rows)
+    print(serve_rows([{**meta, **rec} for rec in records]))  # the table benchmarks/README.md shows
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -397,3 +398,13 @@ def save_final(run_dir: Path, model: LanguageModel, objective: Any = None) -> No
         save_model(objective, str(run_dir / OBJECTIVE_FILE))
     (run_dir / "model.json").write_text(json.dumps({"vocab_size": model.vocab_size,
                                                     "parameters": model.num_parameters()}))
+
+
+def frozen_reference(model: nn.Module, path: str | None = None) -> nn.Module:
+    """The frozen model a loss compares against: ``path`` (a run folder, ``.ckpt`` or
+    ``hf:<folder>``, loaded without running code) or a copy of ``model`` as training starts."""
+    if path:
+        ref = load_any(path).model
+    else:
+        ref = copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)

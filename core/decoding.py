@@ -9,12 +9,14 @@ sees exactly its own tokens, for any kind of block state.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .interfaces import STATEFUL
+from .interfaces import ROW_STATE, STATEFUL
+from .losses import prompt_response_batch, token_logprobs
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -171,3 +173,162 @@ def sample_responses(model: nn.Module, decoder, batch: dict, *, eos_id: int, max
     finally:
         model.train(was_training)
     return prompts, responses, answers
+
+
+
+@torch.no_grad()
+def scored_rollout(model: nn.Module, ref: nn.Module, decoder, tokenizer, reward, batch: dict, *,
+                   repeat: int, max_new_tokens: int, seed: int | None) -> dict:
+    """``sample_responses``, each response scored by ``reward(prompt text, response text,
+    answer)``: the rows a policy-gradient loss reads -- ``sequences`` (N, T) prompt +
+    response, ``response_labels`` (the response tokens only), ``ref_logp`` (N, T - 1) the
+    frozen ``ref``'s token log-probabilities, ``rewards`` (N,) and ``response_lengths`` (N,),
+    N = prompts x ``repeat`` (consecutive rows per prompt)."""
+    prompts, responses, answers = sample_responses(model, decoder, batch, eos_id=tokenizer.eos_id,
+                                                   max_new_tokens=max_new_tokens, repeat=repeat, seed=seed)
+    rewards = torch.tensor([reward(tokenizer.decode(p), tokenizer.decode(r), a)
+                            for p, r, a in zip(prompts, responses, answers)], dtype=torch.float32)
+    device = batch["prompt_ids"].device
+    ids, labels = prompt_response_batch(prompts, responses, tokenizer.pad_id, device)
+    ref_logp, _ = token_logprobs(ref.to(device)(ids).logits, labels)
+    return {"sequences": ids, "response_labels": labels, "ref_logp": ref_logp, "rewards": rewards.to(device),
+            "response_lengths": torch.tensor([len(r) for r in responses], dtype=torch.float32)}
+
+def _logits(model: nn.Module, ids: torch.Tensor, states: list) -> torch.Tensor:
+    out = model(ids, states=states)
+    return (out if isinstance(out, torch.Tensor) else out.logits)[0].float()  # (T, V)
+
+
+class Stream:
+    """A model, its decode state and the tokens the state has consumed, with rollback."""
+
+    def __init__(self, model: nn.Module, max_len: int, device):
+        self.model, self.seen = model, []
+        self.states = model.init_states(1, max_len, device=device)
+        self.device = device
+        self.rewindable = all(s is None or hasattr(s, "rewind") for s in self.states)
+        self._saved: tuple[list, int] | None = None
+
+    def feed(self, tokens: list[int]) -> torch.Tensor:
+        """Consume ``tokens``; (len(tokens), V) logits predicting the token after each."""
+        self.seen += tokens
+        return _logits(self.model, torch.tensor([tokens], device=self.device), self.states)
+
+    def mark(self) -> None:
+        """Remember this point to roll back to (a copy of the states unless they rewind)."""
+        self._saved = (None if self.rewindable else copy.deepcopy(self.states), len(self.seen))
+
+    def rollback(self, keep: int) -> None:
+        """Keep the first ``keep`` consumed tokens (keep >= the marked length)."""
+        drop = len(self.seen) - keep
+        if drop <= 0:
+            return
+        if self.rewindable:
+            for s in self.states:
+                if s is not None:
+                    s.rewind(drop)
+            del self.seen[keep:]
+            return
+        saved_states, saved_len = self._saved
+        refeed = self.seen[saved_len:keep]
+        self.states, self.seen = copy.deepcopy(saved_states), self.seen[:saved_len]
+        if refeed:
+            self.feed(refeed)
+
+
+
+def has_rows(model: nn.Module) -> bool:
+    """Whether every block's decode state can hold rows at independent positions (ROW_STATE)."""
+    blocks = getattr(model, "blocks", None)
+    return blocks is not None and all(ROW_STATE in getattr(b, "capabilities", ()) for b in blocks)
+
+
+class RowStreams:
+    """The batched ``Stream``: several sequences decoded together, row b its own sequence
+    ``seen[b]`` at its own position (``init_states(rows=True)``), with per-row rollback --
+    what batched speculative decoding needs, where rows accept different numbers of tokens.
+
+    States that have ``rewind`` forget each row's dropped tokens (``rewind(counts)`` with
+    one count per row). For the others (recurrent states cannot forget), tokens fed after
+    ``mark()`` go one at a time and a copy of those states is kept after each, so that
+    ``rollback`` puts each row's copy back (``put``).
+    """
+
+    def __init__(self, model: nn.Module, prefixes: Sequence[Sequence[int]], max_len: int, device):
+        self.model, self.device = model, device
+        self.states = model.init_states(len(prefixes), max_len, device=device, rows=True)
+        self.seen = [list(p) for p in prefixes]
+        for row, prefix in enumerate(self.seen):
+            if prefix:  # prefill alone (prompts differ in length), then move into the row
+                single = model.init_states(1, max_len, device=device)
+                _logits(model, torch.tensor([prefix], device=device), single)
+                for state, one in zip(self.states, single):
+                    if state is not None:
+                        state.put(row, one)
+        self.copied = [i for i, s in enumerate(self.states) if s is not None and not hasattr(s, "rewind")]
+        self._marked: list[int] | None = None
+        self._copies: list[list] = []  # _copies[j]: the copied states j tokens after the mark
+
+    def mark(self) -> None:
+        """Remember this point: ``rollback`` may keep any count from here on."""
+        self._marked = [len(s) for s in self.seen]
+        self._copies = [self._copy()] if self.copied else []
+
+    def _copy(self) -> list:
+        return [copy.deepcopy(self.states[i]) for i in self.copied]
+
+    def feed(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Row b consumes ``tokens[b]`` (the same count T for every row): (B, T, V) float logits."""
+        ids = torch.tensor([list(t) for t in tokens], device=self.device)
+        for seen, t in zip(self.seen, tokens):
+            seen += t
+        if not (self.copied and self._marked is not None):
+            out = self.model(ids, states=self.states)
+            return (out if isinstance(out, torch.Tensor) else out.logits).float()
+        logits = []
+        for t in range(ids.shape[1]):  # one token at a time, a copy after each
+            out = self.model(ids[:, t:t + 1], states=self.states)
+            logits.append((out if isinstance(out, torch.Tensor) else out.logits).float())
+            self._copies.append(self._copy())
+        return torch.cat(logits, 1)
+
+    def rollback(self, keep: Sequence[int]) -> None:
+        """Row b keeps its first ``keep[b]`` tokens (at least what it held at ``mark``)."""
+        drop = [len(s) - k for s, k in zip(self.seen, keep)]
+        for i, state in enumerate(self.states):
+            if state is not None and i not in self.copied and any(drop):
+                state.rewind(drop)
+        for row, (n, k) in enumerate(zip(drop, keep)):
+            if n > 0 and self.copied:
+                saved = self._copies[k - self._marked[row]]
+                for j, i in enumerate(self.copied):
+                    self.states[i].put(row, saved[j], row)
+            del self.seen[row][k:]
+        self._marked, self._copies = None, []
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only rows ``rows`` (finished sequences leave the batch)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        for state in self.states:
+            if state is not None:
+                state.reorder(index)
+        self.seen = [self.seen[r] for r in rows]
+
+def accept(sampler: Sampler, proposals: list[int], qs: list[torch.Tensor], ps: torch.Tensor, device) -> tuple[int, int]:
+    """Speculative acceptance of drafted ``proposals`` (their draft distributions ``qs``)
+    against the target's distributions ``ps`` (len(proposals) + 1 rows): (how many are
+    accepted left to right, the token that follows them -- the target's choice after the
+    last accepted one, or on rejection a draw from the corrected residual)."""
+    n = 0
+    while n < len(proposals):
+        x, p, q = proposals[n], ps[n], qs[n]
+        ok = bool(p[x] > 0) if sampler.greedy else sampler.uniform(device) * float(q[x]) < float(p[x])
+        if not ok:
+            break
+        n += 1
+    if n < len(proposals):
+        residual = (ps[n] - qs[n]).clamp(min=0)
+        last = residual if residual.sum() > 0 else ps[n]
+    else:
+        last = ps[n]
+    return n, int(last.argmax()) if sampler.greedy else int(sampler.draw(last[None] / last.sum()))

@@ -325,6 +325,8 @@ class DecodeState(Protocol):
     # Where the block can: ``rewind(n)`` forgets the last n tokens (KV caches), with
     # TREE_MASK ``tree`` / ``keep(start, index)`` verify a candidate tree, and with
     # ROW_STATE ``put(row, other, other_row)`` / ``head(b)`` (see the capability names above).
+    # A rows=True state that has ``rewind`` also takes one count per row: ``rewind([n_0,
+    # ..., n_{B-1}])`` (batched speculative decoding, ``llmzoo.decoding.RowStreams``).
 
 
 class TokenizerExtras(Protocol):

@@ -106,3 +106,10 @@ def prompt_response_batch(prompts: list[list[int]], responses: list[list[int]], 
         ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         labels[i, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
     return ids.to(device), labels.to(device)
+
+
+def pair_average_logprobs(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length-normalised log-likelihoods (B,) of chosen and rejected, from the logits of the
+    (chosen, rejected, ...) rows of ``pair_rows``."""
+    logp = sequence_logprobs(logits, pair_rows(batch)[1], mean=True)
+    return logp[0::2], logp[1::2]

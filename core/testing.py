@@ -91,8 +91,8 @@ def check_row_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (3, 7
     """For blocks with ``row_state``: rows of ``init_state(..., rows=True)`` are independent
     sequences at their own positions. Each row's prompt is prefilled alone and ``put``
     into the batch; decoding all rows together, or only the first rows through
-    ``head(b)``, and reusing a row for a new sequence, gives every row its own full
-    forward's outputs."""
+    ``head(b)``, reusing a row for a new sequence, and (where the state has ``rewind``)
+    rewinding each row by its own count, gives every row its own full forward's outputs."""
     block.eval()
     b_rows, total = len(lengths), max(lengths) + steps + 4
     xs = [_randn(1, n + steps + 1, dim, seed=20 + i) for i, n in enumerate(lengths)]
@@ -122,6 +122,15 @@ def check_row_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (3, 7
             assert d <= atol, (f"row {i} of a rows=True state at position {at[i]} differs from its own full forward "
                                f"by {d:.3g} > {atol} (step {step}, {rows} rows decoding)")
             at[i] += 1
+    if callable(getattr(state, "rewind", None)):  # per-row counts: rows forget different amounts
+        drop = [1 + i % 2 for i in range(b_rows)]
+        state.rewind(drop)
+        at = [a - n for a, n in zip(at, drop)]
+        out = block(torch.cat([xs[i][:, at[i]:at[i] + 1] for i in range(b_rows)]), state=state)
+        for i in range(b_rows):
+            d = _max_diff(out[i, 0], refs[i][at[i]])
+            assert d <= atol, (f"after rewind({drop}) row {i} at position {at[i]} differs from its own full forward "
+                               f"by {d:.3g} > {atol}: a rows=True state's rewind takes one count per row")
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -202,41 +203,66 @@ class RowKVCache:
     to the longest row with a per-row mask, so rows that started at different times
     decode together. ``put`` moves a prefilled sequence into a row; ``head(b)`` is the
     first b rows, sharing storage.
+
+    ``lens`` mirrors ``pos`` on the host (a list shared with the ``head`` views), so the
+    longest row is known without a device sync in every layer's forward.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
+    lens: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.lens:
+            self.lens.extend(self.pos.tolist())
+        self.rows = len(self.pos)  # this view's rows: the first ``rows`` entries of ``lens``
 
     def positions(self, t: int, device) -> torch.Tensor:
         """(B, t) rotary positions of each row's next t tokens."""
         return self.pos[:, None] + torch.arange(t, device=device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
-        idx = self.positions(k.shape[2], k.device)  # (B, t)
-        end = int(idx[:, -1].max()) + 1  # the longest row (one host sync, like KVCache's int pos)
+        t = k.shape[2]
+        idx = self.positions(t, k.device)  # (B, t)
+        end = max(self.lens[: self.rows]) + t  # the longest row after this forward
         if end > self.k.shape[2]:
             raise RuntimeError(f"KV cache full: a row would hold more than max_len {self.k.shape[2]} tokens")
         where = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k.scatter_(2, where, k), self.v.scatter_(2, where, v)
-        self.pos.add_(k.shape[2])
+        self.pos.add_(t)
+        self.lens[: self.rows] = [n + t for n in self.lens[: self.rows]]
         mask = torch.arange(end, device=k.device) <= idx[:, :, None]  # (B, t, end)
         return self.k[:, :, :end], self.v[:, :, :end], mask[:, None]
 
     def put(self, row: int, other: KVCache | RowKVCache, other_row: int = 0) -> None:
         """Row ``row`` becomes row ``other_row`` of ``other`` (its tokens and position)."""
-        n = int(other.pos[other_row]) if torch.is_tensor(other.pos) else other.pos
+        n = other.lens[other_row] if isinstance(other, RowKVCache) else other.pos
         self.k[row, :, :n], self.v[row, :, :n] = other.k[other_row, :, :n], other.v[other_row, :, :n]
-        self.pos[row] = n
+        self.pos[row], self.lens[row] = n, n
 
     def head(self, rows: int) -> RowKVCache:
-        return RowKVCache(self.k[:rows], self.v[:rows], self.pos[:rows])
+        return RowKVCache(self.k[:rows], self.v[:rows], self.pos[:rows], self.lens)
+
+    def rewind(self, n: int | Sequence[int]) -> None:
+        """Forget the last n tokens of every row, or ``n[b]`` of row b."""
+        n = [n] * self.rows if isinstance(n, int) else list(n)
+        self.pos -= torch.tensor(n, dtype=self.pos.dtype, device=self.pos.device)
+        self.lens[: self.rows] = [a - b for a, b in zip(self.lens[: self.rows], n)]
 
     def reset(self) -> None:
         self.pos.zero_()
+        self.lens[: self.rows] = [0] * self.rows
 
     def reorder(self, index: torch.Tensor) -> None:
+        """New rows ``index`` (repeats allowed): in place when the row count stays (as
+        ``take_rows``), else new tensors that no longer share storage."""
+        lens = [self.lens[i] for i in torch.as_tensor(index).tolist()]
         self.k, self.v, self.pos = take_rows(self.k, index), take_rows(self.v, index), take_rows(self.pos, index)
+        if len(lens) == self.rows:
+            self.lens[: self.rows] = lens
+        else:
+            self.lens, self.rows = lens, len(lens)
 
 
 # ----------------------------------------------------------------------------- attention kernels

@@ -22,10 +22,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from llmzoo.api import frozen_reference
 from llmzoo.decoding import sample_responses
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
 from llmzoo.losses import prompt_response_batch, shifted_labels
-from llmzoo_plugins.dpo import frozen_reference
 
 DIVERGENCES = ("forward", "reverse")
 

@@ -16,12 +16,11 @@ of chosen and rejected, their margin, and the accuracy (chosen reward > rejected
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmzoo.api import frozen_reference
 from llmzoo.config import node_class
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
 from llmzoo.losses import pair_rows, sequence_logprobs
@@ -37,18 +36,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-
-
-def frozen_reference(model: nn.Module, path: str | None = None) -> nn.Module:
-    """The frozen model a loss compares against: ``path`` (a run folder, ``.ckpt`` or
-    ``hf:<folder>``, loaded without running code) or a copy of ``model`` as training starts."""
-    if path:
-        from llmzoo.api import load_any
-
-        ref = load_any(path).model
-    else:
-        ref = copy.deepcopy(model)
-    return ref.eval().requires_grad_(False)
 
 
 class DPO(nn.Module):

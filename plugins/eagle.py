@@ -5,7 +5,7 @@ target's features instead of a separate draft model.
 the target's last hidden state f_t (after its final norm) and the embedding of token
 t + 1, and predicts f_{t+1}:
 
-    f^_{t+1} = Block(W [f_t ; e(x_{t+1})])          one transformer layer (``DenseBlock``)
+    f^_{t+1} = Block(W [f_t ; e(x_{t+1})])          one layer (``objective.layer``: the dense block)
     loss = SmoothL1(f^_{t+1}, f_{t+1}) + w_cls * CE(softmax(head(f_{t+1})), head(f^_{t+1}))
 
 the second term a cross-entropy against the target's own next-token distribution
@@ -27,22 +27,22 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import Sampler, check_prompts, finish
+from llmzoo.decoding import Sampler, Stream, accept, check_prompts, finish
 from llmzoo.interfaces import STATEFUL, Batch, Loss, ModelOutput
-from llmzoo_plugins.attention import DenseBlock
-from llmzoo_plugins.speculative import Stream, accept
 
 
 class EagleHead(nn.Module):
-    """[f_t ; e(x_{t+1})] -> f^_{t+1}: a linear from 2 * dim to dim, then one dense layer."""
+    """[f_t ; e(x_{t+1})] -> f^_{t+1}: a linear from 2 * dim to dim, then one block
+    (``layer``: a stateful block class built as ``layer(dim, n_heads, max_seq_len)``)."""
 
-    def __init__(self, dim: int, n_heads: int, max_seq_len: int):
+    def __init__(self, dim: int, n_heads: int, max_seq_len: int, layer: type[nn.Module]):
         super().__init__()
         self.fc = nn.Linear(2 * dim, dim)
-        self.block = DenseBlock(dim, n_heads, max_seq_len)
+        self.block = layer(dim, n_heads, max_seq_len)
 
     def forward(self, feats: torch.Tensor, embeds: torch.Tensor, state=None) -> torch.Tensor:
         return self.block(self.fc(torch.cat([feats, embeds], dim=-1)), state=state)
@@ -61,11 +61,24 @@ class EagleObjective(nn.Module):
     needs = frozenset({"input_ids"})
     reads = frozenset({"hidden", "logits"})
 
-    def __init__(self, cls_weight: float = 0.1):
+    @staticmethod
+    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
+        layer = node.get("layer")
+        try:
+            cls = get_class(layer) if isinstance(layer, str) else None
+        except Exception as e:  # noqa: BLE001 -- any import failure is the user's to fix
+            return [f"objective.layer={layer!r} cannot be imported: {type(e).__name__}: {e}"]
+        if cls is not None and not callable(getattr(cls, "init_state", None)):
+            return [f"objective.layer={layer!r} is not a stateful block (no init_state); use e.g. "
+                    "llmzoo_plugins.attention.DenseBlock"]
+        return []
+
+    def __init__(self, cls_weight: float = 0.1, layer: str | type[nn.Module] = "llmzoo_plugins.attention.DenseBlock"):
         super().__init__()
         if cls_weight < 0:
             raise ValueError(f"objective.cls_weight must be >= 0, got {cls_weight}")
         self.cls_weight = cls_weight
+        self.layer = get_class(layer) if isinstance(layer, str) else layer  # named like a _target_
         self.head: EagleHead | None = None
         self.target: list[nn.Module] = []  # the frozen target (not a submodule: not saved twice)
 
@@ -73,7 +86,7 @@ class EagleObjective(nn.Module):
         model.requires_grad_(False)  # the target stays as it is
         self.target = [model]
         if self.head is None:
-            self.head = EagleHead(model.dim, head_shape(model), model.max_seq_len).to(model.head.weight.device)
+            self.head = EagleHead(model.dim, head_shape(model), model.max_seq_len, self.layer).to(model.head.weight.device)
 
     def loss(self, out: ModelOutput, batch: Batch) -> Loss:
         model = self.target[0]

@@ -24,9 +24,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import sample_responses
+from llmzoo.decoding import scored_rollout
 from llmzoo.interfaces import Batch, Loss, ModelOutput
-from llmzoo.losses import prompt_response_batch, token_logprobs
+from llmzoo.losses import token_logprobs
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -65,18 +65,11 @@ class GRPO(nn.Module):
     def prepare(self, model: nn.Module, batch: Batch) -> Batch:
         """Sample ``group_size`` responses per prompt, score them, and return what the loss
         reads: the sequences, their response labels, advantages and reference log-probs."""
-        prompts, responses, answers = sample_responses(
-            model, self.decoder, batch, eos_id=self.tokenizer.eos_id, max_new_tokens=self.max_new_tokens,
-            repeat=self.group_size, seed=None if self.seed is None else self.seed + self.rollouts)
+        rollout = scored_rollout(model, self.ref[0], self.decoder, self.tokenizer, self.reward, batch,
+                                 repeat=self.group_size, max_new_tokens=self.max_new_tokens,
+                                 seed=None if self.seed is None else self.seed + self.rollouts)
         self.rollouts += 1
-        rewards = torch.tensor([self.reward(self.tokenizer.decode(p), self.tokenizer.decode(r), a)
-                                for p, r, a in zip(prompts, responses, answers)], dtype=torch.float32)
-        device = batch["prompt_ids"].device
-        ids, labels = prompt_response_batch(prompts, responses, self.tokenizer.pad_id, device)
-        ref_logp, _ = token_logprobs(self.ref[0].to(device)(ids).logits, labels)
-        return {"sequences": ids, "response_labels": labels, "ref_logp": ref_logp, "rewards": rewards.to(device),
-                "advantages": group_advantages(rewards, self.group_size).to(device)[:, None],
-                "response_lengths": torch.tensor([len(r) for r in responses], dtype=torch.float32)}
+        return {**rollout, "advantages": group_advantages(rollout["rewards"], self.group_size)[:, None]}
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         return batch["sequences"]  # group_size consecutive rows per prompt

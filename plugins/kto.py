@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmzoo.api import frozen_reference
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
 from llmzoo.losses import pair_rows, prompt_response_batch, sequence_logprobs
-from llmzoo_plugins.dpo import frozen_reference
 
 
 def kto_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -15,19 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from llmzoo.interfaces import Batch, Loss, ModelOutput
-from llmzoo.losses import pair_rows, sequence_logprobs
+from llmzoo.losses import pair_average_logprobs, pair_rows
 
 
 def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """Per-pair losses (B,) from length-normalised log-likelihoods (B,) -- the formula above."""
     return -F.logsigmoid(beta * avg_chosen - beta * avg_rejected - gamma)
-
-
-def pair_average_logprobs(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Length-normalised log-likelihoods (B,) of chosen and rejected, from the logits of the
-    (chosen, rejected, ...) rows of ``pair_rows``."""
-    logp = sequence_logprobs(logits, pair_rows(batch)[1], mean=True)
-    return logp[0::2], logp[1::2]
 
 
 class SimPO:

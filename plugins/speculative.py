@@ -17,21 +17,22 @@ The draft (``draft:``) is another run (a run folder or ``.ckpt`` path) with the 
 tokenizer, or -- with ``draft_layers: n`` -- the target's own first n blocks with its
 final norm and head (early exit, no second model to train).
 
-Rows of a batch are decoded one after another (each accepts a different number of
-tokens). Rolling the states back after a rejection uses ``rewind`` where every block
-has a KV cache; recurrent states (Mamba) are restored from a copy taken before the
-step and fed the accepted tokens again.
+A batch is decoded together when the blocks of target and draft have ``row_state``
+(every built-in block does): each row sits at its own position, accepts its own count,
+and rolls back alone (``llmzoo.decoding.RowStreams``: per-row ``rewind`` for KV caches,
+per-token copies for recurrent states); finished rows leave the batch. Otherwise, and
+for a single prompt, rows go one after another: rolling back uses ``rewind`` where every
+block has a KV cache, else a copy taken before the step fed the accepted tokens again.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from llmzoo.decoding import Sampler, check_prompts, finish
+from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows
 from llmzoo.interfaces import STATEFUL
 
 
@@ -49,8 +50,12 @@ class EarlyExit(nn.Module):
     def parameters(self, recurse: bool = True):
         return self.target[0].parameters(recurse)
 
-    def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> list:
-        return self.target[0].init_states(batch_size, max_len, device=device, dtype=dtype)[: self.n_layers]
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.target[0].blocks[: self.n_layers])
+
+    def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None, **kwargs) -> list:
+        return self.target[0].init_states(batch_size, max_len, device=device, dtype=dtype, **kwargs)[: self.n_layers]
 
     def forward(self, input_ids: torch.Tensor, *, states: list | None = None):
         m = self.target[0]
@@ -58,68 +63,6 @@ class EarlyExit(nn.Module):
         for i, block in enumerate(m.blocks[: self.n_layers]):
             x = block(x, state=None if states is None else states[i])
         return m.head(m.norm(x))
-
-
-def _logits(model: nn.Module, ids: torch.Tensor, states: list) -> torch.Tensor:
-    out = model(ids, states=states)
-    return (out if isinstance(out, torch.Tensor) else out.logits)[0].float()  # (T, V)
-
-
-class Stream:
-    """A model, its decode state and the tokens the state has consumed, with rollback."""
-
-    def __init__(self, model: nn.Module, max_len: int, device):
-        self.model, self.seen = model, []
-        self.states = model.init_states(1, max_len, device=device)
-        self.device = device
-        self.rewindable = all(s is None or hasattr(s, "rewind") for s in self.states)
-        self._saved: tuple[list, int] | None = None
-
-    def feed(self, tokens: list[int]) -> torch.Tensor:
-        """Consume ``tokens``; (len(tokens), V) logits predicting the token after each."""
-        self.seen += tokens
-        return _logits(self.model, torch.tensor([tokens], device=self.device), self.states)
-
-    def mark(self) -> None:
-        """Remember this point to roll back to (a copy of the states unless they rewind)."""
-        self._saved = (None if self.rewindable else copy.deepcopy(self.states), len(self.seen))
-
-    def rollback(self, keep: int) -> None:
-        """Keep the first ``keep`` consumed tokens (keep >= the marked length)."""
-        drop = len(self.seen) - keep
-        if drop <= 0:
-            return
-        if self.rewindable:
-            for s in self.states:
-                if s is not None:
-                    s.rewind(drop)
-            del self.seen[keep:]
-            return
-        saved_states, saved_len = self._saved
-        refeed = self.seen[saved_len:keep]
-        self.states, self.seen = copy.deepcopy(saved_states), self.seen[:saved_len]
-        if refeed:
-            self.feed(refeed)
-
-
-def accept(sampler: Sampler, proposals: list[int], qs: list[torch.Tensor], ps: torch.Tensor, device) -> tuple[int, int]:
-    """Speculative acceptance of drafted ``proposals`` (their draft distributions ``qs``)
-    against the target's distributions ``ps`` (len(proposals) + 1 rows): (how many are
-    accepted left to right, the token that follows them -- the target's choice after the
-    last accepted one, or on rejection a draw from the corrected residual)."""
-    n = 0
-    while n < len(proposals):
-        x, p, q = proposals[n], ps[n], qs[n]
-        ok = bool(p[x] > 0) if sampler.greedy else sampler.uniform(device) * float(q[x]) < float(p[x])
-        if not ok:
-            break
-        n += 1
-    if n < len(proposals):
-        residual = (ps[n] - qs[n]).clamp(min=0)
-        last = residual if residual.sum() > 0 else ps[n]
-    else:
-        last = ps[n]
-    return n, int(last.argmax()) if sampler.greedy else int(sampler.draw(last[None] / last.sum()))
 
 
 def load_draft(path: str) -> nn.Module:
@@ -167,13 +110,63 @@ class Speculative:
         check_prompts(prompts)
         self.sampler.reset()
         draft = self.draft_for(model)
-        outs, steps, produced = [], 0, 0
-        for prompt in prompts:
-            out, n_steps = self._one(model, draft, list(prompt), max_new_tokens, eos_id)
-            outs.append(out)
-            steps, produced = steps + n_steps, produced + len(out)
-        self.stats = {"accepted_per_step": produced / max(steps, 1), "steps": steps}
+        if len(prompts) > 1 and has_rows(model) and has_rows(draft):
+            outs, steps = self._batched(model, draft, [list(p) for p in prompts], max_new_tokens, eos_id)
+        else:
+            outs, steps = [], 0
+            for prompt in prompts:
+                out, n_steps = self._one(model, draft, list(prompt), max_new_tokens, eos_id)
+                outs.append(out)
+                steps += n_steps
+        self.stats = {"accepted_per_step": sum(map(len, outs)) / max(steps, 1), "steps": steps}
         return outs
+
+    def _draft_k(self, small, catch_up: list[list[int]], k: int):
+        """The draft consumes ``catch_up`` and proposes k tokens per row: (proposals, their
+        distributions q), k lists of (B,) tokens and (B, V) probabilities."""
+        q_logits = small.feed(catch_up)[:, -1]
+        proposals, qs = [], []
+        for i in range(k):
+            q = self.sampler.probs(q_logits)
+            proposals.append(q.argmax(-1) if self.sampler.greedy else self.sampler.draw(q))
+            qs.append(q)
+            if i < k - 1:
+                q_logits = small.feed(proposals[-1][:, None].tolist())[:, -1]
+        return torch.stack(proposals, 1).tolist(), torch.stack(qs, 1)
+
+    def _batched(self, model, draft, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None):
+        """All rows at once (blocks with row_state): one draft forward per drafted token and
+        one target forward per step for the whole batch; each row accepts its own count and
+        rolls back alone. A finished row leaves the batch."""
+        device = next(model.parameters()).device
+        max_len = min(model.max_seq_len, max(map(len, seqs)) + max_new_tokens + self.k + 1)
+        target = RowStreams(model, [s[:-1] for s in seqs], max_len, device)  # all but the last token
+        small = RowStreams(draft, [s[:-1] for s in seqs], max_len, device)
+        live, outs, steps = list(range(len(seqs))), [[] for _ in seqs], 0
+        while live:
+            k = min(self.k, min(max_len - len(seqs[r]) for r in live))  # room left in the states
+            small.mark()
+            catch_up = [seqs[r][len(seen):] for r, seen in zip(live, small.seen)]  # 1 or 2 tokens, equal
+            proposals, qs = self._draft_k(small, catch_up, k)
+            target.mark()
+            ps = self.sampler.probs(target.feed([[seqs[r][-1]] + p for r, p in zip(live, proposals)]))
+            steps += len(live)  # one step of each row
+            still = []
+            for i, r in enumerate(live):
+                n, extra = accept(self.sampler, proposals[i], list(qs[i]), ps[i], device)
+                new = proposals[i][:n] + [extra]
+                outs[r], done = finish(outs[r] + new, max_new_tokens, eos_id)
+                seqs[r] += new
+                if not (done or len(seqs[r]) >= max_len):
+                    still.append(i)
+            # the target keeps all but the last token; the draft one fewer, so that every
+            # row feeds the same two tokens next step
+            target.rollback([len(seqs[r]) - 1 for r in live])
+            small.rollback([len(seqs[r]) - 2 for r in live])
+            if len(still) < len(live):
+                target.select(still), small.select(still)
+                live = [live[i] for i in still]
+        return outs, steps
 
     def _one(self, model, draft, prompt: list[int], max_new_tokens: int, eos_id: int | None):
         device = next(model.parameters()).device

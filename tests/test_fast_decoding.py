@@ -84,16 +84,25 @@ def test_speculative_greedy_equals_greedy(block, k):
     assert 1.0 <= dec.stats["accepted_per_step"] <= k + 1
 
 
-def test_speculative_greedy_with_a_separate_draft_model_and_eos():
-    target, draft = random_model("dense", seed=0), random_model("mamba", seed=1)
+@pytest.mark.parametrize("target_block,draft_block", [("dense", "mamba"), ("mamba2", "dense"), ("hybrid", "moe")])
+def test_speculative_greedy_with_a_separate_draft_model_and_eos(target_block, draft_block):
+    """A batch (row states: rows accept different counts and leave when done) and each
+    prompt alone both give greedy's tokens; recurrent states roll back from per-token copies."""
+    target, draft = random_model(target_block, 16, 0), random_model(draft_block, 16, 1)
     ref = Greedy().generate(target, PROMPTS, max_new_tokens=25, eos_id=5)
-    assert Speculative(k=3, draft=draft).generate(target, PROMPTS, max_new_tokens=25, eos_id=5) == ref
+    dec = Speculative(k=3, draft=draft)
+    assert dec.generate(target, PROMPTS, max_new_tokens=25, eos_id=5) == ref
+    batched = dec.stats
+    assert [dec.generate(target, [p], max_new_tokens=25, eos_id=5)[0] for p in PROMPTS] == ref
+    assert 1.0 <= batched["accepted_per_step"] <= 4 and batched["steps"] >= sum(map(len, ref)) / 4
 
 
-def test_speculative_sampling_reproduces_the_target_distribution():
+@pytest.mark.parametrize("batched", [False, True])
+def test_speculative_sampling_reproduces_the_target_distribution(batched):
     """Joint distribution of two sampled tokens over a 4-token vocabulary, with a draft
     that disagrees strongly with the target; chi-square goodness of fit at alpha = 0.001
-    (cells with an expected count below 5 pooled)."""
+    (cells with an expected count below 5 pooled). Batched: the n samples are the rows of
+    one generate call (row states, each row accepting its own count)."""
     target = random_model("dense", 4, 0, "model.init_std=0.5")
     draft = random_model("dense", 4, 1, "model.init_std=0.5")
     prompt = [1, 2]
@@ -105,8 +114,12 @@ def test_speculative_sampling_reproduces_the_target_distribution():
     assert (p1 - q1).abs().sum() > 0.5  # the draft is a poor guess: rejections happen
     n = 1500
     counts = torch.zeros(16, dtype=torch.float64)
-    for i in range(n):
-        a, b = Speculative(k=2, draft=draft, temperature=1.0, seed=i).generate(target, [prompt], max_new_tokens=2)[0]
+    if batched:
+        samples = Speculative(k=2, draft=draft, temperature=1.0, seed=0).generate(target, [prompt] * n, max_new_tokens=2)
+    else:
+        samples = [Speculative(k=2, draft=draft, temperature=1.0, seed=i).generate(target, [prompt], max_new_tokens=2)[0]
+                   for i in range(n)]
+    for a, b in samples:
         counts[a * 4 + b] += 1
     expected = joint * n
     big = expected >= 5

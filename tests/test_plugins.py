@@ -168,3 +168,25 @@ def test_an_option_two_packages_define_is_reported_as_shadowed(monkeypatch):
     (winner, other), = config.shadowed_options()
     assert (winner.group, winner.name, winner.distribution, other) == ("tokenizer", "kmer", "llmzoo", "dna-pkg")
     assert [o.distribution for o in config.list_options() if o.name == "kmer"] == ["llmzoo"]
+
+
+def _imported_modules(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):  # lazy imports inside functions count too
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_layout_rules_plugins_never_import_each_other_and_core_imports_no_plugin():
+    """DESIGN.md section 1: what two plugins share lives in core."""
+    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in sorted((ROOT / "plugins").glob("*.py"))
+                 for m in _imported_modules(p) if m.split(".")[0] == "llmzoo_plugins"]
+    offenders += [f"{p.relative_to(ROOT)} imports {m}" for p in sorted((ROOT / "core").glob("*.py"))
+                  for m in _imported_modules(p) if m.split(".")[0] == "llmzoo_plugins"]
+    assert offenders == []
