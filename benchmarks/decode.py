@@ -1,4 +1,5 @@
-"""Batch-1 decoding speed of every decoder on one trained model, in one run:
+"""Decoding speed of every decoder on one trained model, in one run (batch 1; the
+``*_batch`` methods decode all prompts in one call, rows at their own positions):
 
   hf_generate              transformers LlamaForCausalLM.generate, same weights (greedy)
   greedy                   llmzoo eager decoding with a growing KV cache
@@ -8,6 +9,7 @@
   speculative_early_exit   draft = the target's first block (decoder.draft_layers=1)
   speculative_draft        draft = a separately trained 2-layer dim-64 model
   int8, int4               greedy on weight-only quantized copies
+  greedy_batch, eagle_batch, speculative_*_batch   the same decoders over the whole batch
 
 The target (and the draft, and the Medusa heads) are trained on the bundled corpus
 first, so acceptance rates are real; runs are reused from ``bench.work_dir``. Every
@@ -79,6 +81,9 @@ def methods(b: DictConfig, run, draft_run, eagle_run=None):
     def one_by_one(decoder, m):
         return lambda prompts: [decoder.generate(m, [p], max_new_tokens=n)[0] for p in prompts], decoder
 
+    def batched(decoder, m):  # every prompt in one generate call (rows decode together)
+        return lambda prompts: decoder.generate(m, prompts, max_new_tokens=n), decoder
+
     def hf_generate():
         hf = hf_twin(model).to(b.device)
 
@@ -95,6 +100,10 @@ def methods(b: DictConfig, run, draft_run, eagle_run=None):
         "eagle": lambda: one_by_one(Eagle(head=eagle_run.objective), model),
         "speculative_early_exit": lambda: one_by_one(Speculative(k=4, draft_layers=1), model),
         "speculative_draft": lambda: one_by_one(Speculative(k=4, draft=draft_run.model), model),
+        "greedy_batch": lambda: batched(Greedy(), model),
+        "eagle_batch": lambda: batched(Eagle(head=eagle_run.objective), model),
+        "speculative_early_exit_batch": lambda: batched(Speculative(k=4, draft_layers=1), model),
+        "speculative_draft_batch": lambda: batched(Speculative(k=4, draft=draft_run.model), model),
         "int8": lambda: one_by_one(Greedy(), Quantize("int8")(copy.deepcopy(model))),
         "int4": lambda: one_by_one(Greedy(), Quantize("int4")(copy.deepcopy(model))),
     }
@@ -147,6 +156,8 @@ def main(cfg: DictConfig) -> None:
             r["ratio_vs_hf_generate"] = r["tokens_per_s"] / results["hf_generate"]["tokens_per_s"]
         if "greedy" in results:
             r["ratio_vs_greedy"] = r["tokens_per_s"] / results["greedy"]["tokens_per_s"]
+        if "greedy_batch" in results and name.endswith("_batch"):
+            r["ratio_vs_greedy_batch"] = r["tokens_per_s"] / results["greedy_batch"]["tokens_per_s"]
     from train_vs_hf import git_commit  # the script folder is on sys.path
 
     record = {"benchmark": "decode" if b.device == "cpu" else "decode_gpu", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(),

@@ -258,13 +258,17 @@ class RowStreams:
         self.model, self.device = model, device
         self.states = model.init_states(len(prefixes), max_len, device=device, rows=True)
         self.seen = [list(p) for p in prefixes]
+        self.prefix_hidden: list[torch.Tensor | None] = []  # (n, D) final hidden states of each prefix
+        self.hidden: torch.Tensor | None = None  # (B, T, D) of the last feed, where the model gives them
         for row, prefix in enumerate(self.seen):
+            hidden = None
             if prefix:  # prefill alone (prompts differ in length), then move into the row
                 single = model.init_states(1, max_len, device=device)
-                _logits(model, torch.tensor([prefix], device=device), single)
+                hidden = getattr(model(torch.tensor([prefix], device=device), states=single), "hidden", None)
                 for state, one in zip(self.states, single):
                     if state is not None:
                         state.put(row, one)
+            self.prefix_hidden.append(None if hidden is None else hidden[0])
         self.copied = [i for i, s in enumerate(self.states) if s is not None and not hasattr(s, "rewind")]
         self._marked: list[int] | None = None
         self._copies: list[list] = []  # _copies[j]: the copied states j tokens after the mark
@@ -283,14 +287,15 @@ class RowStreams:
         for seen, t in zip(self.seen, tokens):
             seen += t
         if not (self.copied and self._marked is not None):
-            out = self.model(ids, states=self.states)
-            return (out if isinstance(out, torch.Tensor) else out.logits).float()
-        logits = []
-        for t in range(ids.shape[1]):  # one token at a time, a copy after each
-            out = self.model(ids[:, t:t + 1], states=self.states)
-            logits.append((out if isinstance(out, torch.Tensor) else out.logits).float())
-            self._copies.append(self._copy())
-        return torch.cat(logits, 1)
+            outs = [self.model(ids, states=self.states)]
+        else:
+            outs = []
+            for t in range(ids.shape[1]):  # one token at a time, a copy after each
+                outs.append(self.model(ids[:, t:t + 1], states=self.states))
+                self._copies.append(self._copy())
+        hidden = [getattr(o, "hidden", None) for o in outs]
+        self.hidden = None if hidden[0] is None else torch.cat(hidden, 1)
+        return torch.cat([(o if isinstance(o, torch.Tensor) else o.logits).float() for o in outs], 1)
 
     def rollback(self, keep: Sequence[int]) -> None:
         """Row b keeps its first ``keep[b]`` tokens (at least what it held at ``mark``)."""

@@ -18,7 +18,8 @@ sampling: min(1, p/q) with the corrected residual), so greedy EAGLE gives plain 
 tokens for every block (the target's state is rolled back by ``rewind`` or from a copy).
 The head's own KV cache is kept on the target's true features: after verification the
 accepted positions are fed again with them. Drafting is a chain, not EAGLE-2's dynamic
-tree. Rows of a batch are decoded one after another.
+tree. A batch is decoded together when the target's blocks and the head's layer have
+``row_state`` (``RowStreams``; each row accepts its own count), else row by row.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import Sampler, Stream, accept, check_prompts, finish
-from llmzoo.interfaces import STATEFUL, Batch, Loss, ModelOutput
+from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows
+from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, Batch, Loss, ModelOutput
 
 
 class EagleHead(nn.Module):
@@ -138,13 +139,73 @@ class Eagle:
         if self.head is None:
             raise ValueError("decoder=eagle has no draft head: load a run trained with objective=eagle")
         self.sampler.reset()
-        outs, steps, produced = [], 0, 0
-        for prompt in prompts:
-            out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
-            outs.append(out)
-            steps, produced = steps + n, produced + len(out)
-        self.stats = {"accepted_per_step": produced / max(steps, 1), "steps": steps}
+        block = self.head.block
+        if (len(prompts) > 1 and min(map(len, prompts)) > 1 and has_rows(model)
+                and ROW_STATE in getattr(block, "capabilities", ()) and KV_CACHE in getattr(block, "capabilities", ())):
+            outs, steps = self._batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
+        else:
+            outs, steps = [], 0
+            for prompt in prompts:
+                out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
+                outs.append(out)
+                steps += n
+        self.stats = {"accepted_per_step": sum(map(len, outs)) / max(steps, 1), "steps": steps}
         return outs
+
+    def _batched(self, model: nn.Module, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None):
+        """All rows at once: the target over row states (``RowStreams``), the head over a
+        rows=True KV cache. Rows catch up on different numbers of true features: the head
+        is fed the longest count, padded, and each row rewinds its padding."""
+        device = next(model.parameters()).device
+        max_len = min(model.max_seq_len, max(map(len, seqs)) + max_new_tokens + self.k + 1)
+        target = RowStreams(model, [s[:-1] for s in seqs], max_len, device)  # all but the last token
+        feats = [list(h) for h in target.prefix_hidden]  # feats[r][i]: the target's feature after seqs[r][i]
+        head_state = self.head.block.init_state(len(seqs), max_len + 2 * self.k + 2, device=device, dtype=None,
+                                                rows=True)
+        fed, live, outs, steps = [0] * len(seqs), list(range(len(seqs))), [[] for _ in seqs], 0
+        while live:
+            k = min(self.k, min(max_len - len(seqs[r]) for r in live))
+            # 1. the head catches up on each row's new true features (padded to the longest)
+            counts = [len(feats[r]) - fed[r] for r in live]
+            width = max(counts)
+            f_in = torch.zeros(len(live), width, model.dim, device=device, dtype=feats[live[0]][0].dtype)
+            tokens = torch.zeros(len(live), width, dtype=torch.long, device=device)
+            for i, r in enumerate(live):
+                f_in[i, : counts[i]] = torch.stack(feats[r][fed[r]:])
+                tokens[i, : counts[i]] = torch.tensor(seqs[r][fed[r] + 1:len(feats[r]) + 1], device=device)
+                fed[r] = len(feats[r])
+            pred = self.head(f_in, model.embedding(tokens), state=head_state)
+            f = pred[torch.arange(len(live), device=device), torch.tensor(counts, device=device) - 1]  # (B, D)
+            head_state.rewind([width - c for c in counts])
+            # 2. k drafts per row, one head forward each
+            proposals, qs = [], []
+            for i in range(k):
+                q = self.sampler.probs(model.head(f).float())
+                proposals.append(q.argmax(-1) if self.sampler.greedy else self.sampler.draw(q))
+                qs.append(q)
+                if i < k - 1:
+                    f = self.head(f[:, None], model.embedding(proposals[-1][:, None]), state=head_state)[:, -1]
+            head_state.rewind(k - 1)  # drafted features are not the target's
+            drafts, qs = torch.stack(proposals, 1).tolist(), torch.stack(qs, 1)
+            # 3. the target scores [last token] + drafts of every row in one forward
+            target.mark()
+            ps = self.sampler.probs(target.feed([[seqs[r][-1]] + d for r, d in zip(live, drafts)]))
+            steps += len(live)
+            still = []
+            for i, r in enumerate(live):
+                n, extra = accept(self.sampler, drafts[i], list(qs[i]), ps[i], device)
+                new = drafts[i][:n] + [extra]
+                feats[r] += list(target.hidden[i, : n + 1])  # true features after seq[-1] and the accepted drafts
+                outs[r], done = finish(outs[r] + new, max_new_tokens, eos_id)
+                seqs[r] += new
+                if not (done or len(seqs[r]) >= max_len):
+                    still.append(i)
+            target.rollback([len(seqs[r]) - 1 for r in live])
+            if len(still) < len(live):
+                target.select(still)
+                head_state.reorder(torch.tensor(still, dtype=torch.long, device=device))
+                live = [live[i] for i in still]
+        return outs, steps
 
     def _draft_feed(self, model, state, feats: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         """The head consumes (feature, next token) pairs; its last predicted feature (D,)."""

@@ -54,9 +54,13 @@ def test_greedy_eagle_equals_greedy(block, vocab):
     obj.setup(model)
     prompts = [[1, 2, 3], [3, 0, 1, 2], [2], [5, 6, 7, 1, 1]]
     dec = Eagle(head=obj, k=3)
-    assert dec.generate(model, prompts, max_new_tokens=30, eos_id=7) == Greedy().generate(model, prompts, max_new_tokens=30, eos_id=7)
+    ref = Greedy().generate(model, prompts, max_new_tokens=30, eos_id=7)
+    assert dec.generate(model, prompts, max_new_tokens=30, eos_id=7) == ref  # row by row (a 1-token prompt)
     if vocab == 8 and block != "mamba2":  # repetitive random models: some drafts are accepted
         assert dec.stats["accepted_per_step"] > 1.0
+    longer = [p for p in prompts if len(p) > 1]  # the batched path: rows accept different counts
+    assert dec.generate(model, longer, max_new_tokens=30, eos_id=7) == [r for p, r in zip(prompts, ref) if len(p) > 1]
+    assert 1.0 <= dec.stats["accepted_per_step"] <= 4
 
 
 def test_eagle_decoder_needs_an_eagle_run():
