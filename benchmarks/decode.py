@@ -9,7 +9,7 @@
   speculative_early_exit   draft = the target's first block (decoder.draft_layers=1)
   speculative_draft        draft = a separately trained 2-layer dim-64 model
   int8, int4               greedy on weight-only quantized copies
-  greedy_batch, eagle_batch, speculative_*_batch   the same decoders over the whole batch
+  greedy_batch, medusa_batch, eagle_batch, speculative_*_batch   the same decoders over the whole batch
 
 The target (and the draft, and the Medusa heads) are trained on the bundled corpus
 first, so acceptance rates are real; runs are reused from ``bench.work_dir``. Every
@@ -101,6 +101,7 @@ def methods(b: DictConfig, run, draft_run, eagle_run=None):
         "speculative_early_exit": lambda: one_by_one(Speculative(k=4, draft_layers=1), model),
         "speculative_draft": lambda: one_by_one(Speculative(k=4, draft=draft_run.model), model),
         "greedy_batch": lambda: batched(Greedy(), model),
+        "medusa_batch": lambda: batched(Medusa(heads=run.objective), model),
         "eagle_batch": lambda: batched(Eagle(head=eagle_run.objective), model),
         "speculative_early_exit_batch": lambda: batched(Speculative(k=4, draft_layers=1), model),
         "speculative_draft_batch": lambda: batched(Speculative(k=4, draft=draft_run.model), model),

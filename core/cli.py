@@ -64,17 +64,10 @@ def _is_multirun() -> bool:
 def _train_app(cfg: DictConfig) -> dict[str, Any] | float:
     from .training import train
 
-    return _job(cfg, train, "llmzoo-train")
+    return run_job(cfg, train, "llmzoo-train")
 
 
-@hydra.main(config_path=CONF, config_name="bench", version_base="1.3")
-def _bench_app(cfg: DictConfig) -> dict[str, Any] | float:
-    from .bench import run_bench
-
-    return _job(cfg, run_bench, "llmzoo-bench")
-
-
-def _job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]], prog: str) -> dict[str, Any] | float:
+def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]], prog: str) -> dict[str, Any] | float:
     """Run one job (a training run or a benchmark) in its Hydra folder; in a sweep a
     failure is recorded and the sweep goes on."""
     global _ENTERED
@@ -187,11 +180,6 @@ def hydra_entry(prog: str, app: Callable[[], Any]) -> None:
 def train_main() -> None:
     """llmzoo-train [overrides...]: train a model (``--help`` lists the config groups)."""
     hydra_entry("llmzoo-train", _train_app)
-
-
-def bench_main() -> None:
-    """llmzoo-bench bench.kind=train|decode|memory [overrides...] (``--help`` for examples)."""
-    hydra_entry("llmzoo-bench", _bench_app)
 
 
 @hydra.main(config_path=CONF, config_name="generate", version_base="1.3")

@@ -317,7 +317,7 @@ class RowStreams:
         for state in self.states:
             if state is not None:
                 state.reorder(index)
-        self.seen = [self.seen[r] for r in rows]
+        self.seen = [list(self.seen[r]) for r in rows]  # repeated rows get their own lists
 
 def accept(sampler: Sampler, proposals: list[int], qs: list[torch.Tensor], ps: torch.Tensor, device) -> tuple[int, int]:
     """Speculative acceptance of drafted ``proposals`` (their draft distributions ``qs``)

@@ -102,6 +102,52 @@ class DecontaminationFilter(BaseFilter):
         return True
 
 
+class LanguageFilter(BaseFilter):
+    """Keeps documents whose most likely language is one of ``languages`` (ISO 639-1 codes)
+    with probability >= ``threshold``, as RefinedWeb / FineWeb do with fastText's language
+    id. That model has to be downloaded, so this filter uses ``langdetect`` (a port of
+    Google's language-detection: character n-gram profiles of 55 languages that ship inside
+    the package as JSON -- nothing is fetched or unpickled), seeded so that runs repeat.
+    The detected language and its probability go into the document's metadata."""
+
+    name = "🌍 language"
+
+    def __init__(self, languages: list[str] | str = "en", threshold: float = 0.65, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        try:
+            from langdetect.detector_factory import PROFILES_DIRECTORY
+        except ImportError:
+            raise UserError('filter=language needs langdetect: pip install "llmzoo[data]"') from None
+        self.languages = [languages] if isinstance(languages, str) else list(languages)
+        known = sorted(p.name for p in Path(PROFILES_DIRECTORY).iterdir())
+        unknown = sorted(set(self.languages) - set(known))
+        if unknown or not self.languages:
+            raise UserError(f"filter.language.languages={self.languages}: {unknown or 'none given'}; "
+                            f"langdetect knows {known}")
+        if not 0 <= threshold <= 1:
+            raise UserError(f"filter.language.threshold must be in [0, 1], got {threshold}")
+        self.threshold, self._factory = threshold, None  # the profiles load in the worker, once
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
+        from langdetect.lang_detect_exception import LangDetectException
+
+        if self._factory is None:
+            self._factory = DetectorFactory()
+            self._factory.load_profile(PROFILES_DIRECTORY)
+            self._factory.set_seed(0)  # langdetect samples n-grams at random: the same answer every run
+        detector = self._factory.create()
+        detector.append(doc.text)
+        try:
+            best = detector.get_probabilities()[0]
+        except (LangDetectException, IndexError):  # no letters at all
+            return False, "language_unknown"
+        doc.metadata["language"], doc.metadata["language_score"] = best.lang, round(best.prob, 4)
+        if best.lang not in self.languages:
+            return False, f"language_{best.lang}"
+        return True if best.prob >= self.threshold else (False, "language_below_threshold")
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 

@@ -23,7 +23,9 @@ cannot branch) verify it as rows: every root-to-leaf path is one row of a batch 
 copies of the state (``reorder``), one forward for all of them; the state of the best
 row is kept when it accepted its whole path, else the accepted tokens are fed again to a
 copy of the state from before the step. ``verify: auto | tree | rows`` picks (auto: tree
-where the blocks can). Rows of a batch are decoded one after another.
+where the blocks can). A batch (blocks with ``row_state``: all built-in ones) is decoded
+together by rows verification: every batch row times every path, in one forward per step
+(``_batched``); a single prompt uses the tree or rows verification above.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import Sampler, check_prompts, finish
+from llmzoo.decoding import RowStreams, Sampler, check_prompts, finish, has_rows
 from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
 from llmzoo.losses import shifted_labels
 
@@ -256,15 +258,74 @@ class Medusa:
             raise ValueError(f"decoder.tree is {self.tree.max_depth} deep but the run has {len(self.heads)} heads")
         self.sampler.reset()
         self._refed = [0, 0]  # rows verification: steps that kept a row's state, steps that fed again
-        outs, steps, produced = [], 0, 0
-        for prompt in prompts:
-            out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
-            outs.append(out)
-            steps, produced = steps + n, produced + len(out)
+        fits = max(map(len, prompts)) + max_new_tokens + self.tree.max_depth + 2 <= model.max_seq_len
+        if len(prompts) > 1 and fits and has_rows(model):
+            outs, steps = self._batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
+        else:
+            outs, steps = [], 0
+            for prompt in prompts:
+                out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
+                outs.append(out)
+                steps += n
+        produced = sum(map(len, outs))
         self.stats = {"accepted_per_step": (produced - len(prompts)) / max(steps, 1), "steps": steps}
         if any(self._refed):
             self.stats.update(rows_state_kept=self._refed[0], rows_state_refed=self._refed[1])
         return outs
+
+    def _batched(self, model: nn.Module, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None):
+        """All rows at once, by rows verification for every block: each batch row becomes
+        one row per path of the tree (``RowStreams.select`` with repeats), all verified in
+        one forward; each batch row keeps its best path's row, rolled back to what that
+        path accepted (per-row ``rewind``, or per-token copies for recurrent states)."""
+        tree, device = self.tree, next(model.parameters()).device
+        width = tree.max_depth + 1
+        paths = [[0] + tree.path_to(leaf) for leaf in tree.leaves]
+        cols = torch.tensor([p + [p[-1]] * (width - len(p)) for p in paths], device=device)  # (P, width) node ids
+        depth = torch.tensor([len(p) - 1 for p in paths], device=device)
+        n_paths, t_depth, t_rank = len(paths), torch.tensor(tree.depth[1:], device=device), torch.tensor(tree.rank[1:], device=device)
+        max_len = max(map(len, seqs)) + max_new_tokens + width + 1
+        streams = RowStreams(model, [s[:-1] for s in seqs], max_len, device)
+        logits = streams.feed([s[-1:] for s in seqs])[:, -1]  # the prompts' last tokens
+        hidden = streams.hidden[:, -1]
+        first = [self._next(p) for p in self.sampler.probs(logits)]
+        live, outs, steps = [], [[] for _ in seqs], 0
+        for r, t in enumerate(first):
+            outs[r], done = finish([t], max_new_tokens, eos_id)
+            if not done:
+                live.append(r)
+        streams.select(live)
+        token, hidden = torch.tensor([first[r] for r in live], device=device), hidden[live]
+        while live:
+            # guesses of every batch row's heads -> (B, P, width) candidate rows
+            logits = torch.stack([h(hidden) for h in self.heads[: tree.max_depth]], 1)  # (B, depth, V)
+            top = logits.topk(tree.max_rank + 1, dim=-1).indices  # (B, depth, rank)
+            nodes = torch.cat([token[:, None], top[:, t_depth - 1, t_rank]], 1)  # (B, nodes)
+            rows = nodes[:, cols].flatten(0, 1)  # (B * P, width)
+            streams.select([r for r in range(len(live)) for _ in range(n_paths)])
+            streams.mark()
+            probs = self.sampler.probs(streams.feed(rows.tolist()).flatten(0, 1)).view(len(rows), width, -1)
+            good = self._good(probs[:, :-1], rows[:, 1:]) & (torch.arange(width - 1, device=device) < depth.repeat(len(live))[:, None])
+            accepted = good.long().cumprod(-1).sum(-1).view(len(live), n_paths)  # leading accepted guesses
+            best = accepted.argmax(-1)  # the longest path of each batch row (first on ties)
+            chosen = (torch.arange(len(live), device=device) * n_paths + best).tolist()
+            a = accepted.gather(1, best[:, None])[:, 0].tolist()
+            seen_at_mark = [len(s) - width for s in streams.seen]
+            streams.rollback([m + 1 + n for m, n in zip(seen_at_mark, accepted.flatten().tolist())])
+            hidden = streams.hidden[chosen, a]
+            nxt = [self._next(probs[c, n]) for c, n in zip(chosen, a)]
+            streams.select(chosen)
+            steps += len(live)
+            still = []
+            for i, r in enumerate(live):
+                outs[r], done = finish(outs[r] + rows[chosen[i], 1:a[i] + 1].tolist() + [nxt[i]], max_new_tokens, eos_id)
+                if not done:
+                    still.append(i)
+            if len(still) < len(live):
+                streams.select(still)
+                live, hidden = [live[i] for i in still], hidden[still]
+            token = torch.tensor([nxt[i] for i in still], device=device)
+        return outs, steps
 
     def _one(self, model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None):
         device = next(model.parameters()).device

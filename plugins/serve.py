@@ -8,9 +8,11 @@ Endpoints (FastAPI on uvicorn): ``POST /v1/completions``, ``POST /v1/chat/comple
 
 How a request is decoded (``Engine``, one thread beside the event loop):
   * it waits in a bounded queue; a full server answers 429;
-  * between two decode steps it is admitted to a free row of the running batch: its prompt
-    is prefilled alone (batch 1), and the prefilled state is ``put`` into that row
-    (``init_states(..., rows=True)``: every row at its own position);
+  * between two decode steps the waiting requests are admitted to free rows of the
+    running batch: their prompts are prefilled together (up to ``prefill_batch`` at once,
+    right-padded, each row rewinding its padding; prompts of equal length only where a
+    state cannot rewind, as recurrent ones), and each prefilled row is ``put`` into a free
+    row (``init_states(..., rows=True)``: every row at its own position);
   * each decode step runs one token for every active row at once; each request has its
     own sampler (temperature, top_p, top_k, seed), ``max_tokens`` and ``stop`` strings;
   * a finished or cancelled request (its client went away) leaves at once: the last
@@ -70,25 +72,29 @@ class Engine:
     """Continuous batching over one model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_queue: int = 256,
-                 max_len: int | None = None, batching: str = "continuous", metrics: Any = None):
+                 max_len: int | None = None, batching: str = "continuous", metrics: Any = None,
+                 prefill_batch: int = 8):
         missing = [type(b).__name__ for b in model.blocks if ROW_STATE not in getattr(b, "capabilities", ())]
         if missing:
             raise ValueError(f"llmzoo-serve needs blocks whose decode state has independent rows ({ROW_STATE!r}); "
                              f"{sorted(set(missing))} lack it")
         if batching not in BATCHING:
             raise ValueError(f"batching={batching!r} is not one of {list(BATCHING)}")
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if max_batch < 1 or max_queue < 0 or prefill_batch < 1:
+            raise ValueError(f"max_batch and prefill_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{prefill_batch} and {max_queue}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.batching = max_batch, max_queue, batching
         self.max_len = min(max_len or model.max_seq_len, model.max_seq_len)
         self.device = next(model.parameters()).device
         self.states = model.init_states(max_batch, self.max_len, device=self.device, rows=True)
+        self.rewindable = all(s is None or hasattr(s, "rewind") for s in self.states)
+        self.prefill_batch = prefill_batch
         self.active: list[Request] = []  # row i of the states holds active[i]
         self.queue: deque[Request] = deque()
         self.wakeup = threading.Condition()
         self.metrics = metrics
-        self.peak_batch, self.steps = 0, 0
+        self.peak_batch, self.steps, self.prefills = 0, 0, 0  # prefills: prefill forwards
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -148,28 +154,56 @@ class Engine:
             self.metrics.waiting.set(len(self.queue))
 
     def _admit(self) -> None:
+        """Every waiting request that fits is admitted and prefilled now, in batches."""
         if self.batching == "static" and self.active:
             return
-        while len(self.active) < self.max_batch:
-            with self.wakeup:
-                if not self.queue:
-                    return
+        with self.wakeup:
+            reqs = []
+            while self.queue and len(self.active) + len(reqs) < self.max_batch:
                 req = self.queue.popleft()
-            if not req.cancelled:
-                self._prefill(req)
-                if req.finish:  # done at its first token (eos, a stop string, max_tokens=1): free the row
-                    self.active.pop()
+                if not req.cancelled:
+                    reqs.append(req)
+        for group in self._prefill_groups(reqs):
+            self._prefill(group)
 
-    def _prefill(self, req: Request) -> None:
-        single = self.model.init_states(1, len(req.prompt), device=self.device)
-        ids = torch.tensor([req.prompt], device=self.device)
-        logits = self.model(ids, states=single).logits[:, -1]
-        row = len(self.active)
-        for state, prefilled in zip(self.states, single):
-            state.put(row, prefilled)
-        self.active.append(req)
-        self.peak_batch = max(self.peak_batch, len(self.active))
-        self._accept(req, int(req.sampler(logits.float())[0]))
+    def _prefill_groups(self, reqs: list[Request]) -> list[list[Request]]:
+        """Prompts prefilled together: all of them where every state can ``rewind`` (each
+        row forgets its own right padding), else those of equal length (a recurrent state
+        cannot skip padding). At most ``prefill_batch`` per group."""
+        if self.rewindable:
+            groups = [reqs]
+        else:
+            by_len: dict[int, list[Request]] = {}
+            for req in reqs:
+                by_len.setdefault(len(req.prompt), []).append(req)
+            groups = list(by_len.values())
+        n = self.prefill_batch
+        return [g[i:i + n] for g in groups for i in range(0, len(g), n)]
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Prefill ``group`` in one forward (right-padded to the longest prompt), move each
+        prefilled row into a free row of the batch, and choose each first token."""
+        lens = [len(r.prompt) for r in group]
+        width, pad = max(lens), 0  # any id: the padding is rewound
+        fresh = self.model.init_states(len(group), width, device=self.device, rows=True)
+        ids = torch.tensor([r.prompt + [pad] * (width - n) for r, n in zip(group, lens)], device=self.device)
+        logits = self.model(ids, states=fresh).logits
+        self.prefills += 1
+        last = logits[torch.arange(len(group), device=self.device), torch.tensor(lens, device=self.device) - 1]
+        if min(lens) < width:
+            for state in fresh:
+                if state is not None:
+                    state.rewind([width - n for n in lens])
+        for i, req in enumerate(group):
+            row = len(self.active)
+            for state, prefilled in zip(self.states, fresh):
+                if state is not None:
+                    state.put(row, prefilled, i)
+            self.active.append(req)
+            self.peak_batch = max(self.peak_batch, len(self.active))
+            self._accept(req, int(req.sampler(last[i:i + 1].float())[0]))
+            if req.finish:  # done at its first token (eos, a stop string, max_tokens=1): free the row
+                self.active.pop()
 
     def _decode(self) -> None:
         n = len(self.active)
@@ -507,7 +541,8 @@ def serve(cfg: Any) -> None:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         engine = Engine(run.model.to(device), run.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                        max_len=cfg.max_len, batching=cfg.batching, metrics=Metrics())
+                        max_len=cfg.max_len, batching=cfg.batching, metrics=Metrics(),
+                        prefill_batch=cfg.prefill_batch)
     except ValueError as e:
         raise UserError(str(e)) from None
     from pathlib import Path

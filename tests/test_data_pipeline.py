@@ -146,3 +146,36 @@ def test_report_counts_tokens_with_a_runs_tokenizer(tmp_path, single_process_run
     assert report["removed"]["length"]["removed_tokens"] == len(tok.encode("Too short."))
     assert run(tmp_path, docs, "filter=[length]", "dedup=none", name="bytes")["kept_tokens"] == \
         sum(len(t.encode()) for t in docs[:4])
+
+
+FOREIGN = {  # our own sentences, a few lines each
+    "fr": "Le chat dort sur la chaise pendant que la pluie tombe sur le jardin. Nous avons mangé du pain "
+          "avec du fromage et bu un peu de vin rouge. Demain matin, les enfants iront à l'école avec leurs amis.",
+    "de": "Der Hund schläft unter dem Tisch, während es draußen regnet. Wir haben gestern Brot mit Käse "
+          "gegessen und ein Glas Wasser getrunken. Morgen früh gehen die Kinder mit ihren Freunden zur Schule.",
+    "es": "El gato duerme en la silla mientras la lluvia cae sobre el jardín. Comimos pan con queso y "
+          "bebimos un poco de vino tinto. Mañana por la mañana los niños irán a la escuela con sus amigos.",
+}
+
+
+@pytest.mark.parametrize("languages,keep", [("[en]", {"en"}), ("[en,fr]", {"en", "fr"})])
+def test_language_filter_keeps_the_listed_languages(tmp_path, languages, keep):
+    pytest.importorskip("langdetect")
+    rng = random.Random(1)
+    english = [prose(rng) for _ in range(4)]
+    docs = english + list(FOREIGN.values())
+    report = run(tmp_path, docs, "filter=[language]", f"filter.language.languages={languages}", "dedup=none")
+    want = english + [t for lang, t in FOREIGN.items() if lang in keep]
+    assert kept(tmp_path / "out") == sorted(want)
+    assert report["removed"]["language"]["removed_documents"] == 3 - len(keep - {"en"})
+    rows = [json.loads(line) for f in (tmp_path / "out" / "data").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert {r["metadata"]["language"] for r in rows} == keep and all(r["metadata"]["language_score"] >= 0.65 for r in rows)
+
+
+def test_language_filter_refuses_an_unknown_language(tmp_path):
+    pytest.importorskip("langdetect")
+    from llmzoo.errors import UserError
+    from llmzoo_plugins.data_pipeline import LanguageFilter
+
+    with pytest.raises(UserError, match=r"\['xx'\].*langdetect knows.*'en'"):
+        LanguageFilter(languages=["en", "xx"])

@@ -100,7 +100,7 @@ def test_llmzoo_eval_writes_results_for_the_bundled_tasks(run_dir):
     assert 1 < ppl["perplexity"] < 259  # trained 30 steps on similar stories: better than uniform over bytes
     assert 0 <= results["arith_choice"]["acc"] <= 1 and results["arith_kshot"]["k"] == 4
     # llmzoo-report shows them for the sweep's runs
-    from llmzoo.report import main as report
+    from llmzoo_plugins.report import main as report
 
     sweep = run_dir.parent / "sweep"
     sweep.mkdir(exist_ok=True)

@@ -164,15 +164,22 @@ SMALL_VOCAB_PROMPTS = [[1, 2, 3], [3, 0, 1, 2], [2]]  # vocab 8: random models r
 @pytest.mark.parametrize("block,verify,vocab", [("dense", "auto", 64), ("moe", "auto", 64), ("dense", "rows", 8),
                                                 ("mamba", "auto", 8), ("mamba2", "auto", 8), ("hybrid", "auto", 8)])
 def test_medusa_greedy_equals_greedy(block, verify, vocab):
-    """Tree verification (dense, MoE) and rows verification (any block; auto for the
-    recurrent ones) both give exactly greedy's tokens."""
+    """Each prompt alone -- tree verification (dense, MoE) or rows verification (any block;
+    auto for the recurrent ones) -- and the whole batch at once (every batch row times
+    every path, rows at their own positions) all give exactly greedy's tokens."""
     model = random_model(block, vocab)
     prompts = PROMPTS if vocab == 64 else SMALL_VOCAB_PROMPTS
     eos = 7 if vocab == 64 else None  # (in a vocabulary of 8, an eos would end the rows early)
     ref = Greedy().generate(model, prompts, max_new_tokens=40, eos_id=eos)
     dec = Medusa(heads=_random_heads(model), verify=verify)
+    alone, steps = [], 0
+    for p in prompts:
+        alone.append(dec.generate(model, [p], max_new_tokens=40, eos_id=eos)[0])
+        steps += dec.stats["steps"]
+    assert alone == ref
+    assert sum(map(len, alone)) - len(prompts) > steps  # some guesses accepted: the multi-token paths ran
     assert dec.generate(model, prompts, max_new_tokens=40, eos_id=eos) == ref
-    assert dec.stats["accepted_per_step"] > 1.0  # some guesses accepted: the multi-token paths ran
+    assert dec.stats["accepted_per_step"] > 1.0 and dec.stats["steps"] >= sum(map(len, ref)) / 5
 
 
 def test_medusa_rows_verification_keeps_or_refeeds_the_state():
@@ -180,10 +187,11 @@ def test_medusa_rows_verification_keeps_or_refeeds_the_state():
     keep that row's state, the others feed the accepted tokens again from the state before
     the step; both kinds occur and the tokens stay greedy's."""
     model = random_model("hybrid", 4)
-    dec = Medusa(heads=_random_heads(model))
-    assert dec.generate(model, SMALL_VOCAB_PROMPTS, max_new_tokens=40) == \
-        Greedy().generate(model, SMALL_VOCAB_PROMPTS, max_new_tokens=40)
-    assert dec.stats["rows_state_kept"] > 0 and dec.stats["rows_state_refed"] > 0, dec.stats
+    dec, kept, refed = Medusa(heads=_random_heads(model)), 0, 0
+    for prompt in SMALL_VOCAB_PROMPTS:  # one at a time (a batch verifies through RowStreams)
+        assert dec.generate(model, [prompt], max_new_tokens=40) == Greedy().generate(model, [prompt], max_new_tokens=40)
+        kept, refed = kept + dec.stats.get("rows_state_kept", 0), refed + dec.stats.get("rows_state_refed", 0)
+    assert kept > 0 and refed > 0
 
 
 def test_medusa_typical_acceptance_runs_and_is_seeded():

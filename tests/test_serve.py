@@ -301,6 +301,17 @@ def test_engine_alone_finishes_each_request_once(block):
         engine.submit(Request(prompt=p, max_tokens=n, sampler=Sampler(), emit=lambda t, f, i=i: emit(i, t, f)))
     while engine.queue or engine.active:
         engine.step()
+    # prompts waiting together are prefilled together: padded where the states rewind,
+    # equal lengths only for recurrent states
+    if engine.rewindable:
+        assert engine.prefills <= 1 + 16  # the first 8 in one forward, the other 16 at most one each
+    else:
+        before = engine.prefills
+        for _ in range(4):
+            engine.submit(Request(prompt=[5, 6, 7], max_tokens=2, sampler=Sampler(), emit=lambda t, f: None))
+        while engine.queue or engine.active:
+            engine.step()
+        assert engine.prefills == before + 1
     first_token_eos = 0
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         want = Greedy().generate(model, [p], max_new_tokens=n, eos_id=63)[0]

@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .analysis import device_description
+from llmzoo.analysis import device_description
+from llmzoo.cli import CONF, hydra_entry, run_job
 
 KINDS = ("train", "decode", "memory")
 
@@ -60,7 +62,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def bench_train(cfg: DictConfig) -> dict[str, Any]:
-    from .training import train
+    from llmzoo.training import train
 
     summary = train(cfg)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches
@@ -72,18 +74,18 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _model(cfg: DictConfig, b: DictConfig):
-    from .api import build_model, load_run
+    from llmzoo.api import build_model, load_run
 
     if b.get("run_dir"):
         return load_run(b.run_dir)
-    from .api import Run, build_tokenizer
+    from llmzoo.api import Run, build_tokenizer
 
     return Run(build_model(cfg), build_tokenizer(cfg), cfg)
 
 
 @torch.no_grad()
 def bench_decode(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
-    from .api import build_decoder, ready_decoder
+    from llmzoo.api import build_decoder, ready_decoder
 
     run = _model(cfg, b)
     device = torch.device(b.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -106,9 +108,9 @@ def bench_decode(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
 
 def bench_memory(cfg: DictConfig, b: DictConfig) -> dict[str, Any]:
     """One AdamW training step on a random batch: the bytes each kind of state takes."""
-    from .api import build_objective
-    from .losses import run_objective
-    from .training import param_groups
+    from llmzoo.api import build_objective
+    from llmzoo.losses import run_objective
+    from llmzoo.training import param_groups
 
     run = _model(cfg, b)
     device = torch.device(b.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,3 +146,13 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     print(json.dumps({k: v for k, v in record.items() if k not in ("config", "versions")}, default=str),
           file=sys.stderr)
     return record
+
+
+@hydra.main(config_path=CONF, config_name="bench", version_base="1.3")
+def _app(cfg: DictConfig) -> dict[str, Any] | float:
+    return run_job(cfg, run_bench, "llmzoo-bench")
+
+
+def main() -> None:
+    """llmzoo-bench bench.kind=train|decode|memory [overrides...] (``--help`` for examples)."""
+    hydra_entry("llmzoo-bench", _app)
