@@ -4,7 +4,7 @@ its readers, its C4 and Gopher filters, its exact and MinHash deduplication and 
 executors; llmzoo adds length, bad-words and decontamination filters and the report.
 
 Stages, each a datatrove pipeline run by the configured executor (``executor=local`` with
-``tasks`` x ``workers``, or ``executor=slurm`` on a cluster):
+``tasks`` x ``workers``, or ``executor=slurm`` / ``executor=ray`` on a cluster):
   1. read ``input`` -> every ``filter`` in order -> <output>/filtered/  (each filter writes
      the documents it removes to <output>/removed/<filter>/, with the reason)
   2. ``dedup=exact`` (hash of the normalised text) or ``dedup=minhash`` (n-gram MinHash,
@@ -146,6 +146,21 @@ class LanguageFilter(BaseFilter):
         if best.lang not in self.languages:
             return False, f"language_{best.lang}"
         return True if best.prob >= self.threshold else (False, "language_below_threshold")
+
+
+def ray_executor(address: str | None = None, **kwargs: Any):
+    """datatrove's ``RayPipelineExecutor`` (``executor=ray``) once Ray is up: ``ray.init``
+    joins the cluster at ``address`` (null: ``RAY_ADDRESS``, else a local Ray started for
+    this run, on this machine's cores). The other keys are the executor's own."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError('executor=ray needs Ray: pip install "llmzoo[ray]"') from None
+    from datatrove.executor import RayPipelineExecutor
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return RayPipelineExecutor(**kwargs)
 
 
 def _words(text: str) -> list[str]:

@@ -111,6 +111,29 @@ def test_one_and_four_tasks_give_the_same_output(tmp_path, workers):
     assert kept(tmp_path / "one") == kept(tmp_path / "four") and len(kept(tmp_path / "one")) == 30
 
 
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_output(tmp_path):
+    """executor=ray (a local Ray started by the run) with 4 tasks: the same documents as one
+    local task. Slow: starting Ray takes seconds."""
+    pytest.importorskip("ray")
+    import ray
+
+    rng = random.Random(5)
+    docs = [prose(rng) for _ in range(20)] + ["short"] * 2 + [prose(random.Random(5))]  # one duplicate
+    for name, executor in (("local", ["executor=local"]), ("ray", ["executor=ray", "executor.tasks=4"])):
+        folder = tmp_path / f"raw_{name}"
+        for k in range(4):
+            write(folder / f"part{k}.jsonl", docs[k::4])
+        cfg = llmzoo.compose("data_pipeline", [f"input={folder}", f"output={tmp_path / name}", "dedup=exact",
+                                               "filter=[length]", *executor], validate=False)
+        try:
+            run_pipeline(cfg)
+        finally:
+            if name == "ray":
+                ray.shutdown()
+    assert kept(tmp_path / "ray") == kept(tmp_path / "local") and len(kept(tmp_path / "local")) == 20
+
+
 def test_the_cleaned_data_trains(tmp_path):
     rng = random.Random(4)
     run(tmp_path, [prose(rng) for _ in range(40)], "filter=[length]", "dedup=exact")
