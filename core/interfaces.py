@@ -327,6 +327,9 @@ class DecodeState(Protocol):
     # ROW_STATE ``put(row, other, other_row)`` / ``head(b)`` (see the capability names above).
     # A rows=True state that has ``rewind`` also takes one count per row: ``rewind([n_0,
     # ..., n_{B-1}])`` (batched speculative decoding, ``llmzoo.decoding.RowStreams``).
+    # With TREE_MASK too, a rows=True state takes one ``tree`` for every row (candidates
+    # stored after each row's own tokens) and ``keep(starts, indexes)`` with one start and
+    # one index tensor per row (batched Medusa).
 
 
 class TokenizerExtras(Protocol):

@@ -212,6 +212,7 @@ class RowKVCache:
     v: torch.Tensor
     pos: torch.Tensor
     lens: list[int] = field(default_factory=list)
+    tree: torch.Tensor | None = None  # as KVCache.tree: one (T, T) candidate tree for every row
 
     def __post_init__(self):
         if not self.lens:
@@ -219,21 +220,39 @@ class RowKVCache:
         self.rows = len(self.pos)  # this view's rows: the first ``rows`` entries of ``lens``
 
     def positions(self, t: int, device) -> torch.Tensor:
-        """(B, t) rotary positions of each row's next t tokens."""
+        """(B, t) rotary positions of each row's next t tokens (with a tree: pos + depth)."""
+        if self.tree is not None:
+            return self.pos[:, None] + (self.tree.sum(-1) - 1).to(device)[None]
         return self.pos[:, None] + torch.arange(t, device=device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         t = k.shape[2]
-        idx = self.positions(t, k.device)  # (B, t)
+        slots = self.pos[:, None] + torch.arange(t, device=k.device)  # (B, t) where they are stored
         end = max(self.lens[: self.rows]) + t  # the longest row after this forward
         if end > self.k.shape[2]:
             raise RuntimeError(f"KV cache full: a row would hold more than max_len {self.k.shape[2]} tokens")
-        where = idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        where = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k.scatter_(2, where, k), self.v.scatter_(2, where, v)
+        keys = torch.arange(end, device=k.device)
+        if self.tree is None:
+            mask = keys <= slots[:, :, None]  # (B, t, end)
+        else:  # the row's earlier tokens, and among the candidates the query's ancestors
+            rel = keys[None, :] - self.pos[:, None]  # (B, end): key slot relative to the first candidate
+            in_tree = self.tree.to(k.device)[:, rel.clamp(0, t - 1)].permute(1, 0, 2)  # (B, t, end)
+            mask = (rel < 0)[:, None, :] | (in_tree & (rel < t)[:, None, :])
         self.pos.add_(t)
         self.lens[: self.rows] = [n + t for n in self.lens[: self.rows]]
-        mask = torch.arange(end, device=k.device) <= idx[:, :, None]  # (B, t, end)
         return self.k[:, :, :end], self.v[:, :, :end], mask[:, None]
+
+    def keep(self, start: Sequence[int], index: Sequence[torch.Tensor]) -> None:
+        """Per row b: of the tokens stored from ``start[b]`` on, keep those at ``start[b] +
+        index[b]`` (moved to ``start[b]``...) and forget the rest; clears ``tree``."""
+        for b, (s, idx) in enumerate(zip(start, index)):
+            src = s + idx.to(self.k.device)
+            self.k[b, :, s:s + len(idx)], self.v[b, :, s:s + len(idx)] = self.k[b, :, src], self.v[b, :, src]
+            self.lens[b] = s + len(idx)
+        self.pos.copy_(torch.tensor(self.lens[: self.rows], device=self.pos.device))
+        self.tree = None
 
     def put(self, row: int, other: KVCache | RowKVCache, other_row: int = 0) -> None:
         """Row ``row`` becomes row ``other_row`` of ``other`` (its tokens and position)."""
@@ -253,6 +272,7 @@ class RowKVCache:
     def reset(self) -> None:
         self.pos.zero_()
         self.lens[: self.rows] = [0] * self.rows
+        self.tree = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """New rows ``index`` (repeats allowed): in place when the row count stays (as

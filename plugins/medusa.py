@@ -260,7 +260,9 @@ class Medusa:
         self._refed = [0, 0]  # rows verification: steps that kept a row's state, steps that fed again
         fits = max(map(len, prompts)) + max_new_tokens + self.tree.max_depth + 2 <= model.max_seq_len
         if len(prompts) > 1 and fits and has_rows(model):
-            outs, steps = self._batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
+            tree = self.verify == "tree" or (self.verify == "auto" and TREE_MASK in getattr(model, "capabilities", ()))
+            batched = self._batched_tree if tree else self._batched
+            outs, steps = batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
             outs, steps = [], 0
             for prompt in prompts:
@@ -273,6 +275,68 @@ class Medusa:
             self.stats.update(rows_state_kept=self._refed[0], rows_state_refed=self._refed[1])
         return outs
 
+    def _start(self, model: nn.Module, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None, room: int):
+        """Row streams over the prompts and each prompt's first token: (streams, live rows,
+        outputs, (B,) last tokens, (B, D) hidden states), finished rows already left."""
+        device = next(model.parameters()).device
+        streams = RowStreams(model, [s[:-1] for s in seqs], max(map(len, seqs)) + max_new_tokens + room, device)
+        logits = streams.feed([s[-1:] for s in seqs])[:, -1]  # the prompts' last tokens
+        hidden = streams.hidden[:, -1]
+        first = [self._next(p) for p in self.sampler.probs(logits)]
+        live, outs = [], [[] for _ in seqs]
+        for r, t in enumerate(first):
+            outs[r], done = finish([t], max_new_tokens, eos_id)
+            if not done:
+                live.append(r)
+        streams.select(live)
+        return streams, live, outs, torch.tensor([first[r] for r in live], device=device), hidden[live]
+
+    def _batch_nodes(self, token: torch.Tensor, hidden: torch.Tensor, t_depth, t_rank) -> torch.Tensor:
+        """(B,) last tokens and (B, D) hidden states -> (B, nodes): each row's tree of guesses."""
+        logits = torch.stack([h(hidden) for h in self.heads[: self.tree.max_depth]], 1)  # (B, depth, V)
+        top = logits.topk(self.tree.max_rank + 1, dim=-1).indices  # (B, depth, rank)
+        return torch.cat([token[:, None], top[:, t_depth - 1, t_rank]], 1)
+
+    def _batched_tree(self, model: nn.Module, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None):
+        """All rows at once with one tree for every row (blocks with tree_mask and
+        row_state): each row's candidate tree in one forward of (B, nodes), each row keeps
+        its own accepted path (``keep`` with per-row starts)."""
+        tree, device = self.tree, next(model.parameters()).device
+        mask, n_nodes = tree.mask.to(device), len(tree)
+        depth, parent = torch.tensor(tree.depth, device=device), torch.tensor(tree.parent, device=device)
+        t_depth, t_rank = depth[1:], torch.tensor(tree.rank[1:], device=device)
+        streams, live, outs, token, hidden = self._start(model, seqs, max_new_tokens, eos_id, n_nodes + 1)
+        steps = 0
+        while live:
+            nodes = self._batch_nodes(token, hidden, t_depth, t_rank)
+            starts = [len(s) for s in streams.seen]
+            for state in streams.states:
+                state.tree = mask
+            res = model(nodes, states=streams.states)
+            probs = self.sampler.probs(res.logits.float().flatten(0, 1)).view(len(live), n_nodes, -1)
+            good = self._good(probs[:, parent], nodes)  # each guess judged at its parent
+            good[:, 0] = True
+            ok = ~(mask[None] & ~good[:, None, :]).any(-1)  # (B, nodes): the whole path accepted
+            best = torch.where(ok, depth, -1).argmax(-1).tolist()  # deepest accepted (first on ties)
+            keeps = [torch.tensor([0] + tree.path_to(b), device=device) for b in best]
+            for state in streams.states:
+                state.keep(starts, keeps)
+            steps += len(live)
+            still, nxt = [], []
+            for i, r in enumerate(live):
+                kept = nodes[i, keeps[i]].tolist()
+                streams.seen[i] += kept
+                nxt.append(self._next(probs[i, best[i]]))
+                outs[r], done = finish(outs[r] + kept[1:] + [nxt[-1]], max_new_tokens, eos_id)
+                if not done:
+                    still.append(i)
+            hidden = res.hidden[torch.arange(len(live), device=device), torch.tensor(best, device=device)]
+            if len(still) < len(live):
+                streams.select(still)
+                live, hidden = [live[i] for i in still], hidden[still]
+            token = torch.tensor([nxt[i] for i in still], device=device)
+        return outs, steps
+
     def _batched(self, model: nn.Module, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None):
         """All rows at once, by rows verification for every block: each batch row becomes
         one row per path of the tree (``RowStreams.select`` with repeats), all verified in
@@ -284,23 +348,11 @@ class Medusa:
         cols = torch.tensor([p + [p[-1]] * (width - len(p)) for p in paths], device=device)  # (P, width) node ids
         depth = torch.tensor([len(p) - 1 for p in paths], device=device)
         n_paths, t_depth, t_rank = len(paths), torch.tensor(tree.depth[1:], device=device), torch.tensor(tree.rank[1:], device=device)
-        max_len = max(map(len, seqs)) + max_new_tokens + width + 1
-        streams = RowStreams(model, [s[:-1] for s in seqs], max_len, device)
-        logits = streams.feed([s[-1:] for s in seqs])[:, -1]  # the prompts' last tokens
-        hidden = streams.hidden[:, -1]
-        first = [self._next(p) for p in self.sampler.probs(logits)]
-        live, outs, steps = [], [[] for _ in seqs], 0
-        for r, t in enumerate(first):
-            outs[r], done = finish([t], max_new_tokens, eos_id)
-            if not done:
-                live.append(r)
-        streams.select(live)
-        token, hidden = torch.tensor([first[r] for r in live], device=device), hidden[live]
+        streams, live, outs, token, hidden = self._start(model, seqs, max_new_tokens, eos_id, width + 1)
+        steps = 0
         while live:
             # guesses of every batch row's heads -> (B, P, width) candidate rows
-            logits = torch.stack([h(hidden) for h in self.heads[: tree.max_depth]], 1)  # (B, depth, V)
-            top = logits.topk(tree.max_rank + 1, dim=-1).indices  # (B, depth, rank)
-            nodes = torch.cat([token[:, None], top[:, t_depth - 1, t_rank]], 1)  # (B, nodes)
+            nodes = self._batch_nodes(token, hidden, t_depth, t_rank)  # (B, nodes)
             rows = nodes[:, cols].flatten(0, 1)  # (B * P, width)
             streams.select([r for r in range(len(live)) for _ in range(n_paths)])
             streams.mark()

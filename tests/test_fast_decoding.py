@@ -149,6 +149,35 @@ def test_tree_forward_equals_a_full_forward_of_every_path():
             torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
 
 
+def test_tree_forward_over_row_states_equals_a_full_forward_of_every_path():
+    """The same with rows=True states: rows at different positions verify their own
+    candidates under one tree in one forward, and ``keep`` with per-row starts leaves each
+    row exactly its kept path (the next token's logits equal a plain forward's)."""
+    from llmzoo.decoding import RowStreams
+
+    model = random_model("moe")
+    tree = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    prompts = [[3, 1, 4, 1, 5], [2, 7], [6, 6, 6, 6, 6, 6, 6, 6]]
+    tokens = [[9, 20, 21, 30, 31, 32, 40], [8, 22, 23, 33, 34, 35, 41], [7, 24, 25, 36, 37, 38, 42]]
+    with torch.no_grad():
+        streams = RowStreams(model, prompts, 40, "cpu")
+        for s in streams.states:
+            s.tree = tree.mask
+        got = model(torch.tensor(tokens), states=streams.states).logits
+        for b, prompt in enumerate(prompts):
+            for i in range(len(tree)):
+                path = [tokens[b][0]] + [tokens[b][j] for j in tree.path_to(i)]
+                want = model(torch.tensor([prompt + path])).logits[0, -1]
+                torch.testing.assert_close(got[b, i], want, atol=1e-5, rtol=1e-5)
+        kept = [torch.tensor([0] + tree.path_to(n)) for n in (6, 2, 0)]  # rows keep 4, 2 and 1 tokens
+        for s in streams.states:
+            s.keep([len(p) for p in prompts], kept)
+        nxt = model(torch.tensor([[11], [12], [13]]), states=streams.states).logits[:, -1]
+        for b, prompt in enumerate(prompts):
+            seq = prompt + [tokens[b][j] for j in kept[b].tolist()] + [11 + b]
+            torch.testing.assert_close(nxt[b], model(torch.tensor([seq])).logits[0, -1], atol=1e-5, rtol=1e-5)
+
+
 def _random_heads(model, seed=0):
     obj = MedusaObjective(n_heads=4)
     obj.setup(model)
