@@ -133,6 +133,70 @@ def check_row_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (3, 7
                                f"by {d:.3g} > {atol}: a rows=True state's rewind takes one count per row")
 
 
+# parent of each candidate of the tree check (node 0 is the root): two branches, depth 3
+_TREE_PARENTS = (0, 0, 0, 1, 1, 3, 2)
+
+
+def _tree_mask(parents: tuple[int, ...]) -> torch.Tensor:
+    mask = torch.eye(len(parents), dtype=torch.bool)
+    for i in range(1, len(parents)):
+        mask[i] |= mask[parents[i]]
+    return mask
+
+
+def _path(parents: tuple[int, ...], i: int) -> list[int]:
+    out = [i]
+    while out[-1]:
+        out.append(parents[out[-1]])
+    return out[::-1]
+
+
+@torch.no_grad()
+def check_tree_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (5,), rows: bool = False,
+                     atol: float = 1e-5) -> None:
+    """For blocks with ``tree_mask``: after a prefix, one forward over a candidate tree
+    (``state.tree`` set) gives at every node the output of a full forward over the prefix
+    and that node's path; ``keep(start, index)`` then leaves exactly the kept path, so the
+    next token's output equals a full forward's. With ``rows`` (and ``row_state``) the rows
+    hold prefixes of different ``lengths``, share one tree, and keep different paths."""
+    block.eval()
+    mask, n = _tree_mask(_TREE_PARENTS), len(_TREE_PARENTS)
+    xs = [_randn(1, m, dim, seed=40 + i) for i, m in enumerate(lengths)]
+    cand = _randn(len(lengths), n, dim, seed=50)
+    nxt = _randn(len(lengths), 1, dim, seed=51)
+    total = max(lengths) + n + 2
+    if rows:
+        state = block.init_state(len(lengths), total, device=None, dtype=None, rows=True)
+        for i, x in enumerate(xs):
+            single = block.init_state(1, total, device=None, dtype=None)
+            block(x, state=single)
+            state.put(i, single)
+    else:
+        assert len(lengths) == 1, "without rows the tree check runs on one sequence"
+        state = block.init_state(1, total, device=None, dtype=None)
+        block(xs[0], state=state)
+    state.tree = mask
+    out = block(cand, state=state)
+    kept = [torch.tensor(_path(_TREE_PARENTS, leaf)) for leaf in (5, 6, 4)[: len(lengths)]]
+    for b, x in enumerate(xs):
+        for i in range(n):
+            want = block(torch.cat([x, cand[b:b + 1, _path(_TREE_PARENTS, i)]], 1))[0, -1]
+            d = _max_diff(out[b, i], want)
+            assert d <= atol, (f"tree forward: row {b}, candidate {i} differs from a full forward over the prefix and "
+                               f"its path by {d:.3g} > {atol} (state.tree must restrict each candidate to its ancestors)")
+    if rows:
+        state.keep(list(lengths), kept)
+    else:
+        state.keep(lengths[0], kept[0])
+    assert getattr(state, "tree", None) is None, "keep(...) must clear state.tree"
+    after = block(nxt, state=state)
+    for b, x in enumerate(xs):
+        want = block(torch.cat([x, cand[b:b + 1, kept[b]], nxt[b:b + 1]], 1))[0, -1]
+        d = _max_diff(after[b, 0], want)
+        assert d <= atol, (f"after keep: row {b}'s next output differs from a full forward over the prefix and the "
+                           f"kept path by {d:.3g} > {atol}")
+
+
 @torch.no_grad()
 def check_static_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 2, atol: float = 1e-5) -> None:
     """For blocks with ``static_state``: a state from ``init_state(..., static=True)`` keeps
@@ -219,6 +283,10 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
         check_static_decode(block, dim, seq_len, atol=atol)
     if "row_state" in block.capabilities:
         check_row_state(block, dim, atol=atol)
+    if "tree_mask" in block.capabilities:
+        check_tree_state(block, dim, atol=atol)
+        if "row_state" in block.capabilities:
+            check_tree_state(block, dim, lengths=(5, 2, 8), rows=True, atol=atol)
     check_state_dict_roundtrip(make_block, dim)
     check_dtype_move(block, dim)
     check_gradients(block, dim)
