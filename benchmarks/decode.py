@@ -6,6 +6,7 @@
   static_compile           static KV cache + torch.compile'd step (decoder=static)
   medusa                   Medusa-1 heads trained on the corpus, tree verification
   eagle                    an EAGLE draft head trained on the same target, chain of 4 drafts
+  eagle_tree               the same head drafting EAGLE-2's dynamic tree (width 4, 4 deep, 16 verified)
   speculative_early_exit   draft = the target's first block (decoder.draft_layers=1)
   speculative_draft        draft = a separately trained 2-layer dim-64 model
   int8, int4               greedy on weight-only quantized copies
@@ -98,6 +99,7 @@ def methods(b: DictConfig, run, draft_run, eagle_run=None):
         "static_compile": lambda: one_by_one(StaticCache(), model),
         "medusa": lambda: one_by_one(Medusa(heads=run.objective), model),
         "eagle": lambda: one_by_one(Eagle(head=eagle_run.objective), model),
+        "eagle_tree": lambda: one_by_one(Eagle(head=eagle_run.objective, draft="tree"), model),
         "speculative_early_exit": lambda: one_by_one(Speculative(k=4, draft_layers=1), model),
         "speculative_draft": lambda: one_by_one(Speculative(k=4, draft=draft_run.model), model),
         "greedy_batch": lambda: batched(Greedy(), model),
@@ -122,7 +124,7 @@ def main(cfg: DictConfig) -> None:
     med = trained_run("medusa", [*b.shape, "objective=medusa", f"init_from={pre}", f"trainer.max_steps={b.medusa_steps}"], b)
     drf = trained_run("draft", [*b.draft_shape, f"trainer.max_steps={b.pretrain_steps}"], b)
     eag = trained_run("eagle", [*b.shape, "objective=eagle", f"init_from={pre}", f"trainer.max_steps={b.medusa_steps}"], b) \
-        if "eagle" in b.methods else None
+        if any(m.startswith("eagle") for m in b.methods) else None
     run, draft_run = llmzoo.load_run(med), llmzoo.load_run(drf)
     eagle_run = llmzoo.load_run(eag) if eag else None
     if eagle_run is not None:

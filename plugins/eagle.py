@@ -33,7 +33,34 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows
-from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, Batch, Loss, ModelOutput
+from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    """(n, n) bool: node i sees itself and its ancestors (``parents[i]`` < i, -1: none)."""
+    mask = torch.eye(len(parents), dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] |= mask[p]
+    return mask
+
+
+def ancestors(parents: list[int], j: int) -> list[int]:
+    """The ancestors of node j (nearest first), -1 / the root excluded."""
+    out = []
+    while parents[j] >= 0 and parents[j] != j:
+        j = parents[j]
+        out.append(j)
+    return out
+
+
+def ancestors_path(parents: list[int], j: int) -> list[int]:
+    """Nodes from the root's child down to j in a tree whose root is node 0."""
+    path = []
+    while j:
+        path.append(j)
+        j = parents[j]
+    return path[::-1]
 
 
 class EagleHead(nn.Module):
@@ -118,10 +145,16 @@ class Eagle:
         return []
 
     def __init__(self, k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, head: EagleHead | EagleObjective | None = None):
+                 seed: int | None = None, head: EagleHead | EagleObjective | None = None,
+                 draft: str = "chain", width: int = 4, budget: int = 16):
         if k < 1:
             raise ValueError(f"decoder.k must be >= 1, got {k}")
+        if draft not in ("chain", "tree"):
+            raise ValueError(f"decoder.draft={draft!r} is not one of ['chain', 'tree']")
+        if width < 1 or budget < 1:
+            raise ValueError(f"decoder.width and decoder.budget must be >= 1, got {width} and {budget}")
         self.k, self.sampler = k, Sampler(temperature, top_k, top_p, seed)
+        self.draft, self.width, self.budget = draft, width, budget
         self.head = head.head if isinstance(head, EagleObjective) else head
         self.stats: dict[str, float] = {}
 
@@ -140,7 +173,15 @@ class Eagle:
             raise ValueError("decoder=eagle has no draft head: load a run trained with objective=eagle")
         self.sampler.reset()
         block = self.head.block
-        if (len(prompts) > 1 and min(map(len, prompts)) > 1 and has_rows(model)
+        tree = (self.draft == "tree" and self.sampler.greedy and TREE_MASK in getattr(model, "capabilities", ())
+                and TREE_MASK in getattr(block, "capabilities", ()))
+        if tree:
+            outs, steps = [], 0
+            for prompt in prompts:
+                out, n = self._one_tree(model, list(prompt), max_new_tokens, eos_id)
+                outs.append(out)
+                steps += n
+        elif (len(prompts) > 1 and min(map(len, prompts)) > 1 and has_rows(model)
                 and ROW_STATE in getattr(block, "capabilities", ()) and KV_CACHE in getattr(block, "capabilities", ())):
             outs, steps = self._batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
@@ -206,6 +247,86 @@ class Eagle:
                 head_state.reorder(torch.tensor(still, dtype=torch.long, device=device))
                 live = [live[i] for i in still]
         return outs, steps
+
+    def _draft_tree(self, model: nn.Module, head_state, f_root: torch.Tensor):
+        """EAGLE-2's dynamic draft tree: from the head's feature after the last token,
+        expand for ``k`` levels the ``width`` children with the highest cumulative
+        log-probability, then keep the ``budget`` best nodes (ancestors first). Returns
+        (tokens, parent of each node: -1 for the root's children), nodes ordered by depth."""
+        logp = model.head(f_root).float().log_softmax(-1)
+        top = logp.topk(self.width)
+        tokens, parents, scores = top.indices.tolist(), [-1] * self.width, top.values.tolist()
+        in_feats = [f_root] * self.width  # the feature each node's pair is fed with (its parent's)
+        frontier = list(range(self.width))
+        for _ in range(self.k - 1):
+            n = len(tokens)
+            head_state.tree = ancestor_mask(parents).to(f_root.device)
+            out = self.head(torch.stack(in_feats)[None], model.embedding(torch.tensor([tokens], device=f_root.device)),
+                            state=head_state)[0]  # (n, D): the feature after each node
+            head_state.rewind(n)  # drafted features are not the target's
+            head_state.tree = None
+            child = model.head(out[frontier]).float().log_softmax(-1).topk(self.width)
+            cand = [(scores[j] + v, j, t) for row, j in enumerate(frontier)
+                    for v, t in zip(child.values[row].tolist(), child.indices[row].tolist())]
+            cand.sort(key=lambda c: -c[0])
+            frontier = []
+            for score, j, t in cand[: self.width]:
+                frontier.append(len(tokens))
+                tokens.append(t), parents.append(j), scores.append(score), in_feats.append(out[j])
+        keep = sorted(sorted(range(len(tokens)), key=lambda j: -scores[j])[: self.budget])
+        keep = sorted(set(keep) | {a for j in keep for a in ancestors(parents, j)})
+        where = {j: i for i, j in enumerate(keep)}
+        return [tokens[j] for j in keep], [where[parents[j]] if parents[j] >= 0 else -1 for j in keep]
+
+    def _one_tree(self, model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None):
+        """Greedy decoding with a dynamic draft tree verified in one target forward (tree
+        masks on both the target's and the head's KV caches)."""
+        device = next(model.parameters()).device
+        max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + self.width * self.k + 2)
+        states = model.init_states(1, max_len, device=device)
+        head_state = self.head.block.init_state(1, max_len + self.width * self.k + 2, device=device, dtype=None)
+        seq, feats, fed, out, steps, done = list(prompt), [], 0, [], 0, False
+        if len(seq) > 1:  # the target consumes all but the last token
+            feats = list(model(torch.tensor([seq[:-1]], device=device), states=states).hidden[0])
+        while not done and len(seq) + self.width * self.k + 1 < max_len:
+            tokens, parents = [], []
+            if feats:  # the head catches up on the true features, then drafts a tree
+                f = self._draft_feed(model, head_state, torch.stack(feats[fed:]), seq[fed + 1:len(feats) + 1])
+                fed = len(feats)
+                tokens, parents = self._draft_tree(model, head_state, f)
+            # the target verifies root (the last token) + the tree in one forward
+            tree_parents = [0] + [p + 1 for p in parents]  # node 0 is the root
+            start = states[0].pos
+            for state in states:
+                state.tree = ancestor_mask([-1] + tree_parents[1:]).to(device)
+            res = model(torch.tensor([[seq[-1]] + tokens], device=device), states=states)
+            argmax = res.logits[0].float().argmax(-1).tolist()
+            ok = [True] + [False] * len(tokens)
+            for j in range(1, len(tree_parents)):  # parents come before children
+                ok[j] = ok[tree_parents[j]] and argmax[tree_parents[j]] == tokens[j - 1]
+            depth = [0] * len(tree_parents)
+            for j in range(1, len(tree_parents)):
+                depth[j] = depth[tree_parents[j]] + 1
+            best = max((j for j in range(len(ok)) if ok[j]), key=lambda j: (depth[j], -j))
+            path = ancestors_path(tree_parents, best)
+            keep = torch.tensor([0] + path, device=device)
+            for state in states:
+                state.keep(start, keep)
+            new = [tokens[j - 1] for j in path] + [argmax[best]]
+            feats += list(res.hidden[0, keep])  # true features after seq[-1] and the accepted drafts
+            steps += 1
+            out, done = finish(out + new, max_new_tokens, eos_id)
+            seq += new
+        if not done:  # too close to the end for a whole tree: one token at a time
+            res = model(torch.tensor([[seq[-1]]], device=device), states=states)
+            while not done and len(seq) < max_len:
+                token = int(res.logits[0, -1].argmax())
+                out, done = finish(out + [token], max_new_tokens, eos_id)
+                seq.append(token)
+                steps += 1
+                if not done and len(seq) < max_len:
+                    res = model(torch.tensor([[token]], device=device), states=states)
+        return out, steps
 
     def _draft_feed(self, model, state, feats: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         """The head consumes (feature, next token) pairs; its last predicted feature (D,)."""

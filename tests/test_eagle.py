@@ -63,6 +63,24 @@ def test_greedy_eagle_equals_greedy(block, vocab):
     assert 1.0 <= dec.stats["accepted_per_step"] <= 4
 
 
+@pytest.mark.parametrize("block,vocab", [("dense", 8), ("dense", 64), ("moe", 8)])
+def test_greedy_eagle_dynamic_tree_equals_greedy(block, vocab):
+    """EAGLE-2's dynamic draft tree (tree masks on the head's and the target's caches,
+    the deepest accepted path kept) gives greedy's tokens, 1-token prompts included."""
+    model = random_model(block, vocab)
+    obj = EagleObjective()
+    obj.setup(model)
+    prompts = [[1, 2, 3], [3, 0, 1, 2], [2], [5, 6, 7, 1, 1]]
+    ref = Greedy().generate(model, prompts, max_new_tokens=30, eos_id=7)
+    dec = Eagle(head=obj, k=3, draft="tree", width=3, budget=8)
+    assert dec.generate(model, prompts, max_new_tokens=30, eos_id=7) == ref
+    assert 1.0 <= dec.stats["accepted_per_step"] <= 4
+    if vocab == 8 and block == "dense":  # repetitive random model: some drafts are accepted
+        assert dec.stats["accepted_per_step"] > 1.0
+    with pytest.raises(ValueError, match="decoder.draft='fan' is not one of"):
+        Eagle(draft="fan")
+
+
 def test_eagle_decoder_needs_an_eagle_run():
     with pytest.raises(ConfigError, match="decoder=eagle drafts with the head that objective=eagle trains"):
         tiny_cfg("decoder=eagle")
