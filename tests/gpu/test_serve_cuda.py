@@ -52,3 +52,24 @@ def test_medusa_rows_verification_on_cuda_equals_greedy(block):
     prompts = [[1, 2, 3], [3, 0, 1, 2], [2]]
     dec = Medusa(heads=heads)
     assert dec.generate(model, prompts, max_new_tokens=40) == Greedy().generate(model, prompts, max_new_tokens=40)
+
+
+@pytest.mark.parametrize("block", ["dense", "mamba2", "hybrid"])
+def test_batched_drafting_decoders_on_cuda_equal_greedy(block):
+    """Batched speculative, EAGLE and Medusa decoding (row states, per-row rollback) and
+    EAGLE-2's dynamic tree give greedy's tokens on the GPU."""
+    from llmzoo_plugins.eagle import Eagle, EagleObjective
+    from llmzoo_plugins.medusa import Medusa, MedusaObjective
+    from llmzoo_plugins.sampling import Greedy
+    from llmzoo_plugins.speculative import Speculative
+
+    model = _model(block, vocab=8)
+    prompts = [[1, 2, 3], [3, 0, 1, 2], [5, 6, 7, 1, 1], [4, 4]]
+    ref = Greedy().generate(model, prompts, max_new_tokens=24)
+    eagle, medusa = EagleObjective(), MedusaObjective(n_heads=4)
+    eagle.setup(model), medusa.setup(model)
+    decoders = [Speculative(k=3, draft_layers=1), Eagle(head=eagle, k=3), Medusa(heads=medusa.cuda())]
+    if block == "dense":
+        decoders.append(Eagle(head=eagle, k=3, draft="tree"))
+    for dec in decoders:
+        assert dec.generate(model, prompts, max_new_tokens=24) == ref, type(dec).__name__
