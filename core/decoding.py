@@ -237,6 +237,16 @@ class Stream:
 
 
 
+def one_at_a_time(decode_one, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], int]:
+    """``decode_one(prompt) -> (tokens, steps)`` on each prompt in turn: (outputs, steps in all).
+    Drafting decoders fall back to it where a batch cannot decode together."""
+    outs, steps = [], 0
+    for prompt in prompts:
+        out, n = decode_one(list(prompt))
+        outs.append(out)
+        steps += n
+    return outs, steps
+
 def has_rows(model: nn.Module) -> bool:
     """Whether every block's decode state can hold rows at independent positions (ROW_STATE)."""
     blocks = getattr(model, "blocks", None)

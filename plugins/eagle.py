@@ -32,7 +32,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows
+from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows, one_at_a_time
 from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
 
 
@@ -176,20 +176,12 @@ class Eagle:
         tree = (self.draft == "tree" and self.sampler.greedy and TREE_MASK in getattr(model, "capabilities", ())
                 and TREE_MASK in getattr(block, "capabilities", ()))
         if tree:
-            outs, steps = [], 0
-            for prompt in prompts:
-                out, n = self._one_tree(model, list(prompt), max_new_tokens, eos_id)
-                outs.append(out)
-                steps += n
+            outs, steps = one_at_a_time(lambda p: self._one_tree(model, p, max_new_tokens, eos_id), prompts)
         elif (len(prompts) > 1 and min(map(len, prompts)) > 1 and has_rows(model)
                 and ROW_STATE in getattr(block, "capabilities", ()) and KV_CACHE in getattr(block, "capabilities", ())):
             outs, steps = self._batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
-            outs, steps = [], 0
-            for prompt in prompts:
-                out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
-                outs.append(out)
-                steps += n
+            outs, steps = one_at_a_time(lambda p: self._one(model, p, max_new_tokens, eos_id), prompts)
         self.stats = {"accepted_per_step": sum(map(len, outs)) / max(steps, 1), "steps": steps}
         return outs
 

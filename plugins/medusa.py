@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import RowStreams, Sampler, check_prompts, finish, has_rows
+from llmzoo.decoding import RowStreams, Sampler, check_prompts, finish, has_rows, one_at_a_time
 from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
 from llmzoo.losses import shifted_labels
 
@@ -264,11 +264,7 @@ class Medusa:
             batched = self._batched_tree if tree else self._batched
             outs, steps = batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
-            outs, steps = [], 0
-            for prompt in prompts:
-                out, n = self._one(model, list(prompt), max_new_tokens, eos_id)
-                outs.append(out)
-                steps += n
+            outs, steps = one_at_a_time(lambda p: self._one(model, p, max_new_tokens, eos_id), prompts)
         produced = sum(map(len, outs))
         self.stats = {"accepted_per_step": (produced - len(prompts)) / max(steps, 1), "steps": steps}
         if any(self._refed):

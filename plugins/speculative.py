@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows
+from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows, one_at_a_time
 from llmzoo.interfaces import STATEFUL
 
 
@@ -113,11 +113,7 @@ class Speculative:
         if len(prompts) > 1 and has_rows(model) and has_rows(draft):
             outs, steps = self._batched(model, draft, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
-            outs, steps = [], 0
-            for prompt in prompts:
-                out, n_steps = self._one(model, draft, list(prompt), max_new_tokens, eos_id)
-                outs.append(out)
-                steps += n_steps
+            outs, steps = one_at_a_time(lambda p: self._one(model, draft, p, max_new_tokens, eos_id), prompts)
         self.stats = {"accepted_per_step": sum(map(len, outs)) / max(steps, 1), "steps": steps}
         return outs
 
