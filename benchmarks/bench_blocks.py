@@ -114,7 +114,8 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def bench_scans(b: DictConfig) -> list[dict]:
-    from llmzoo_plugins.mamba import selective_scan_fast, selective_scan_reference, ssd_chunked, ssd_reference
+    from llmzoo_plugins.mamba import (selective_scan_compiled, selective_scan_fast, selective_scan_reference,
+                                      ssd_chunked, ssd_reference)
 
     T, g = b.scan.seq_len, torch.Generator().manual_seed(0)
     m1 = (torch.randn(1, T, 256, generator=g), torch.rand(1, T, 256, generator=g) * 0.1,
@@ -125,6 +126,8 @@ def bench_scans(b: DictConfig) -> list[dict]:
     with torch.no_grad():
         for name, ref, fast, args in (("mamba1_selective_scan (lean step loop)", selective_scan_reference,
                                        selective_scan_fast, m1),
+                                      ("mamba1_selective_scan (torch.compile, chunks of 128)", selective_scan_reference,
+                                       selective_scan_compiled, m1),
                                       ("mamba2_ssd (chunked, chunk 64)", ssd_reference, ssd_chunked, m2)):
             t_ref = _best_time(lambda: ref(*args), b.scan.repeats)
             t_fast = _best_time(lambda: fast(*args), b.scan.repeats)

@@ -37,7 +37,7 @@ from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "torch", "cuda", "triton")
+BACKENDS = ("auto", "reference", "torch", "cuda", "triton", "compile")
 
 
 # ============================================================================ Mamba-1 scans
@@ -73,6 +73,41 @@ def selective_scan_fast(x, dt, A, B, C, h0=None):
         hs.append(h)
     y = torch.einsum("btdn,btn->btd", torch.stack(hs, 1), C.float())
     return y.to(x.dtype), h
+
+
+def _scan_chunk(x, dt, A, B, C, h):
+    """``chunk`` steps of the recurrence, written plainly: torch.compile turns the unrolled
+    loop into one fused loop per element of h (the recurrence is elementwise in (d, n))."""
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+_compiled_chunk = None
+
+
+def selective_scan_compiled(x, dt, A, B, C, h0=None, chunk: int = 128):
+    """Same result as ``selective_scan_reference`` (``backend: compile``): the sequence in
+    chunks of ``chunk`` steps, each one call of ``torch.compile``'d ``_scan_chunk`` with
+    fixed shapes (the tail is padded with dt = 0, which leaves h unchanged). The first
+    call compiles (tens of seconds on a CPU); decoding steps (T = 1) use the step loop."""
+    global _compiled_chunk
+    b, T, d = x.shape
+    if T == 1:
+        return selective_scan_fast(x, dt, A, B, C, h0)
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_scan_chunk, dynamic=False, fullgraph=True)
+    L = min(chunk, T)
+    pad = (-T) % L
+    x, dt, B, C = (F.pad(t.float(), (0, 0, 0, pad)) for t in (x, dt, B, C))
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
+    ys = []
+    for s in range(0, T + pad, L):
+        y, h = _compiled_chunk(x[:, s:s + L], dt[:, s:s + L], A, B[:, s:s + L], C[:, s:s + L], h)
+        ys.append(y)
+    return torch.cat(ys, 1)[:, :T].to(dtype=x.dtype), h
 
 
 # ============================================================================ Mamba-2 scans
@@ -147,6 +182,8 @@ def mamba_problems(node: DictConfig, cfg: DictConfig) -> list[str]:
         problems.append(f"backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
     if node.get("backend") == "triton" and "Mamba2" not in node._target_:
         problems.append("backend='triton' (fla-core's chunked kernel) is for block=mamba2 only")
+    if node.get("backend") == "compile" and "Mamba2" in node._target_:
+        problems.append("backend='compile' (a torch.compile'd scan) is for block=mamba (Mamba-1) only")
     if "Mamba2" in node._target_:
         inner, hd = node.get("expand", 2) * node.get("dim"), node.get("headdim", 32)
         if inner % hd:
@@ -333,6 +370,8 @@ class MambaMixer(nn.Module):
             y = selective_scan_fn(xs.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(),
                                   C.transpose(1, 2).contiguous()).transpose(1, 2)
             h = None
+        elif backend == "compile":
+            y, h = selective_scan_compiled(xs, dt, A, B, C, h0)
         else:
             y, h = selective_scan_fast(xs, dt, A, B, C, h0)
         if state is not None:
