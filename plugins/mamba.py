@@ -97,11 +97,14 @@ def selective_scan_compiled(x, dt, A, B, C, h0=None, chunk: int = 128):
     b, T, d = x.shape
     if T == 1:
         return selective_scan_fast(x, dt, A, B, C, h0)
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_scan_chunk, dynamic=False, fullgraph=True)
+    if _compiled_chunk is None:  # cpp_wrapper: C++ rather than Python glue around each call on CPU
+        _compiled_chunk = torch.compile(_scan_chunk, dynamic=False, fullgraph=True,
+                                        options={"cpp_wrapper": not x.is_cuda})
     L = min(chunk, T)
     pad = (-T) % L
-    x, dt, B, C = (F.pad(t.float(), (0, 0, 0, pad)) for t in (x, dt, B, C))
+    x, dt, B, C = (t.float() for t in (x, dt, B, C))
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, B, C))
     h = torch.zeros(b, d, A.shape[1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
     ys = []
     for s in range(0, T + pad, L):
