@@ -175,7 +175,6 @@ def sample_responses(model: nn.Module, decoder, batch: dict, *, eos_id: int, max
     return prompts, responses, answers
 
 
-
 @torch.no_grad()
 def scored_rollout(model: nn.Module, ref: nn.Module, decoder, tokenizer, reward, batch: dict, *,
                    repeat: int, max_new_tokens: int, seed: int | None) -> dict:
@@ -193,6 +192,7 @@ def scored_rollout(model: nn.Module, ref: nn.Module, decoder, tokenizer, reward,
     ref_logp, _ = token_logprobs(ref.to(device)(ids).logits, labels)
     return {"sequences": ids, "response_labels": labels, "ref_logp": ref_logp, "rewards": rewards.to(device),
             "response_lengths": torch.tensor([len(r) for r in responses], dtype=torch.float32)}
+
 
 def _logits(model: nn.Module, ids: torch.Tensor, states: list) -> torch.Tensor:
     out = model(ids, states=states)
@@ -236,7 +236,6 @@ class Stream:
             self.feed(refeed)
 
 
-
 def one_at_a_time(decode_one, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], int]:
     """``decode_one(prompt) -> (tokens, steps)`` on each prompt in turn: (outputs, steps in all).
     Drafting decoders fall back to it where a batch cannot decode together."""
@@ -246,6 +245,17 @@ def one_at_a_time(decode_one, prompts: Sequence[Sequence[int]]) -> tuple[list[li
         outs.append(out)
         steps += n
     return outs, steps
+
+
+def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
+    """(n, n) bool tree mask: node i sees itself and its ancestors (``parents[i] < i``; -1
+    for a node without a parent) -- what ``state.tree`` takes (TREE_MASK)."""
+    mask = torch.eye(len(parents), dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] |= mask[p]
+    return mask
+
 
 def has_rows(model: nn.Module) -> bool:
     """Whether every block's decode state can hold rows at independent positions (ROW_STATE)."""
@@ -273,7 +283,7 @@ class RowStreams:
         for row, prefix in enumerate(self.seen):
             hidden = None
             if prefix:  # prefill alone (prompts differ in length), then move into the row
-                single = model.init_states(1, max_len, device=device)
+                single = model.init_states(1, len(prefix), device=device)
                 hidden = getattr(model(torch.tensor([prefix], device=device), states=single), "hidden", None)
                 for state, one in zip(self.states, single):
                     if state is not None:

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .decoding import ancestor_mask
+
 BlockFactory = Callable[[], nn.Module]
 
 
@@ -134,19 +136,13 @@ def check_row_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (3, 7
 
 
 # parent of each candidate of the tree check (node 0 is the root): two branches, depth 3
-_TREE_PARENTS = (0, 0, 0, 1, 1, 3, 2)
-
-
-def _tree_mask(parents: tuple[int, ...]) -> torch.Tensor:
-    mask = torch.eye(len(parents), dtype=torch.bool)
-    for i in range(1, len(parents)):
-        mask[i] |= mask[parents[i]]
-    return mask
+_TREE_PARENTS = (-1, 0, 0, 1, 1, 3, 2)
 
 
 def _path(parents: tuple[int, ...], i: int) -> list[int]:
+    """Node i and its ancestors, root first."""
     out = [i]
-    while out[-1]:
+    while parents[out[-1]] >= 0:
         out.append(parents[out[-1]])
     return out[::-1]
 
@@ -160,7 +156,7 @@ def check_tree_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (5,)
     next token's output equals a full forward's. With ``rows`` (and ``row_state``) the rows
     hold prefixes of different ``lengths``, share one tree, and keep different paths."""
     block.eval()
-    mask, n = _tree_mask(_TREE_PARENTS), len(_TREE_PARENTS)
+    mask, n = ancestor_mask(_TREE_PARENTS), len(_TREE_PARENTS)
     xs = [_randn(1, m, dim, seed=40 + i) for i, m in enumerate(lengths)]
     cand = _randn(len(lengths), n, dim, seed=50)
     nxt = _randn(len(lengths), 1, dim, seed=51)

@@ -32,23 +32,15 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows, one_at_a_time
+from llmzoo.decoding import (RowStreams, Sampler, Stream, accept, ancestor_mask, check_prompts, finish, has_rows,
+                             one_at_a_time)
 from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
 
 
-def ancestor_mask(parents: list[int]) -> torch.Tensor:
-    """(n, n) bool: node i sees itself and its ancestors (``parents[i]`` < i, -1: none)."""
-    mask = torch.eye(len(parents), dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            mask[i] |= mask[p]
-    return mask
-
-
 def ancestors(parents: list[int], j: int) -> list[int]:
-    """The ancestors of node j (nearest first), -1 / the root excluded."""
+    """The ancestors of node j, nearest first (-1: no parent)."""
     out = []
-    while parents[j] >= 0 and parents[j] != j:
+    while parents[j] >= 0:
         j = parents[j]
         out.append(j)
     return out

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import RowStreams, Sampler, check_prompts, finish, has_rows, one_at_a_time
+from llmzoo.decoding import RowStreams, Sampler, ancestor_mask, check_prompts, finish, has_rows, one_at_a_time
 from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
 from llmzoo.losses import shifted_labels
 
@@ -121,14 +121,7 @@ class Tree:
             index[p] = len(self.parent)
             self.parent.append(index[p[:-1]]), self.depth.append(len(p)), self.rank.append(p[-1])
         n = len(self.parent)
-        self.mask = torch.zeros(n, n, dtype=torch.bool)
-        for i in range(n):
-            j = i
-            while True:
-                self.mask[i, j] = True
-                if j == 0:
-                    break
-                j = self.parent[j]
+        self.mask = ancestor_mask([-1] + self.parent[1:])
         self.max_depth, self.max_rank = max(self.depth), max(self.rank)
         parents = set(self.parent[1:])
         self.leaves = [i for i in range(1, n) if i not in parents]  # each path of rows verification
