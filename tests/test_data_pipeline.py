@@ -64,6 +64,33 @@ def test_filters_remove_what_their_rules_say(tmp_path):
     assert example["text"] == "Too short."
 
 
+def test_shared_spacy_tokenizer_gives_datatroves_tokens_and_sentences(tmp_path):
+    """The one-pass tokenizer the filters share answers exactly as datatrove's spaCy
+    tokenizer does, across memory-zone renewals and after pickling (as executors do), and
+    build_filters gives it to datatrove's filters."""
+    import pickle
+
+    from datatrove.utils.word_tokenizers import SpaCyTokenizer
+
+    from llmzoo_plugins.data_pipeline import SharedSpacyTokenizer, build_filters
+
+    rng = random.Random(7)
+    texts = [prose(rng, 40) for _ in range(6)] + [
+        "Dr. Smith's cat (aged 3) didn't eat -- it's 5:30 p.m.! Why? U.S.A. e-mail: a@b.com...",
+        "  leading and trailing spaces \n\n and blank lines.\n", "", "one", "Émile naïve café. Ünïcode words?"]
+    reference, ours = SpaCyTokenizer("en"), SharedSpacyTokenizer("en", renew_every=2)
+    for tok in (ours, pickle.loads(pickle.dumps(ours))):
+        for t in texts + texts[::-1]:  # repeats hit the one-document memo; the zone renews every 2
+            assert tok.word_tokenize(t) == reference.word_tokenize(t), t
+            assert tok.span_tokenize(t) == reference.span_tokenize(t), t
+            assert tok.sent_tokenize(t) == reference.sent_tokenize(t), t
+    cfg = llmzoo.compose("data_pipeline", ["filter=[length,gopher_repetition,gopher_quality,c4]", "input=x",
+                                           "output=y"], validate=False)
+    steps = build_filters(cfg, tmp_path)
+    shared = [s.language for s in steps if hasattr(s, "language")]
+    assert len(shared) == 3 and all(s is shared[0] for s in shared) and isinstance(shared[0], SharedSpacyTokenizer)
+
+
 def test_exact_dedup_keeps_one_copy_of_each_text(tmp_path):
     rng = random.Random(1)
     unique = [prose(rng) for _ in range(5)]
