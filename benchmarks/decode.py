@@ -5,10 +5,12 @@
   greedy                   llmzoo eager decoding with a growing KV cache
   static_compile           static KV cache + torch.compile'd step (decoder=static)
   medusa                   Medusa-1 heads trained on the corpus, tree verification
+  medusa_compile           the same over a static KV cache with the tree step compiled (decoder.compile=true)
   eagle                    an EAGLE draft head trained on the same target, chain of 4 drafts
   eagle_tree               the same head drafting EAGLE-2's dynamic tree (width 4, 4 deep, 16 verified)
   speculative_early_exit   draft = the target's first block (decoder.draft_layers=1)
   speculative_draft        draft = a separately trained 2-layer dim-64 model
+  speculative_*_compile    the same over static KV caches, verify and draft steps compiled
   int8, int4               greedy on weight-only quantized copies
   greedy_batch, medusa_batch, eagle_batch, speculative_*_batch   the same decoders over the whole batch
 
@@ -98,10 +100,13 @@ def methods(b: DictConfig, run, draft_run, eagle_run=None):
         "greedy": lambda: one_by_one(Greedy(), model),
         "static_compile": lambda: one_by_one(StaticCache(), model),
         "medusa": lambda: one_by_one(Medusa(heads=run.objective), model),
+        "medusa_compile": lambda: one_by_one(Medusa(heads=run.objective, compile=True), model),
         "eagle": lambda: one_by_one(Eagle(head=eagle_run.objective), model),
         "eagle_tree": lambda: one_by_one(Eagle(head=eagle_run.objective, draft="tree"), model),
         "speculative_early_exit": lambda: one_by_one(Speculative(k=4, draft_layers=1), model),
         "speculative_draft": lambda: one_by_one(Speculative(k=4, draft=draft_run.model), model),
+        "speculative_early_exit_compile": lambda: one_by_one(Speculative(k=4, draft_layers=1, compile=True), model),
+        "speculative_draft_compile": lambda: one_by_one(Speculative(k=4, draft=draft_run.model, compile=True), model),
         "greedy_batch": lambda: batched(Greedy(), model),
         "medusa_batch": lambda: batched(Medusa(heads=run.objective), model),
         "eagle_batch": lambda: batched(Eagle(head=eagle_run.objective), model),

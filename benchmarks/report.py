@@ -219,14 +219,14 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
         if "static_compile" in res and "ratio_vs_hf_generate" in res["static_compile"]:
             lines.append(f"| batch-1 decoding, static cache + compile vs HF `generate` "
                          f"| {res['static_compile']['ratio_vs_hf_generate']:.2f}x | {when} |")
-        for name in ("medusa", "eagle", "speculative_draft"):
+        for name in ("medusa", "medusa_compile", "eagle", "speculative_draft", "speculative_draft_compile"):
             if name in res and "ratio_vs_greedy" in res[name]:
                 lines.append(f"| batch-1 decoding, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "
                              f"tokens/step) | {res[name]['ratio_vs_greedy']:.2f}x | {when} |")
     if by_kind.get("decode_gpu"):
         d = by_kind["decode_gpu"][-1]
         res = d["results"]
-        for name in ("medusa", "eagle"):
+        for name in ("medusa", "medusa_compile", "eagle"):
             if name in res and "ratio_vs_greedy" in res[name]:
                 lines.append(f"| batch-1 decoding on GPU, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "
                              f"tokens/step) | {res[name]['ratio_vs_greedy']:.2f}x | {d['device']}, {d['time'][:10]} |")

@@ -10,13 +10,17 @@ sees exactly its own tokens, for any kind of block state.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+import logging
+import time
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .interfaces import ROW_STATE, STATEFUL
 from .losses import prompt_response_batch, token_logprobs
+
+log = logging.getLogger(__name__)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -132,6 +136,61 @@ class StepDecoder:
         return model(tokens, states=states).logits[:, -1]
 
 
+class StaticStates:
+    """Fixed-shape decode states (``init_states(..., static=True)``, blocks with
+    ``static_state``) kept between calls -- reset, not reallocated, so that a compiled
+    function replays on the addresses it was captured with -- and the functions compiled
+    over them (``torch.compile(fullgraph=True)``; with ``mode="reduce-overhead"`` a CUDA
+    graph on a GPU). ``decoder=static`` compiles its one-token step this way, Medusa and
+    speculative decoding (``compile: true``) their verify forwards.
+    ``compile_s``: seconds spent in first calls (compiling)."""
+
+    def __init__(self, compile: bool = True, mode: str | None = "reduce-overhead", backend: str = "inductor"):
+        self.compile_enabled, self.mode, self.backend = compile, mode, backend
+        self._states: dict[tuple, list] = {}  # (model id, batch size, device) -> states
+        self.compile_s = 0.0
+
+    def get(self, model: nn.Module, batch_size: int, device) -> list:
+        """The states of ``model`` for ``batch_size`` rows, empty (allocated on first use)."""
+        key = (id(model), batch_size, str(device))
+        states = self._states.get(key)
+        if states is None:
+            states = model.init_states(batch_size, model.max_seq_len, device=device, static=True)
+            if self.compile_enabled:
+                for s in states:  # fixed addresses: what CUDA graphs replay on
+                    for t in (vars(s).values() if s is not None else ()):
+                        if isinstance(t, torch.Tensor):
+                            torch._dynamo.mark_static_address(t)
+            self._states[key] = states
+        else:
+            for s in states:
+                if s is not None:
+                    s.reset()
+        return states
+
+    def compile(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        """``fn`` compiled (or ``fn`` itself with compile false); the outputs are cloned,
+        since CUDA graphs reuse their output buffers at the next replay."""
+        if not self.compile_enabled:
+            return fn
+        kw = {"mode": self.mode} if self.backend == "inductor" and self.mode else {}
+        compiled: list = []  # made at the first call
+
+        def call(*args: Any) -> Any:
+            t0, first = time.perf_counter(), not compiled
+            if first:
+                compiled.append(torch.compile(fn, fullgraph=True, backend=self.backend, **kw))
+            out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                                               compiled[0](*args))
+            if first:
+                self.compile_s += time.perf_counter() - t0
+                log.info("compiled %s in %.1f s (backend %s, mode %s)", name, time.perf_counter() - t0, self.backend,
+                         kw.get("mode"))
+            return out
+
+        return call
+
+
 def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` of ``t`` (dim 0), for ``DecodeState.reorder``: written in place (same
     tensor and address, as static states need) when the row count stays the same."""
@@ -194,25 +253,33 @@ def scored_rollout(model: nn.Module, ref: nn.Module, decoder, tokenizer, reward,
             "response_lengths": torch.tensor([len(r) for r in responses], dtype=torch.float32)}
 
 
-def _logits(model: nn.Module, ids: torch.Tensor, states: list) -> torch.Tensor:
+def logits_of(model: nn.Module, ids: torch.Tensor, states: list) -> torch.Tensor:
+    """(T, V) float logits of the one row ``ids`` (1, T), advancing ``states``."""
     out = model(ids, states=states)
     return (out if isinstance(out, torch.Tensor) else out.logits)[0].float()  # (T, V)
 
 
 class Stream:
-    """A model, its decode state and the tokens the state has consumed, with rollback."""
+    """A model, its decode state and the tokens the state has consumed, with rollback.
 
-    def __init__(self, model: nn.Module, max_len: int, device):
+    With ``static`` (a ``StaticStates``) the states are its fixed-shape ones and feeds of
+    at most ``compiled_upto`` tokens go through ``compiled`` (``static.compile`` of a
+    function like ``logits_of``); longer feeds -- the prompt -- run eagerly."""
+
+    def __init__(self, model: nn.Module, max_len: int, device, static: StaticStates | None = None,
+                 compiled: Callable[..., torch.Tensor] | None = None, compiled_upto: int = 0):
         self.model, self.seen = model, []
-        self.states = model.init_states(1, max_len, device=device)
+        self.states = static.get(model, 1, device) if static else model.init_states(1, max_len, device=device)
         self.device = device
         self.rewindable = all(s is None or hasattr(s, "rewind") for s in self.states)
         self._saved: tuple[list, int] | None = None
+        self.compiled, self.compiled_upto = compiled, compiled_upto
 
     def feed(self, tokens: list[int]) -> torch.Tensor:
         """Consume ``tokens``; (len(tokens), V) logits predicting the token after each."""
         self.seen += tokens
-        return _logits(self.model, torch.tensor([tokens], device=self.device), self.states)
+        fn = self.compiled if self.compiled is not None and len(tokens) <= self.compiled_upto else logits_of
+        return fn(self.model, torch.tensor([tokens], device=self.device), self.states)
 
     def mark(self) -> None:
         """Remember this point to roll back to (a copy of the states unless they rewind)."""

@@ -169,11 +169,13 @@ RECURRENT = "recurrent"  # state is fixed-size (conv + SSM state)
 STATEFUL = "stateful"  # any decode-time state: KV_CACHE or RECURRENT imply it
 # init_state(..., static=True) gives a state whose tensors keep their shapes and
 # addresses and are updated in place (positions as tensors), with a reset() method:
-# a decode step over it compiles once (torch.compile, CUDA graphs).
+# a decode step over it compiles once (torch.compile, CUDA graphs). A static state
+# that has ``rewind(n)`` rewinds in place (compiled speculative decoding).
 STATIC_STATE = "static_state"
 # the state takes a candidate tree: set ``state.tree`` to a (T, T) bool ancestor mask
 # before a forward of T candidates, then ``state.keep(start, index)`` keeps the
-# accepted ones (Medusa's one-forward verification).
+# accepted ones (Medusa's one-forward verification). With STATIC_STATE too, a static
+# state takes them as well, keeping its shapes (compiled Medusa, ``decoder.compile``).
 TREE_MASK = "tree_mask"
 # init_state(..., rows=True) gives a state whose rows are independent sequences, each at
 # its own position (a server's continuous batching): ``state.put(row, other, other_row=0)``

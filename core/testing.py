@@ -149,12 +149,13 @@ def _path(parents: tuple[int, ...], i: int) -> list[int]:
 
 @torch.no_grad()
 def check_tree_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (5,), rows: bool = False,
-                     atol: float = 1e-5) -> None:
+                     atol: float = 1e-5, static: bool = False) -> None:
     """For blocks with ``tree_mask``: after a prefix, one forward over a candidate tree
     (``state.tree`` set) gives at every node the output of a full forward over the prefix
     and that node's path; ``keep(start, index)`` then leaves exactly the kept path, so the
     next token's output equals a full forward's. With ``rows`` (and ``row_state``) the rows
-    hold prefixes of different ``lengths``, share one tree, and keep different paths."""
+    hold prefixes of different ``lengths``, share one tree, and keep different paths. With
+    ``static`` (and ``static_state``) the same on a static state (compiled Medusa)."""
     block.eval()
     mask, n = ancestor_mask(_TREE_PARENTS), len(_TREE_PARENTS)
     xs = [_randn(1, m, dim, seed=40 + i) for i, m in enumerate(lengths)]
@@ -169,7 +170,7 @@ def check_tree_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (5,)
             state.put(i, single)
     else:
         assert len(lengths) == 1, "without rows the tree check runs on one sequence"
-        state = block.init_state(1, total, device=None, dtype=None)
+        state = block.init_state(1, total, device=None, dtype=None, **({"static": True} if static else {}))
         block(xs[0], state=state)
     state.tree = mask
     out = block(cand, state=state)
@@ -213,6 +214,14 @@ def check_static_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: in
             now = getattr(state, n)
             assert now is t and now.shape == shape and now.data_ptr() == ptr, \
                 f"static state field {n!r} was replaced or resized: update it in place"
+        state.reset()
+    if hasattr(state, "rewind"):  # a static KV cache forgets tokens in place (compiled speculative decoding)
+        other = _randn(batch, 3, dim, seed=9)
+        block(x[:, :seq_len - 3], state=state)
+        block(other, state=state)
+        state.rewind(3)
+        d = _max_diff(block(x[:, seq_len - 3:], state=state), full[:, seq_len - 3:])
+        assert d <= atol, f"static state: after rewind(3) the outputs differ from the full forward by {d:.3g} > {atol}"
         state.reset()
 
 
@@ -283,6 +292,8 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
         check_tree_state(block, dim, atol=atol)
         if "row_state" in block.capabilities:
             check_tree_state(block, dim, lengths=(5, 2, 8), rows=True, atol=atol)
+        if "static_state" in block.capabilities:
+            check_tree_state(block, dim, atol=atol, static=True)
     check_state_dict_roundtrip(make_block, dim)
     check_dtype_move(block, dim)
     check_gradients(block, dim)

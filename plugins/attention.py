@@ -166,26 +166,50 @@ class StaticKVCache:
 
     k, v: (B, H_kv, max_len, hd); ``pos``: a 0-d long tensor advanced in place. Every
     forward attends over all max_len slots with a mask hiding the empty ones, so the
-    step is the same graph for every position.
+    step is the same graph for every position. ``tree`` / ``keep`` (a candidate tree,
+    as KVCache's) and ``rewind`` keep those shapes too, so a compiled Medusa or
+    speculative verify step is also one graph (``decoder.compile``).
     """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
+    tree: torch.Tensor | None = None
 
     def positions(self, t: int, device) -> torch.Tensor:
+        if self.tree is not None:
+            return self.pos + self.tree.sum(-1) - 1
         return self.pos + torch.arange(t, device=device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
-        idx = self.positions(k.shape[2], k.device)
-        self.k.index_copy_(2, idx, k)
-        self.v.index_copy_(2, idx, v)
-        self.pos.add_(k.shape[2])
-        mask = torch.arange(self.k.shape[2], device=k.device)[None, :] <= idx[:, None]
+        t = k.shape[2]
+        slots = self.pos + torch.arange(t, device=k.device)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        keys = torch.arange(self.k.shape[2], device=k.device)
+        if self.tree is None:
+            mask = keys[None, :] <= slots[:, None]
+        else:  # the earlier tokens, and among the candidates the query's ancestors
+            rel = keys - self.pos  # key slot relative to the first candidate
+            mask = (rel < 0)[None, :] | (self.tree[:, rel.clamp(0, t - 1)] & (rel < t)[None, :])
+        self.pos.add_(t)
         return self.k, self.v, mask
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n tokens."""
+        self.pos.sub_(n)
+
+    def keep(self, start: int, index: torch.Tensor) -> None:
+        """As ``KVCache.keep``: of the tokens from ``start`` on keep those at ``start + index``."""
+        src = start + index.to(self.k.device)
+        self.k[:, :, start:start + len(index)] = self.k[:, :, src]
+        self.v[:, :, start:start + len(index)] = self.v[:, :, src]
+        self.pos.fill_(start + len(index))
+        self.tree = None
 
     def reset(self) -> None:
         self.k.zero_(), self.v.zero_(), self.pos.zero_()
+        self.tree = None
 
     def reorder(self, index: torch.Tensor) -> None:
         if len(index) != self.k.shape[0]:

@@ -20,6 +20,9 @@ The head's own KV cache is kept on the target's true features: after verificatio
 accepted positions are fed again with them. Drafting is a chain, not EAGLE-2's dynamic
 tree. A batch is decoded together when the target's blocks and the head's layer have
 ``row_state`` (``RowStreams``; each row accepts its own count), else row by row.
+``compile: true`` (chain drafting, KV-cache targets: dense, MoE; one prompt at a time)
+verifies over the target's static KV caches with the verify forward compiled, one graph
+per token count, as ``decoder=speculative decoder.compile=true``; the head drafts eagerly.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import (RowStreams, Sampler, Stream, accept, ancestor_mask, check_prompts, finish, has_rows,
-                             one_at_a_time)
-from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
+from llmzoo.decoding import (RowStreams, Sampler, StaticStates, Stream, accept, ancestor_mask, check_prompts, finish,
+                             has_rows, one_at_a_time)
+from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, STATIC_STATE, TREE_MASK, Batch, Loss, ModelOutput
 
 
 def ancestors(parents: list[int], j: int) -> list[int]:
@@ -66,6 +69,13 @@ class EagleHead(nn.Module):
 
     def forward(self, feats: torch.Tensor, embeds: torch.Tensor, state=None) -> torch.Tensor:
         return self.block(self.fc(torch.cat([feats, embeds], dim=-1)), state=state)
+
+
+def verify_forward(model: nn.Module, ids: torch.Tensor, states: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's forward over ``ids`` (1, T): its (T, V) logits and (T, D) features
+    (``compile``: compiled once per T)."""
+    res = model(ids, states=states)
+    return res.logits[0], res.hidden[0]
 
 
 def head_shape(model: nn.Module) -> int:
@@ -128,6 +138,11 @@ class Eagle:
     requires = frozenset({STATEFUL})
 
     @staticmethod
+    def requires_for(node: DictConfig) -> frozenset[str]:
+        """``compile: true`` verifies over static KV caches that rewind."""
+        return frozenset({STATEFUL, STATIC_STATE, KV_CACHE}) if node.get("compile") else Eagle.requires
+
+    @staticmethod
     def check(node: DictConfig, cfg: DictConfig) -> list[str]:
         obj = cfg.get("objective")
         target = obj.get("_target_", "") if isinstance(obj, DictConfig) else ""
@@ -138,7 +153,8 @@ class Eagle:
 
     def __init__(self, k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, head: EagleHead | EagleObjective | None = None,
-                 draft: str = "chain", width: int = 4, budget: int = 16):
+                 draft: str = "chain", width: int = 4, budget: int = 16, compile: bool = False,
+                 mode: str | None = "reduce-overhead", backend: str = "inductor"):
         if k < 1:
             raise ValueError(f"decoder.k must be >= 1, got {k}")
         if draft not in ("chain", "tree"):
@@ -149,6 +165,10 @@ class Eagle:
         self.draft, self.width, self.budget = draft, width, budget
         self.head = head.head if isinstance(head, EagleObjective) else head
         self.stats: dict[str, float] = {}
+        if compile and draft == "tree":
+            raise ValueError("decoder.compile=true verifies EAGLE's chain: set decoder.draft=chain")
+        self.compile, self.static = compile, StaticStates(compile, mode, backend)
+        self._verify = self.static.compile(verify_forward, "the EAGLE verify forward")
 
     def setup(self, run) -> None:
         objective = getattr(run, "objective", None)
@@ -165,16 +185,22 @@ class Eagle:
             raise ValueError("decoder=eagle has no draft head: load a run trained with objective=eagle")
         self.sampler.reset()
         block = self.head.block
+        if self.compile and not all(s is not None and hasattr(s, "rewind")
+                                    for s in model.init_states(1, 1, static=True)):
+            raise ValueError("decoder.compile=true needs the target's blocks to have static KV caches that rewind "
+                             "(dense, MoE)")
         tree = (self.draft == "tree" and self.sampler.greedy and TREE_MASK in getattr(model, "capabilities", ())
                 and TREE_MASK in getattr(block, "capabilities", ()))
         if tree:
             outs, steps = one_at_a_time(lambda p: self._one_tree(model, p, max_new_tokens, eos_id), prompts)
-        elif (len(prompts) > 1 and min(map(len, prompts)) > 1 and has_rows(model)
+        elif (len(prompts) > 1 and min(map(len, prompts)) > 1 and has_rows(model) and not self.compile
                 and ROW_STATE in getattr(block, "capabilities", ()) and KV_CACHE in getattr(block, "capabilities", ())):
             outs, steps = self._batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
             outs, steps = one_at_a_time(lambda p: self._one(model, p, max_new_tokens, eos_id), prompts)
         self.stats = {"accepted_per_step": sum(map(len, outs)) / max(steps, 1), "steps": steps}
+        if self.static.compile_s:
+            self.stats["compile_s"] = self.static.compile_s
         return outs
 
     def _batched(self, model: nn.Module, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None):
@@ -320,7 +346,8 @@ class Eagle:
     def _one(self, model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None):
         device = next(model.parameters()).device
         max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + self.k + 1)
-        target = Stream(model, max_len, device)
+        target = Stream(model, max_len, device, self.static if self.compile else None)
+        verify = self._verify if self.compile else verify_forward
         head_state = self.head.block.init_state(1, max_len, device=device, dtype=None)
         seq, feats = list(prompt), []  # feats[i]: the target's feature after seq[i] (true ones only)
         if len(seq) > 1:  # invariant: the target has consumed all of seq but its last token
@@ -345,13 +372,13 @@ class Eagle:
                 head_state.rewind(head_state.pos - mark)  # drafted features are not the target's
             # 2. the target scores [last token] + proposals in one forward
             target.mark()
-            res = model(torch.tensor([[seq[-1]] + proposals], device=device), states=target.states)
+            logits, hidden = verify(model, torch.tensor([[seq[-1]] + proposals], device=device), target.states)
             target.seen += [seq[-1]] + proposals
-            ps = self.sampler.probs(res.logits[0].float())
+            ps = self.sampler.probs(logits.float())
             # 3. accept left to right (as decoder=speculative); the first rejection is replaced
             n, extra = accept(self.sampler, proposals, qs, ps, device)
             new = proposals[:n] + [extra]
-            feats += list(res.hidden[0, : n + 1])  # true features after seq[-1] and the accepted drafts
+            feats += list(hidden[: n + 1])  # true features after seq[-1] and the accepted drafts
             steps += 1
             out, done = finish(out + new, max_new_tokens, eos_id)
             seq += new

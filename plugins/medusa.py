@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import RowStreams, Sampler, ancestor_mask, check_prompts, finish, has_rows, one_at_a_time
-from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, TREE_MASK, Batch, Loss, ModelOutput
+from llmzoo.decoding import (RowStreams, Sampler, StaticStates, ancestor_mask, check_prompts, finish, has_rows,
+                             one_at_a_time)
+from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, STATIC_STATE, TREE_MASK, Batch, Loss, ModelOutput
 from llmzoo.losses import shifted_labels
 
 
@@ -153,6 +154,11 @@ class Medusa:
     requires = frozenset({STATEFUL})  # tree_mask where the blocks have it, else rows verification
 
     @staticmethod
+    def requires_for(node: DictConfig) -> frozenset[str]:
+        """``compile: true`` verifies the tree with a compiled forward over static states."""
+        return frozenset({STATEFUL, STATIC_STATE, TREE_MASK}) if node.get("compile") else Medusa.requires
+
+    @staticmethod
     def check(node: DictConfig, cfg: DictConfig) -> list[str]:
         try:
             tree = Tree(node.get("tree") or DEFAULT_TREE)
@@ -172,10 +178,15 @@ class Medusa:
     def __init__(self, tree: Sequence[Sequence[int]] | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
-                 heads: nn.Module | None = None, verify: str = "auto"):
+                 heads: nn.Module | None = None, verify: str = "auto", compile: bool = False,
+                 mode: str | None = "reduce-overhead", backend: str = "inductor"):
         if verify not in ("auto", "tree", "rows"):
             raise ValueError(f"decoder.verify={verify!r} is not one of ['auto', 'tree', 'rows']")
-        self.verify = verify
+        if compile and verify == "rows":
+            raise ValueError("decoder.compile=true verifies with a tree mask: it needs decoder.verify=auto or tree")
+        self.verify, self.compile = verify, compile
+        self.static = StaticStates(compile, mode, backend)
+        self._tree_step = self.static.compile(self._tree_forward, "the Medusa tree step")
         self.tree = Tree(tree or DEFAULT_TREE)
         self.sampler = Sampler(temperature, top_k, top_p, seed)
         self.epsilon, self.delta = posterior_threshold, posterior_alpha
@@ -252,7 +263,9 @@ class Medusa:
         self.sampler.reset()
         self._refed = [0, 0]  # rows verification: steps that kept a row's state, steps that fed again
         fits = max(map(len, prompts)) + max_new_tokens + self.tree.max_depth + 2 <= model.max_seq_len
-        if len(prompts) > 1 and fits and has_rows(model):
+        if self.compile and TREE_MASK not in getattr(model, "capabilities", ()):
+            raise ValueError("decoder.compile=true needs blocks with tree_mask and static_state (dense, MoE)")
+        if len(prompts) > 1 and fits and has_rows(model) and not self.compile:
             tree = self.verify == "tree" or (self.verify == "auto" and TREE_MASK in getattr(model, "capabilities", ()))
             batched = self._batched_tree if tree else self._batched
             outs, steps = batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
@@ -262,7 +275,18 @@ class Medusa:
         self.stats = {"accepted_per_step": (produced - len(prompts)) / max(steps, 1), "steps": steps}
         if any(self._refed):
             self.stats.update(rows_state_kept=self._refed[0], rows_state_refed=self._refed[1])
+        if self.static.compile_s:
+            self.stats["compile_s"] = self.static.compile_s
         return outs
+
+    def _tree_forward(self, model: nn.Module, token: torch.Tensor, hidden: torch.Tensor, states: list,
+                      depth: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One verify step: the heads' guesses from ``hidden`` (D,) under the last token
+        ``token`` (1,), and one forward of the tree (``state.tree`` already set) -> (nodes,
+        (nodes, V) logits, (nodes, D) hidden states). Fixed shapes: ``compile`` compiles it."""
+        nodes = torch.cat([token, self._guesses(hidden, depth[1:], rank[1:])])
+        res = model(nodes[None], states=states)
+        return nodes, res.logits[0], res.hidden[0]
 
     def _start(self, model: nn.Module, seqs: list[list[int]], max_new_tokens: int, eos_id: int | None, room: int):
         """Row streams over the prompts and each prompt's first token: (streams, live rows,
@@ -373,7 +397,9 @@ class Medusa:
         tree, n_nodes = self.tree, len(self.tree)
         mask = tree.mask.to(device)
         max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + n_nodes)
-        states = model.init_states(1, max_len, device=device)
+        # compile: static states (fixed shapes, kept between calls) and a compiled tree step
+        states = self.static.get(model, 1, device) if self.compile else model.init_states(1, max_len, device=device)
+        step = self._tree_step if self.compile else self._tree_forward
         rows = self.verify == "rows" or (self.verify == "auto" and TREE_MASK not in getattr(model, "capabilities", ()))
         res = model(torch.tensor([prompt], device=device), states=states)
         token = int(self.sampler(res.logits[:, -1].float())[0])
@@ -383,18 +409,17 @@ class Medusa:
         depth = torch.tensor(tree.depth, device=device)
         rank, parent = torch.tensor(tree.rank, device=device), torch.tensor(tree.parent, device=device)
         while not done and len(prompt) + len(out) + n_nodes <= max_len:
-            guesses = self._guesses(hidden, depth[1:], rank[1:])
-            nodes = torch.cat([torch.tensor([token], device=device), guesses])
             if rows:
+                nodes = torch.cat([torch.tensor([token], device=device), self._guesses(hidden, depth[1:], rank[1:])])
                 accepted, token, hidden = self._verify_rows(model, states, nodes)
                 out, done = finish(out + accepted + [token], max_new_tokens, eos_id)
                 steps += 1
                 continue
-            start = states[0].pos
+            start = len(prompt) + len(out) - 1  # tokens in the states: the prompt and out but its last
             for s in states:
                 s.tree = mask
-            res = model(nodes[None], states=states)
-            probs = self.sampler.probs(res.logits[0].float())  # (nodes, V)
+            nodes, logits, hiddens = step(model, torch.tensor([token], device=device), hidden, states, depth, rank)
+            probs = self.sampler.probs(logits.float())  # (nodes, V)
             ok = self._accepted(probs, nodes, parent, mask)
             best = int(torch.where(ok, depth, -1).argmax())  # deepest accepted node (first on ties)
             path = tree.path_to(best)
@@ -402,7 +427,7 @@ class Medusa:
             for s in states:
                 s.keep(start, keep)
             token = self._next(probs[best])
-            hidden = res.hidden[0, best]
+            hidden = hiddens[best]
             out, done = finish(out + nodes[keep[1:]].tolist() + [token], max_new_tokens, eos_id)
             steps += 1
         if not done:  # too close to the end of the context for a full tree: finish one at a time

@@ -15,8 +15,9 @@ Backends (``backend:``):
   gather     each assignment gathers its expert's weights and runs a batched matmul:
              reads only the chosen experts and keeps every shape static (decoding,
              compiled decode steps); wasteful for many tokens
-  auto       gather when there are no more assignments than experts (a decode step),
-             else torch (a megablocks dMoE backend is not wired in yet)
+  auto       gather when there are no more assignments than experts (a decode step)
+             or for up to 64 tokens in a compiled evaluation forward (a Medusa tree), else
+             torch (a megablocks dMoE backend is not wired in yet)
 
 ``capacity_factor`` (training only; evaluation and decoding are always dropless, which
 keeps the block causal): each expert takes at most ceil(cf * tokens * k / N) assignments,
@@ -163,6 +164,8 @@ class MoE(nn.Module):
     def pick_backend(self, n_tokens: int) -> str:
         if self.backend != "auto":
             return self.backend
+        if torch.compiler.is_compiling() and not self.training and n_tokens <= 64:
+            return "gather"  # fixed shapes for a compiled decode step of several tokens (a Medusa tree)
         return "gather" if n_tokens * self.top_k <= self.n_experts else "torch"
 
     # --------------------------------------------------------------------- forward
@@ -178,7 +181,7 @@ class MoE(nn.Module):
             weights = weights * keep
             dropped = (~keep).sum()
         backend = self.pick_backend(x.shape[0])
-        if backend not in self.backends_used and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and backend not in self.backends_used:  # no guard on the set
             self.backends_used.add(backend)
             log.info("moe backend: %s (requested %s, %d tokens)", backend, self.backend, x.shape[0])
         out = getattr(self, f"experts_{backend}")(x, weights, experts)

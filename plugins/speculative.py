@@ -23,6 +23,11 @@ and rolls back alone (``llmzoo.decoding.RowStreams``: per-row ``rewind`` for KV 
 per-token copies for recurrent states); finished rows leave the batch. Otherwise, and
 for a single prompt, rows go one after another: rolling back uses ``rewind`` where every
 block has a KV cache, else a copy taken before the step fed the accepted tokens again.
+
+``compile: true`` (KV-cache blocks: dense, MoE; one prompt at a time) decodes over static
+KV caches that rewind in place, with the target's verify forward and the draft's step
+compiled as ``decoder=static`` compiles its step: one graph per token count (k + 1 for the
+target, 1 and 2 for the draft, fewer near ``max_new_tokens``); prompts are prefilled eagerly.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llmzoo.decoding import RowStreams, Sampler, Stream, accept, check_prompts, finish, has_rows, one_at_a_time
-from llmzoo.interfaces import STATEFUL
+from llmzoo.decoding import (RowStreams, Sampler, StaticStates, Stream, accept, check_prompts, finish, has_rows,
+                             logits_of, one_at_a_time)
+from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE
 
 
 class EarlyExit(nn.Module):
@@ -65,6 +71,16 @@ class EarlyExit(nn.Module):
         return m.head(m.norm(x))
 
 
+def verify_logits(model: nn.Module, ids: torch.Tensor, states: list) -> torch.Tensor:
+    """The target's forward (``compile``: its own function, so its own graphs)."""
+    return logits_of(model, ids, states)
+
+
+def draft_logits(model: nn.Module, ids: torch.Tensor, states: list) -> torch.Tensor:
+    """The draft's forward (``compile``: its own function, so its own graphs)."""
+    return logits_of(model, ids, states)
+
+
 def load_draft(path: str) -> nn.Module:
     from llmzoo.api import load_run
 
@@ -76,9 +92,15 @@ class Speculative:
 
     requires = frozenset({STATEFUL})
 
+    @staticmethod
+    def requires_for(node) -> frozenset[str]:
+        """``compile: true`` needs static KV caches that rewind (the target's blocks)."""
+        return frozenset({STATEFUL, STATIC_STATE, KV_CACHE}) if node.get("compile") else Speculative.requires
+
     def __init__(self, k: int = 4, draft: str | nn.Module | None = None, draft_layers: int | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, compile: bool = False, mode: str | None = "reduce-overhead",
+                 backend: str = "inductor"):
         if k < 1:
             raise ValueError(f"decoder.k must be >= 1, got {k}")
         if (draft is None) == (draft_layers is None):
@@ -89,14 +111,21 @@ class Speculative:
         # a model object (Python API) or a path loaded on first use
         self.draft, self.draft_path = (draft, None) if isinstance(draft, nn.Module) else (None, draft)
         self.stats: dict[str, float] = {}
+        self.compile, self._early = compile, {}
+        # compile: each model's static states, and one compiled forward for each (own graphs and recompile budget)
+        self.static_target, self.static_draft = StaticStates(compile, mode, backend), StaticStates(compile, mode, backend)
+        self._verify = self.static_target.compile(verify_logits, "the speculative verify forward")
+        self._propose = self.static_draft.compile(draft_logits, "the speculative draft step")
 
     def setup(self, run) -> None:
         if self.draft_path is not None and self.draft is None:
             self.draft = load_draft(self.draft_path).to(next(run.model.parameters()).device).eval()
 
     def draft_for(self, model: nn.Module) -> nn.Module:
-        if self.draft_layers is not None:
-            return EarlyExit(model, self.draft_layers)
+        if self.draft_layers is not None:  # one per model: compiled steps keep its static states
+            if id(model) not in self._early:
+                self._early[id(model)] = EarlyExit(model, self.draft_layers)
+            return self._early[id(model)]
         if self.draft is None:
             self.draft = load_draft(self.draft_path).to(next(model.parameters()).device).eval()
         if self.draft.vocab_size != model.vocab_size:
@@ -110,11 +139,18 @@ class Speculative:
         check_prompts(prompts)
         self.sampler.reset()
         draft = self.draft_for(model)
-        if len(prompts) > 1 and has_rows(model) and has_rows(draft):
+        if self.compile:
+            for m, name in ((model, "target"), (draft, "draft")):
+                if not all(s is not None and hasattr(s, "rewind") for s in m.init_states(1, 1, static=True)):
+                    raise ValueError(f"decoder.compile=true needs the {name}'s blocks to have static KV caches "
+                                     "that rewind (dense, MoE)")
+        if len(prompts) > 1 and has_rows(model) and has_rows(draft) and not self.compile:
             outs, steps = self._batched(model, draft, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
             outs, steps = one_at_a_time(lambda p: self._one(model, draft, p, max_new_tokens, eos_id), prompts)
         self.stats = {"accepted_per_step": sum(map(len, outs)) / max(steps, 1), "steps": steps}
+        if self.static_target.compile_s or self.static_draft.compile_s:
+            self.stats["compile_s"] = self.static_target.compile_s + self.static_draft.compile_s
         return outs
 
     def _draft_k(self, small, catch_up: list[list[int]], k: int):
@@ -167,7 +203,11 @@ class Speculative:
     def _one(self, model, draft, prompt: list[int], max_new_tokens: int, eos_id: int | None):
         device = next(model.parameters()).device
         max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + self.k + 1)
-        target, small = Stream(model, max_len, device), Stream(draft, max_len, device)
+        if self.compile:  # static caches; feeds of up to k + 1 (target) and 2 (draft) tokens compiled
+            target = Stream(model, max_len, device, self.static_target, self._verify, self.k + 1)
+            small = Stream(draft, max_len, device, self.static_draft, self._propose, 2)
+        else:
+            target, small = Stream(model, max_len, device), Stream(draft, max_len, device)
         seq = list(prompt)
         if len(seq) > 1:  # invariant: the target has consumed all of seq but its last token
             target.feed(seq[:-1])

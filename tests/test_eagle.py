@@ -81,6 +81,34 @@ def test_greedy_eagle_dynamic_tree_equals_greedy(block, vocab):
         Eagle(draft="fan")
 
 
+@pytest.mark.parametrize("block", ["dense", "moe"])
+def test_greedy_eagle_compiled_verify_equals_greedy(block):
+    """decoder.compile=true: the target verifies over static KV caches (rewound in place)
+    with a compiled forward (dynamo's capture, fullgraph): greedy's tokens, one graph per
+    token count at most, none new on a second call."""
+    from torch._dynamo.utils import counters
+
+    model = random_model(block, 8)
+    obj = EagleObjective()
+    obj.setup(model)
+    prompts = [[1, 2, 3], [3, 0, 1, 2], [2], [5, 6, 7, 1, 1]]
+    ref = Greedy().generate(model, prompts, max_new_tokens=30, eos_id=7)
+    dec = Eagle(head=obj, k=3, compile=True, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    assert dec.generate(model, prompts, max_new_tokens=30, eos_id=7) == ref
+    graphs = counters["stats"]["unique_graphs"]
+    assert dec.generate(model, prompts, max_new_tokens=30, eos_id=7) == ref
+    assert counters["stats"]["unique_graphs"] == graphs <= 4, graphs
+    assert dec.stats["compile_s"] > 0
+    if block == "dense":  # this random model repeats itself: drafts get accepted, several token counts run
+        assert dec.stats["accepted_per_step"] > 1.0
+    with pytest.raises(ValueError, match="static KV caches that rewind"):
+        Eagle(head=obj, compile=True).generate(random_model("mamba2", 8), [[1, 2]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="draft=chain"):
+        Eagle(compile=True, draft="tree")
+
+
 def test_eagle_decoder_needs_an_eagle_run():
     with pytest.raises(ConfigError, match="decoder=eagle drafts with the head that objective=eagle trains"):
         tiny_cfg("decoder=eagle")

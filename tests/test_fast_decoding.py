@@ -97,6 +97,32 @@ def test_speculative_greedy_with_a_separate_draft_model_and_eos(target_block, dr
     assert 1.0 <= batched["accepted_per_step"] <= 4 and batched["steps"] >= sum(map(len, ref)) / 4
 
 
+@pytest.mark.parametrize("draft", ["layers", "moe"])
+def test_speculative_compiled_equals_greedy_with_one_graph_per_token_count(draft):
+    """decoder.compile=true: static KV caches rewound in place, the target's verify forward
+    and the draft's step compiled (dynamo's capture: backend=eager, fullgraph) -- greedy's
+    tokens, at most one graph per token count (k + 1 .. 1 for the target, 1 and 2 for the
+    draft), and none new on a second call."""
+    from torch._dynamo.utils import counters
+
+    target = random_model("dense", 16, 0)
+    kw = {"draft_layers": 1} if draft == "layers" else {"draft": random_model("moe", 16, 1)}
+    ref = Greedy().generate(target, PROMPTS, max_new_tokens=25, eos_id=5)
+    dec = Speculative(k=3, compile=True, backend="eager", **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    assert dec.generate(target, PROMPTS, max_new_tokens=25, eos_id=5) == ref
+    graphs = counters["stats"]["unique_graphs"]
+    assert dec.stats["accepted_per_step"] > 1.0 and dec.stats["compile_s"] > 0
+    assert dec.generate(target, PROMPTS, max_new_tokens=25, eos_id=5) == ref
+    assert counters["stats"]["unique_graphs"] == graphs <= 4 + 2, graphs
+
+
+def test_speculative_compile_needs_kv_cache_blocks():
+    with pytest.raises(ValueError, match="static KV caches"):
+        Speculative(k=2, draft_layers=1, compile=True).generate(random_model("mamba2"), [[1, 2]], max_new_tokens=4)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_speculative_sampling_reproduces_the_target_distribution(batched):
     """Joint distribution of two sampled tokens over a 4-token vocabulary, with a draft
@@ -209,6 +235,34 @@ def test_medusa_greedy_equals_greedy(block, verify, vocab):
     assert sum(map(len, alone)) - len(prompts) > steps  # some guesses accepted: the multi-token paths ran
     assert dec.generate(model, prompts, max_new_tokens=40, eos_id=eos) == ref
     assert dec.stats["accepted_per_step"] > 1.0 and dec.stats["steps"] >= sum(map(len, ref)) / 5
+
+
+@pytest.mark.parametrize("block,backend", [("dense", "inductor"), ("moe", "eager")])
+def test_medusa_compiled_tree_step_is_one_graph_and_equals_greedy(block, backend):
+    """decoder.compile=true: the tree verify step over static states (tree masks and keep in
+    fixed shapes) compiles to one graph that never recompiles -- across prompts, positions
+    and accepted paths -- and gives exactly greedy's tokens (eager MoE: dynamo's capture only)."""
+    model = random_model(block)
+    ref = Greedy().generate(model, PROMPTS, max_new_tokens=40, eos_id=7)
+    dec = Medusa(heads=_random_heads(model), compile=True, backend=backend)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first = dec.generate(model, PROMPTS, max_new_tokens=40, eos_id=7)
+        second = dec.generate(model, PROMPTS, max_new_tokens=40, eos_id=7)
+    assert first == ref and second == ref
+    assert counters["stats"]["unique_graphs"] == 1
+    assert dec.stats["accepted_per_step"] > 1.0 and dec.stats["compile_s"] > 0
+
+
+def test_medusa_compile_needs_tree_mask_blocks():
+    model = random_model("mamba2", 8)
+    with pytest.raises(ValueError, match="tree_mask and static_state"):
+        Medusa(heads=_random_heads(model), compile=True).generate(model, [[1, 2]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="verify=auto or tree"):
+        Medusa(compile=True, verify="rows")
 
 
 def test_medusa_rows_verification_keeps_or_refeeds_the_state():
