@@ -118,6 +118,14 @@ def test_speculative_compiled_equals_greedy_with_one_graph_per_token_count(draft
     assert counters["stats"]["unique_graphs"] == graphs <= 4 + 2, graphs
 
 
+def test_compiled_drafting_decoders_are_refused_at_config_time_on_recurrent_blocks():
+    with pytest.raises(ConfigError, match="lacks \\['tree_mask'\\]"):
+        tiny_cfg("block=mamba2", "objective=medusa", "decoder=medusa", "decoder.compile=true")
+    with pytest.raises(ConfigError, match="lacks \\['kv_cache'\\]"):
+        tiny_cfg("block=mamba2", "decoder=speculative", "decoder.compile=true")
+    tiny_cfg("block=moe", "decoder=speculative", "decoder.compile=true")  # KV caches: accepted
+
+
 def test_speculative_compile_needs_kv_cache_blocks():
     with pytest.raises(ValueError, match="static KV caches"):
         Speculative(k=2, draft_layers=1, compile=True).generate(random_model("mamba2"), [[1, 2]], max_new_tokens=4)
