@@ -7,6 +7,7 @@
   medusa                   Medusa-1 heads trained on the corpus, tree verification
   medusa_compile           the same over a static KV cache with the tree step compiled (decoder.compile=true)
   eagle                    an EAGLE draft head trained on the same target, chain of 4 drafts
+  eagle_compile            the same chain with the target's verify forward compiled over static KV caches
   eagle_tree               the same head drafting EAGLE-2's dynamic tree (width 4, 4 deep, 16 verified)
   speculative_early_exit   draft = the target's first block (decoder.draft_layers=1)
   speculative_draft        draft = a separately trained 2-layer dim-64 model
@@ -102,6 +103,7 @@ def methods(b: DictConfig, run, draft_run, eagle_run=None):
         "medusa": lambda: one_by_one(Medusa(heads=run.objective), model),
         "medusa_compile": lambda: one_by_one(Medusa(heads=run.objective, compile=True), model),
         "eagle": lambda: one_by_one(Eagle(head=eagle_run.objective), model),
+        "eagle_compile": lambda: one_by_one(Eagle(head=eagle_run.objective, compile=True), model),
         "eagle_tree": lambda: one_by_one(Eagle(head=eagle_run.objective, draft="tree"), model),
         "speculative_early_exit": lambda: one_by_one(Speculative(k=4, draft_layers=1), model),
         "speculative_draft": lambda: one_by_one(Speculative(k=4, draft=draft_run.model), model),
