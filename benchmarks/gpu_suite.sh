@@ -49,7 +49,7 @@ if [[ ",$SECTIONS," == *",medusa,"* ]]; then
   # batch-1 decoders on the GPU: trains the small target, Medusa heads and a draft (~1 min), then times them
   echo "== medusa: benchmarks/decode.py bench.device=cuda -> $(dirname "$RESULTS")/decode_gpu.jsonl"
   timeout ${MEDUSA_TIMEOUT:-300} $PY benchmarks/decode.py bench.device=cuda bench.work_dir=/tmp/llmzoo-decode \
-    'bench.methods=[hf_generate,greedy,static_compile,medusa,medusa_compile,eagle,eagle_compile,eagle_tree,speculative_draft,speculative_draft_compile,greedy_batch,medusa_batch,eagle_batch,speculative_draft_batch]' \
+    'bench.methods=[hf_generate,greedy,static_compile,medusa,medusa_compile,eagle,eagle_tree,speculative_draft,greedy_batch,medusa_batch,eagle_batch,speculative_draft_batch]' \
     bench.out="$(dirname "$RESULTS")/decode_gpu.jsonl" || status=1
 fi
 exit $status
