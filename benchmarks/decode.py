@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -139,25 +140,37 @@ def main(cfg: DictConfig) -> None:
     run = run._replace(model=run.model.to(b.device), objective=run.objective.to(b.device))
     draft_run = draft_run._replace(model=draft_run.model.to(b.device))
     prompts = [run.tokenizer.encode(p) for p in b.prompts]
-    results, reference = {}, None
-    for name, make in methods(b, run, draft_run, eagle_run).items():
-        go, decoder = make()
-        with torch.no_grad():
-            outs = go(prompts)  # warm-up (compilation happens here)
-            times = []
-            for _ in range(b.repeats):
-                sync(b.device)
-                t0 = time.perf_counter()
-                go(prompts)
-                sync(b.device)
-                times.append(time.perf_counter() - t0)
-        if name == "greedy":
-            reference = outs
-        tokens = sum(len(o) for o in outs)
-        results[name] = {"tokens_per_s": tokens / statistics.median(times), "outputs": outs,
-                         **({"accepted_per_step": decoder.stats["accepted_per_step"]}
-                            if decoder is not None and "accepted_per_step" in decoder.stats else {})}
-        print(f"{name:>24}: {results[name]['tokens_per_s']:8.1f} tokens/s", flush=True)
+    results, reference, stopped = {}, None, None
+
+    def on_term(signum, frame):  # `timeout` (the GPU suite) sends SIGTERM: keep what was measured
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        for name, make in methods(b, run, draft_run, eagle_run).items():
+            stopped = name
+            go, decoder = make()
+            with torch.no_grad():
+                outs = go(prompts)  # warm-up (compilation happens here)
+                times = []
+                for _ in range(b.repeats):
+                    sync(b.device)
+                    t0 = time.perf_counter()
+                    go(prompts)
+                    sync(b.device)
+                    times.append(time.perf_counter() - t0)
+            if name == "greedy":
+                reference = outs
+            tokens = sum(len(o) for o in outs)
+            results[name] = {"tokens_per_s": tokens / statistics.median(times), "outputs": outs,
+                             **({"accepted_per_step": decoder.stats["accepted_per_step"]}
+                                if decoder is not None and "accepted_per_step" in decoder.stats else {})}
+            print(f"{name:>24}: {results[name]['tokens_per_s']:8.1f} tokens/s", flush=True)
+        stopped = None
+    except KeyboardInterrupt:
+        print(f"stopped during {stopped}: recording the {len(results)} methods measured", flush=True)
+        if not results:
+            raise SystemExit(124)
     for name, r in results.items():
         outs = r.pop("outputs")
         if reference is not None:
@@ -174,7 +187,8 @@ def main(cfg: DictConfig) -> None:
               "device": device_description(),
               "decode_device": str(b.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "shape": list(b.shape), "params": run.model.num_parameters(), "new_tokens": b.new_tokens,
-              "prompts": len(prompts), "repeats": b.repeats, "results": results}
+              "prompts": len(prompts), "repeats": b.repeats, "results": results,
+              **({"stopped_during": stopped} if stopped else {})}
     out = Path(hydra.utils.to_absolute_path(b.out))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as fh:
