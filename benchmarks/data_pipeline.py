@@ -133,7 +133,8 @@ def main() -> None:
     for workers in (2, 1):  # the 2-process run first: it needs both cores quiet
         wall, cpu = pipeline(work / "raw", work / f"filters_{workers}", [filters, "dedup=none", "executor.tasks=2",
                                                                          f"executor.workers={workers}"])
-        rec[f"filters_{workers}_workers"] = stage(f"filters, {workers} workers", docs, wall, cpu if workers == 1 else None,
+        cpu = cpu if workers == 1 else None  # the pool's workers are not this process's children
+        rec[f"filters_{workers}_workers"] = stage(f"filters, {workers} workers", docs, wall, cpu,
                                                   docs_per_s_per_core=docs / wall / workers)
         shutil.rmtree(work / f"filters_{workers}", ignore_errors=True)
     wall, cpu = pipeline(work / "raw", work / "minhash", ["filter=[]", "dedup=minhash", "executor.tasks=2",

@@ -185,10 +185,6 @@ class Eagle:
             raise ValueError("decoder=eagle has no draft head: load a run trained with objective=eagle")
         self.sampler.reset()
         block = self.head.block
-        if self.compile and not all(s is not None and hasattr(s, "rewind")
-                                    for s in model.init_states(1, 1, static=True)):
-            raise ValueError("decoder.compile=true needs the target's blocks to have static KV caches that rewind "
-                             "(dense, MoE)")
         tree = (self.draft == "tree" and self.sampler.greedy and TREE_MASK in getattr(model, "capabilities", ())
                 and TREE_MASK in getattr(block, "capabilities", ()))
         if tree:
@@ -347,7 +343,9 @@ class Eagle:
         device = next(model.parameters()).device
         max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + self.k + 1)
         target = Stream(model, max_len, device, self.static if self.compile else None)
-        verify = self._verify if self.compile else verify_forward
+        if self.compile and not target.rewindable:
+            raise ValueError("decoder.compile=true needs the target's blocks to have static KV caches that rewind "
+                             "(dense, MoE)")
         head_state = self.head.block.init_state(1, max_len, device=device, dtype=None)
         seq, feats = list(prompt), []  # feats[i]: the target's feature after seq[i] (true ones only)
         if len(seq) > 1:  # invariant: the target has consumed all of seq but its last token
@@ -372,7 +370,7 @@ class Eagle:
                 head_state.rewind(head_state.pos - mark)  # drafted features are not the target's
             # 2. the target scores [last token] + proposals in one forward
             target.mark()
-            logits, hidden = verify(model, torch.tensor([[seq[-1]] + proposals], device=device), target.states)
+            logits, hidden = self._verify(model, torch.tensor([[seq[-1]] + proposals], device=device), target.states)
             target.seen += [seq[-1]] + proposals
             ps = self.sampler.probs(logits.float())
             # 3. accept left to right (as decoder=speculative); the first rejection is replaced

@@ -399,7 +399,6 @@ class Medusa:
         max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + n_nodes)
         # compile: static states (fixed shapes, kept between calls) and a compiled tree step
         states = self.static.get(model, 1, device) if self.compile else model.init_states(1, max_len, device=device)
-        step = self._tree_step if self.compile else self._tree_forward
         rows = self.verify == "rows" or (self.verify == "auto" and TREE_MASK not in getattr(model, "capabilities", ()))
         res = model(torch.tensor([prompt], device=device), states=states)
         token = int(self.sampler(res.logits[:, -1].float())[0])
@@ -418,7 +417,8 @@ class Medusa:
             start = len(prompt) + len(out) - 1  # tokens in the states: the prompt and out but its last
             for s in states:
                 s.tree = mask
-            nodes, logits, hiddens = step(model, torch.tensor([token], device=device), hidden, states, depth, rank)
+            last = torch.tensor([token], device=device)
+            nodes, logits, hiddens = self._tree_step(model, last, hidden, states, depth, rank)
             probs = self.sampler.probs(logits.float())  # (nodes, V)
             ok = self._accepted(probs, nodes, parent, mask)
             best = int(torch.where(ok, depth, -1).argmax())  # deepest accepted node (first on ties)

@@ -113,7 +113,8 @@ class Speculative:
         self.stats: dict[str, float] = {}
         self.compile, self._early = compile, {}
         # compile: each model's static states, and one compiled forward for each (own graphs and recompile budget)
-        self.static_target, self.static_draft = StaticStates(compile, mode, backend), StaticStates(compile, mode, backend)
+        self.static_target = StaticStates(compile, mode, backend)
+        self.static_draft = StaticStates(compile, mode, backend)
         self._verify = self.static_target.compile(verify_logits, "the speculative verify forward")
         self._propose = self.static_draft.compile(draft_logits, "the speculative draft step")
 
@@ -139,11 +140,6 @@ class Speculative:
         check_prompts(prompts)
         self.sampler.reset()
         draft = self.draft_for(model)
-        if self.compile:
-            for m, name in ((model, "target"), (draft, "draft")):
-                if not all(s is not None and hasattr(s, "rewind") for s in m.init_states(1, 1, static=True)):
-                    raise ValueError(f"decoder.compile=true needs the {name}'s blocks to have static KV caches "
-                                     "that rewind (dense, MoE)")
         if len(prompts) > 1 and has_rows(model) and has_rows(draft) and not self.compile:
             outs, steps = self._batched(model, draft, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
@@ -206,6 +202,9 @@ class Speculative:
         if self.compile:  # static caches; feeds of up to k + 1 (target) and 2 (draft) tokens compiled
             target = Stream(model, max_len, device, self.static_target, self._verify, self.k + 1)
             small = Stream(draft, max_len, device, self.static_draft, self._propose, 2)
+            if not (target.rewindable and small.rewindable):
+                raise ValueError("decoder.compile=true needs the blocks of the target and the draft to have static "
+                                 "KV caches that rewind (dense, MoE)")
         else:
             target, small = Stream(model, max_len, device), Stream(draft, max_len, device)
         seq = list(prompt)
