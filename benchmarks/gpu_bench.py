@@ -2,7 +2,8 @@
 section finishes, so a section that fails or runs out of time loses nothing before it):
 
   train_1b      1B dense preset (model=1b), bf16 autocast, AdamW(fused): eager, compiled
-                blocks (our trainer.compile), compiled + kernels=liger. Tokens/s and MFU
+                blocks (our trainer.compile), compiled + kernels=liger + Liger's fused
+                linear cross-entropy (objective.fused_ce=true). Tokens/s and MFU
                 (3 x model.flops_per_token / the GPU's bf16 dense peak)
   fsdp_ac       the same model through our FSDP strategy's parallelize (FSDP2, one
                 process, bf16 parameters), activation checkpointing off / on: tokens/s
@@ -15,6 +16,9 @@ section finishes, so a section that fails or runs out of time loses nothing befo
   mamba2        Mamba-2 mixer forward + backward: fla-core's Triton kernel
                 (backend=triton) vs our chunked PyTorch SSD (backend=torch)
   kernels       Liger RMSNorm / SwiGLU / RoPE vs the references, forward + backward
+  fused_ce      head + cross-entropy forward + backward at a Llama-3 shape (16k tokens,
+                D=4096, V=128256, bf16): full logits vs llmzoo's chunked reference vs
+                Liger's fused kernel (benchmarks/fused_ce.py); ms and peak memory
 
     python benchmarks/gpu_bench.py --out results.jsonl [--sections train_1b,decode_7b]
 
@@ -87,7 +91,8 @@ def train_1b(args) -> dict:
 
     B, T = args.batch, args.seq
     peak, peak_src = device_peak_flops("cuda")
-    variants = {"eager": ([], False), "compiled": ([], True), "compiled+liger": (["kernels=liger"], True)}
+    variants = {"eager": ([], False), "compiled": ([], True),
+                "compiled+liger": (["kernels=liger", "objective.fused_ce=true"], True)}
     out = {}
     for name, (overrides, compiled) in variants.items():
         torch._dynamo.reset()
@@ -300,7 +305,23 @@ def kernels(args) -> dict:
     return {"shape": [8, 2048, 2048], "dtype": "bfloat16", "variants": out}
 
 
-SECTIONS = {"kernels": kernels, "mamba2": mamba2, "moe": moe, "train_1b": train_1b, "fsdp_ac": fsdp_ac,
+def fused_ce(args) -> dict:
+    from fused_ce import loss_step  # benchmarks/fused_ce.py
+
+    shape = argparse.Namespace(device="cuda", dtype="bfloat16", tokens=16384, dim=4096, vocab=128256, chunk=1024,
+                               iters=5)
+    out = {}
+    for variant in ("logits", "reference", "liger"):
+        try:
+            out[variant] = loss_step(variant, shape)
+        except Exception as e:  # noqa: BLE001 - Liger missing: the other two still count
+            out[variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        torch.cuda.empty_cache()
+        print(f"  fused_ce {variant}: {out[variant]}", flush=True)
+    return {"shape": {k: v for k, v in vars(shape).items() if k != "device"}, "variants": out}
+
+
+SECTIONS = {"kernels": kernels, "fused_ce": fused_ce, "mamba2": mamba2, "moe": moe, "train_1b": train_1b, "fsdp_ac": fsdp_ac,
             "decode_7b": decode_7b}
 
 

@@ -17,7 +17,7 @@ WHEELS=${WHEELS:-.whl}
 PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-${OUT:+$OUT/gpu.jsonl}}
 RESULTS=${RESULTS:-benchmarks/results/gpu.jsonl}
-SECTIONS=${SECTIONS:-kernels,mamba2,moe,train_1b,fsdp_ac,decode_7b,medusa}
+SECTIONS=${SECTIONS:-kernels,fused_ce,mamba2,moe,train_1b,fsdp_ac,decode_7b,medusa}
 [ "$SECTIONS" = none ] && SECTIONS=  # tests only
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 

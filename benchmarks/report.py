@@ -77,8 +77,10 @@ def decode_rows(records: list[dict]) -> str:
     for name, m in r["results"].items():
         acc = f"{m['accepted_per_step']:.2f}" if "accepted_per_step" in m else "-"
         vs_batch = f"{m['ratio_vs_greedy_batch']:.2f}x" if "ratio_vs_greedy_batch" in m else "-"
-        out.append(f"| {name} | {m['tokens_per_s']:.0f} | **{m.get('ratio_vs_hf_generate', float('nan')):.2f}x** "
-                   f"| {m.get('ratio_vs_greedy', float('nan')):.2f}x | {vs_batch} | {acc} | {m.get('same_as_greedy', '-')} |")
+        vs_hf = f"**{m['ratio_vs_hf_generate']:.2f}x**" if "ratio_vs_hf_generate" in m else "-"  # not timed in that run
+        vs_greedy = f"{m['ratio_vs_greedy']:.2f}x" if "ratio_vs_greedy" in m else "-"
+        out.append(f"| {name} | {m['tokens_per_s']:.0f} | {vs_hf} | {vs_greedy} | {vs_batch} | {acc} "
+                   f"| {m.get('same_as_greedy', '-')} |")
     return "\n".join(out)
 
 
@@ -144,11 +146,36 @@ def gpu_rows(records: list[dict]) -> str:
         for name, v in r["variants"].items():
             out.append(f"| Mamba-2 fla Triton vs chunked PyTorch, {name} | **{v['speedup']:.2f}x** "
                        f"| {v['triton_ms']:.2f} vs {v['torch_ms']:.2f} ms, relative diff {v['max_rel_diff']:.1e} |")
+    if "fused_ce" in newest:
+        r = newest["fused_ce"]
+        base = r["variants"].get("logits", {})
+        for name, v in r["variants"].items():
+            if "ms" in v and "ms" in base:
+                out.append(f"| head + cross-entropy, {name}, bf16 fwd+bwd, V={r['shape']['vocab']} | {v['ms']:.1f} ms, "
+                           f"**{v['peak_mib'] / 1024:.2f} GiB** | {base['ms'] / v['ms']:.2f}x the logits path's speed, "
+                           f"{v['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}x its memory |")
     if "kernels" in newest:
         r = newest["kernels"]
         for name, v in r["variants"].items():
             out.append(f"| Liger {name} vs reference, bf16 fwd+bwd | **{v['speedup']:.2f}x** "
                        f"| {v['liger_ms']:.2f} vs {v['reference_ms']:.2f} ms |")
+    return "\n".join(out)
+
+
+def fused_ce_rows(records: list[dict]) -> str:
+    """benchmarks/fused_ce.py: every record (one per shape), newest last."""
+    out = ["| machine, date | shape | part | variant | ms / step | peak MiB | speed vs logits | memory vs logits |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        s = r["shape"]
+        for row in r["rows"]:
+            if "ms" not in row:
+                continue
+            shape = (f"{s['tokens']} tokens, D={s['dim']}, V={s['vocab']}, {s['dtype']}" if row["part"] == "loss"
+                     else f"model={s['model']}, {s['batch']} x {s['seq']}, V={s['vocab']}")
+            out.append(f"| {r['device']}, {r['time'][:10]} | {shape} | {row['part']} | {row['variant']} "
+                       f"| {row['ms']:.0f} | {row['peak_mib']:.0f} | {row.get('speed_vs_logits', 1):.2f}x "
+                       f"| **{row.get('memory_vs_logits', 1):.2f}x** |")
     return "\n".join(out)
 
 
@@ -170,7 +197,8 @@ def serve_rows(records: list[dict]) -> str:
 
 
 RENDER = {"parallel": parallel_rows, "train_vs_hf": train_vs_hf_rows, "blocks": blocks_rows, "decode": decode_rows,
-          "decode_gpu": decode_rows, "posttrain": posttrain_rows, "gpu": gpu_rows, "serve": serve_rows}
+          "decode_gpu": decode_rows, "posttrain": posttrain_rows, "gpu": gpu_rows, "serve": serve_rows,
+          "fused_ce": fused_ce_rows}
 
 
 def load(paths: list[str]) -> dict[str, list[dict]]:
@@ -213,12 +241,21 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
                          f"| {b['device']}, {b['time'][:10]} |")
         lines.append(f"| MoE dispatch vs per-expert loop ({b['moe']['n_experts']} experts, top-{b['moe']['top_k']}) "
                      f"| {b['moe']['speedup']:.2f}x | {b['device']}, {b['time'][:10]} |")
+    trains = [(r, row) for r in by_kind.get("fused_ce", []) for row in r["rows"]
+              if row["part"] == "train" and row["variant"] == "fused" and "speed_vs_logits" in row]
+    if trains:
+        r, row = trains[-1]
+        lines.append(f"| training step, `objective.fused_ce=true` vs full logits (model={r['shape']['model']}, "
+                     f"V={r['shape']['vocab']}): speed, peak memory {row['memory_vs_logits']:.2f}x "
+                     f"| {row['speed_vs_logits']:.2f}x | {r['device']}, {r['time'][:10]} |")
     if by_kind.get("decode"):
         d = by_kind["decode"][-1]
         res, when = d["results"], f"{d['device']}, {d['time'][:10]}"
-        if "static_compile" in res and "ratio_vs_hf_generate" in res["static_compile"]:
+        vs_hf = [r for r in by_kind["decode"] if "ratio_vs_hf_generate" in r["results"].get("static_compile", {})]
+        if vs_hf:  # the newest run that timed HF generate
             lines.append(f"| batch-1 decoding, static cache + compile vs HF `generate` "
-                         f"| {res['static_compile']['ratio_vs_hf_generate']:.2f}x | {when} |")
+                         f"| {vs_hf[-1]['results']['static_compile']['ratio_vs_hf_generate']:.2f}x "
+                         f"| {vs_hf[-1]['device']}, {vs_hf[-1]['time'][:10]} |")
         for name in ("medusa", "medusa_compile", "eagle", "speculative_draft", "speculative_draft_compile"):
             if name in res and "ratio_vs_greedy" in res[name]:
                 lines.append(f"| batch-1 decoding, {name} vs eager greedy ({res[name]['accepted_per_step']:.2f} "

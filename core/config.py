@@ -97,7 +97,7 @@ def node_class(node: Any) -> Any:
         return None
 
 
-def _class_attr(node: Any, attr: str) -> frozenset[str] | None:
+def class_attr(node: Any, attr: str) -> frozenset[str] | None:
     """A class-level set (``requires``, ``needs``, ``provides``) of a node's ``_target_``,
     inherited ones included; a static ``<attr>_for(node)`` answers when it depends on the node."""
     cls = node_class(node)
@@ -121,7 +121,7 @@ def block_capabilities(cfg: DictConfig) -> dict[str, frozenset[str]] | None:
     parts = getattr(cls, "part_capabilities", None)
     if parts is not None:
         return parts(node)
-    caps = _class_attr(node, "capabilities")
+    caps = class_attr(node, "capabilities")
     return None if caps is None else {f"{node._target_}": caps}
 
 
@@ -146,10 +146,10 @@ def core_problems(cfg: DictConfig) -> list[str]:
     seq_len = cfg.data.get("seq_len")
     if isinstance(seq_len, int) and isinstance(m.get("max_seq_len"), int) and seq_len > m.max_seq_len:
         problems.append(f"data.seq_len={seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-    needs, provides = _class_attr(cfg.objective, "needs"), _class_attr(cfg.data, "provides")
+    needs, provides = class_attr(cfg.objective, "needs"), class_attr(cfg.data, "provides")
     if needs is not None and provides is not None and not needs <= provides:
         fits = [f"data={d.name}" for d in conf_docs() if d.group == "data"
-                and needs <= (_class_attr(OmegaConf.create(d.doc), "provides") or set())]
+                and needs <= (class_attr(OmegaConf.create(d.doc), "provides") or set())]
         problems.append(f"objective={_choice(cfg, 'objective')} needs batch fields {sorted(needs - provides)}, which "
                         f"data={_choice(cfg, 'data')} does not provide (it provides {sorted(provides)}); "
                         + (f"use {' or '.join(fits)}" if fits else "choose a data module that provides them"))
@@ -159,7 +159,7 @@ def core_problems(cfg: DictConfig) -> list[str]:
                         "training step (a train_step of their own): only one may; choose another parallel strategy "
                         "or objective")
     for group in ("decoder", "parallel"):  # what the decoder / the strategy needs from the blocks
-        needs = _class_attr(cfg[group], "requires")
+        needs = class_attr(cfg[group], "requires")
         for part, caps in (block_capabilities(cfg) or {}).items() if needs else ():
             if not needs <= caps:
                 problems.append(

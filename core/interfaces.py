@@ -62,14 +62,19 @@ class DataModule(Protocol):
 class ModelOutput:
     """What ``LanguageModel.forward`` returns.
 
-    logits: (B, T, V) next-token logits.
+    logits: (B, T, V) next-token logits; None when the model ran with ``logits=False``
+        (for an objective whose ``reads`` leaves them out).
     aux_loss: scalar sum of the blocks' auxiliary losses (MoE balance, ...) or None.
     hidden: (B, T, D) final hidden states after the last norm (heads such as Medusa use them).
+    head_weight: (V, D) the vocabulary head's weight, set with ``logits=False``: logits =
+        hidden @ head_weight.T, which a fused loss forms a chunk at a time
+        (``llmzoo.losses.linear_cross_entropy``) instead of holding (B, T, V).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     aux_loss: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    head_weight: torch.Tensor | None = None
 
 
 @dataclass
@@ -240,8 +245,12 @@ class Objective(Protocol):
 class ObjectiveExtras(Protocol):
     """Optional members of an Objective; core uses each one when present."""
 
-    #: ModelOutput fields ``loss`` reads; default {"logits", "aux_loss"}. A strategy that
-    #: computes only logits on its last stage (pipeline) refuses objectives reading "hidden".
+    #: ModelOutput fields ``loss`` reads; default {"logits", "aux_loss"}. Without "logits",
+    #: core runs ``model(ids, logits=False)`` and the loss gets "hidden" and "head_weight"
+    #: instead (fused linear cross-entropy); a static ``reads_for(node)`` answers at compose
+    #: time when it depends on the config. A strategy that computes only logits on its last
+    #: stage (pipeline) or splits the head (tensor parallel) refuses objectives that read
+    #: "hidden" or not "logits".
     reads: frozenset[str]
     #: multiplier of the blocks' auxiliary loss (MoE balance); a pipeline applies it per stage.
     aux_loss_weight: float

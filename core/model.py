@@ -19,6 +19,8 @@ class LanguageModel(nn.Module):
     (build them one per layer: a shared instance would share weights).
     ``forward(input_ids (B, T), states=None) -> ModelOutput(logits (B, T, V), aux_loss)``.
     With ``states`` from ``init_states`` the call advances them (incremental decoding).
+    ``logits=False`` skips the head: the output carries ``hidden`` and ``head_weight`` for a
+    loss that forms the logits itself, chunk by chunk (``llmzoo.losses.linear_cross_entropy``).
     """
 
     def __init__(
@@ -65,7 +67,8 @@ class LanguageModel(nn.Module):
             if m is not self and hasattr(m, "reset_extra_parameters"):
                 m.reset_extra_parameters()
 
-    def forward(self, input_ids: torch.Tensor, *, states: list[Any] | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, *, states: list[Any] | None = None,
+                logits: bool = True) -> ModelOutput:
         x = self.embedding(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, state=None if states is None else states[i])
@@ -75,7 +78,12 @@ class LanguageModel(nn.Module):
             a = _aux(block)
             if a is not None:
                 aux = a if aux is None else aux + a
-        return ModelOutput(self.head(hidden), aux, hidden)
+        if logits:
+            return ModelOutput(self.head(hidden), aux, hidden)
+        if type(self.head) is not nn.Linear or self.head.bias is not None:  # its weight must be the whole map
+            raise ValueError(f"logits=False needs the head to be a plain bias-free nn.Linear, not "
+                             f"{type(self.head).__name__} (an adapter or quantized head): compute the logits")
+        return ModelOutput(None, aux, hidden, self.head.weight)
 
     def init_states(self, batch_size: int, max_len: int, *, device=None, dtype=None,
                     static: bool = False, rows: bool = False) -> list[Any]:

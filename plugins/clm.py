@@ -1,10 +1,19 @@
 """Causal language modelling objective (``objective=clm``): next-token cross-entropy
-with an ignore index, optional z-loss on the log-partition, plus the blocks' aux loss."""
+with an ignore index, optional z-loss on the log-partition, plus the blocks' aux loss.
+
+``fused_ce=true`` never builds the (B, T, V) logits: the model stops at its final hidden
+states and the loss forms the logits ``fused_chunk`` tokens at a time, with their gradient
+(``llmzoo.losses.linear_cross_entropy``; Liger-Kernel's fused Triton kernel on CUDA with
+``fused_backend: auto``). Same loss and gradients within float32 rounding; the saving is
+the logits and their gradient, 2 x B x T x V x 4 bytes (1 GiB at 8 x 1024 tokens and a
+32k vocabulary)."""
 
 from __future__ import annotations
 
-from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput, summed
-from llmzoo.losses import label_count, next_token_loss
+from typing import Any
+
+from llmzoo.interfaces import Batch, Loss, ModelOutput, summed
+from llmzoo.losses import fused_ce_problems, label_count, next_token_ce, next_token_loss
 
 __all__ = ["CausalLM", "next_token_loss"]
 
@@ -14,23 +23,32 @@ class CausalLM:
     means over the labelled next-token positions (``weight``)."""
 
     needs = frozenset({"input_ids"})
+    reads = frozenset({"logits", "aux_loss"})
 
-    def __init__(self, z_loss: float = 0.0, aux_loss_weight: float = 1.0):
+    def __init__(self, z_loss: float = 0.0, aux_loss_weight: float = 1.0, fused_ce: bool = False,
+                 fused_backend: str = "auto", fused_chunk: int = 1024):
         self.z_loss, self.aux_loss_weight = z_loss, aux_loss_weight
+        self.fused = {"backend": fused_backend, "chunk_size": fused_chunk}
+        self.reads = self.reads_for({"fused_ce": fused_ce})
+
+    @staticmethod
+    def reads_for(node: Any) -> frozenset[str]:
+        return frozenset({"hidden", "head_weight", "aux_loss"} if node.get("fused_ce") else {"logits", "aux_loss"})
+
+    @staticmethod
+    def check(node: Any, cfg: Any) -> list[str]:
+        return fused_ce_problems(node)
 
     def weight(self, batch: Batch):
         return label_count(batch.get("labels", batch["input_ids"]))
 
     def loss(self, out: ModelOutput, batch: Batch) -> Loss:
         labels = batch.get("labels", batch["input_ids"])
-        ce, n_tokens = next_token_loss(out.logits, labels)
-        loss, metrics = ce, {"ce": ce.detach(), "tokens": summed(n_tokens.float())}
-        if self.z_loss:
-            mask = labels[:, 1:] != IGNORE_INDEX
-            z = (out.logits[:, :-1].float().logsumexp(-1) ** 2)[mask].mean()
-            loss = loss + self.z_loss * z
-            metrics["z_loss"] = z.detach()
+        loss, ce, z, n_tokens = next_token_ce(out, labels, z_loss=self.z_loss, fused=self.fused)
+        metrics = {"ce": ce, "tokens": summed(n_tokens.float())}
+        if z is not None:
+            metrics["z_loss"] = z
         if out.aux_loss is not None:
             loss = loss + self.aux_loss_weight * out.aux_loss
             metrics["aux_loss"] = out.aux_loss.detach()
-        return Loss(loss, metrics, measure=ce.detach())
+        return Loss(loss, metrics, measure=ce)

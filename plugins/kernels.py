@@ -14,9 +14,10 @@ kernel on CUDA tensors, the PyTorch reference elsewhere (CPU, or Liger not insta
 with ``backend: auto``), so the same config trains on a laptop and a GPU. The parity
 tests against the references are in ``tests/gpu/test_triton_kernels.py``.
 
-Liger's fused linear cross-entropy is not wired in: it needs the loss to see the final
-hidden states and the head weight instead of logits, which the objective contract does
-not give (see benchmarks/README.md, "GPU").
+Liger's fused linear cross-entropy is not a layer: it replaces the head and the loss
+together, so it is an objective option, ``objective.fused_ce=true`` (objective=clm or sft;
+``llmzoo.losses.linear_cross_entropy``, Liger's kernel on CUDA, a chunked PyTorch
+reference elsewhere).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.api import safe_torch_load
-from llmzoo.config import node_class
+from llmzoo.config import class_attr, node_class
 from llmzoo.interfaces import Loss, Metric, ModelOutput, as_metric
 from llmzoo.losses import batch_rows, batch_size, batch_weight, model_inputs
 from llmzoo.sharding import checkpointed, shard
@@ -230,8 +230,8 @@ class Pipeline:
             problems.append(f"parallel.schedule={schedule} needs parallel.microbatches >= parallel.stages "
                             f"({mb} < {pp}): fewer micro-batches cannot fill the pipeline")
         objective = node_class(cfg.objective)
-        reads = getattr(objective, "reads", frozenset({"logits", "aux_loss"}))
-        if objective is not None and ("hidden" in reads or hasattr(objective, "prepare")):
+        reads = class_attr(cfg.objective, "reads") or frozenset({"logits", "aux_loss"})
+        if objective is not None and ("hidden" in reads or "logits" not in reads or hasattr(objective, "prepare")):
             problems.append(f"objective._target_={cfg.objective._target_!r} "
                             + ("reads the model's hidden states" if "hidden" in reads else "runs the whole model itself "
                                "(prepare)") + ", but a pipeline's last stage computes only the logits of each "

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
+from llmzoo.config import class_attr
 from llmzoo.interfaces import TENSOR_PARALLEL
 from llmzoo.layers import swiglu_hidden
 from llmzoo.sharding import PRECISIONS, shard_stack
@@ -117,6 +118,10 @@ class TensorParallel:
             problems.append(f"parallel.mixed_precision={node.get('mixed_precision')!r} is not one of {list(PRECISIONS)}")
         if cfg.trainer.get("compile"):
             problems.append("trainer.compile=true is not supported with parallel=tp yet")
+        if "logits" not in (class_attr(cfg.objective, "reads") or {"logits"}):
+            problems.append(f"objective._target_={cfg.objective._target_!r} computes the logits itself from the head's "
+                            "weight (a fused cross-entropy), but parallel=tp splits the head by vocabulary: turn the "
+                            "fusion off (objective.fused_ce=false) or use parallel=fsdp or ddp")
         return problems
 
     def _outer_plan(self, model: nn.Module, style: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,22 @@ def test_fsdp_activation_checkpointing_gives_the_same_losses(runs, tmp_path):
         assert abs(a - b) < 1e-6
 
 
+@pytest.mark.distributed
+def test_fsdp_with_fused_cross_entropy_equals_one_process_with_logits(runs, tmp_path):
+    """objective.fused_ce=true reads the head's weight after the model's forward: FSDP keeps
+    the root (embedding, norm, head) gathered after its forward, so the loss and the
+    reduce-scattered head gradient are those of one process computing full logits."""
+    run_cli("llmzoo-train", "parallel=fsdp", "trainer.devices=2", "data.batch_size=4", "objective.fused_ce=true",
+            "objective.fused_chunk=16", f"run_dir={tmp_path / 'fused'}", *COMMON)
+    single, fused = losses(runs / "single"), losses(tmp_path / "fused")
+    assert [s for s, _ in single] == [s for s, _ in fused] == [0, 1]
+    for (_, a), (_, b) in zip(single, fused):
+        assert abs(a - b) < 1e-5, (single, fused)
+    a, b = load_file(runs / "single" / "model.safetensors"), load_file(tmp_path / "fused" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_fsdp_config_errors_name_the_keys():
     with pytest.raises(ConfigError, match=r"parallel.mixed_precision='fp8' is not one of"):
         tiny_cfg("parallel=fsdp", "trainer.devices=2", "parallel.mixed_precision=fp8")

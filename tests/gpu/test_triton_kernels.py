@@ -1,5 +1,6 @@
 """Triton fast paths against the PyTorch references (CUDA only): Liger's RMSNorm,
-SwiGLU and RoPE (kernels=liger) and fla-core's chunked kernel for Mamba-2 (backend=triton)."""
+SwiGLU and RoPE (kernels=liger), its fused linear cross-entropy (objective.fused_ce=true)
+and fla-core's chunked kernel for Mamba-2 (backend=triton)."""
 
 import pytest
 import torch
@@ -26,6 +27,29 @@ def test_liger_kernels_match_the_references(dtype, atol):
 
     ids = torch.randint(0, 64, (2, 48), device="cuda")
     check_kernels(Liger(backend="liger"), _model(dtype), ids, atol=atol)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_liger_fused_linear_cross_entropy_matches_the_chunked_reference(dtype, atol):
+    pytest.importorskip("liger_kernel")
+    from llmzoo.losses import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(3, 100, 256, generator=g, device="cuda").to(dtype).requires_grad_()
+    w = (torch.randn(5000, 256, generator=g, device="cuda") * 0.05).to(dtype).requires_grad_()
+    t = torch.randint(0, 5000, (3, 100), generator=g, device="cuda")
+    t[:, :20] = -100
+    results = []
+    for backend in ("reference", "liger"):
+        h.grad = w.grad = None
+        loss = linear_cross_entropy(h, w, t, chunk_size=64, backend=backend)[0]
+        loss.backward()
+        results.append((loss.float(), h.grad.float(), w.grad.float()))
+    (ref, rh, rw), (fast, fh, fw) = results
+    torch.testing.assert_close(fast, ref, atol=atol, rtol=atol)
+    scale = max(rh.abs().max().item(), rw.abs().max().item())
+    torch.testing.assert_close(fh, rh, atol=atol * scale, rtol=atol)
+    torch.testing.assert_close(fw, rw, atol=atol * scale, rtol=atol)
 
 
 def test_liger_kernels_are_used_on_cuda(monkeypatch):
