@@ -191,21 +191,37 @@ def next_token_ce(out, labels: torch.Tensor, *, z_loss: float = 0.0,
     return ce + z_loss * z, ce.detach(), z.detach(), n
 
 
-def fused_ce_problems(node) -> list[str]:
-    """Config errors of an objective's ``fused_ce`` / ``fused_backend`` / ``fused_chunk`` keys
-    (objective=clm and objective=sft)."""
-    problems = []
-    backend, chunk = node.get("fused_backend", "auto"), node.get("fused_chunk", 1024)
-    if not isinstance(node.get("fused_ce", False), bool):
-        problems.append(f"objective.fused_ce={node.get('fused_ce')!r} must be true or false")
-    if backend not in LINEAR_CE_BACKENDS:
-        problems.append(f"objective.fused_backend={backend!r} is not one of {list(LINEAR_CE_BACKENDS)}")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        problems.append(f"objective.fused_chunk={chunk!r} must be a positive number of tokens")
-    if backend == "liger" and node.get("z_loss"):
-        problems.append("objective.fused_backend=liger computes plain cross-entropy: set z_loss=0, or "
-                        "fused_backend=auto (the PyTorch reference handles z_loss)")
-    return problems
+class FusedCEOption:
+    """The ``fused_ce`` / ``fused_backend`` / ``fused_chunk`` keys of a next-token
+    cross-entropy objective (objective=clm and sft): with ``fused_ce`` the objective reads
+    ``hidden`` and ``head_weight`` instead of logits, and ``next_token_ce(out, labels,
+    fused=self.fused)`` fuses the head into the loss."""
+
+    reads = frozenset({"logits", "aux_loss"})
+
+    def init_fused(self, fused_ce: bool, fused_backend: str, fused_chunk: int) -> None:
+        self.fused = {"backend": fused_backend, "chunk_size": fused_chunk}
+        if fused_ce:
+            self.reads = self.reads_for({"fused_ce": True})
+
+    @staticmethod
+    def reads_for(node) -> frozenset[str]:
+        return frozenset({"hidden", "head_weight", "aux_loss"} if node.get("fused_ce") else {"logits", "aux_loss"})
+
+    @staticmethod
+    def check(node, cfg) -> list[str]:
+        problems = []
+        backend, chunk = node.get("fused_backend", "auto"), node.get("fused_chunk", 1024)
+        if not isinstance(node.get("fused_ce", False), bool):
+            problems.append(f"objective.fused_ce={node.get('fused_ce')!r} must be true or false")
+        if backend not in LINEAR_CE_BACKENDS:
+            problems.append(f"objective.fused_backend={backend!r} is not one of {list(LINEAR_CE_BACKENDS)}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            problems.append(f"objective.fused_chunk={chunk!r} must be a positive number of tokens")
+        if backend == "liger" and node.get("z_loss"):
+            problems.append("objective.fused_backend=liger computes plain cross-entropy: set z_loss=0, or "
+                            "fused_backend=auto (the PyTorch reference handles z_loss)")
+        return problems
 
 
 def pair_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

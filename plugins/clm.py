@@ -10,34 +10,22 @@ the logits and their gradient, 2 x B x T x V x 4 bytes (1 GiB at 8 x 1024 tokens
 
 from __future__ import annotations
 
-from typing import Any
-
 from llmzoo.interfaces import Batch, Loss, ModelOutput, summed
-from llmzoo.losses import fused_ce_problems, label_count, next_token_ce, next_token_loss
+from llmzoo.losses import FusedCEOption, label_count, next_token_ce, next_token_loss
 
 __all__ = ["CausalLM", "next_token_loss"]
 
 
-class CausalLM:
+class CausalLM(FusedCEOption):
     """loss = CE + z_loss * mean(logsumexp(logits)^2) + aux_loss_weight * aux_loss,
     means over the labelled next-token positions (``weight``)."""
 
     needs = frozenset({"input_ids"})
-    reads = frozenset({"logits", "aux_loss"})
 
     def __init__(self, z_loss: float = 0.0, aux_loss_weight: float = 1.0, fused_ce: bool = False,
                  fused_backend: str = "auto", fused_chunk: int = 1024):
         self.z_loss, self.aux_loss_weight = z_loss, aux_loss_weight
-        self.fused = {"backend": fused_backend, "chunk_size": fused_chunk}
-        self.reads = self.reads_for({"fused_ce": fused_ce})
-
-    @staticmethod
-    def reads_for(node: Any) -> frozenset[str]:
-        return frozenset({"hidden", "head_weight", "aux_loss"} if node.get("fused_ce") else {"logits", "aux_loss"})
-
-    @staticmethod
-    def check(node: Any, cfg: Any) -> list[str]:
-        return fused_ce_problems(node)
+        self.init_fused(fused_ce, fused_backend, fused_chunk)
 
     def weight(self, batch: Batch):
         return label_count(batch.get("labels", batch["input_ids"]))

@@ -7,31 +7,19 @@ the prompt rows entirely (as objective=clm; ``llmzoo.losses.linear_cross_entropy
 
 from __future__ import annotations
 
-from typing import Any
-
 from llmzoo.interfaces import Batch, Loss, ModelOutput, summed
-from llmzoo.losses import fused_ce_problems, label_count, next_token_ce
+from llmzoo.losses import FusedCEOption, label_count, next_token_ce
 
 
-class SFT:
+class SFT(FusedCEOption):
     """loss = mean CE over labelled (response) tokens + aux_loss_weight * the blocks' aux loss."""
 
     needs = frozenset({"input_ids", "labels"})
-    reads = frozenset({"logits", "aux_loss"})
 
     def __init__(self, aux_loss_weight: float = 1.0, fused_ce: bool = False, fused_backend: str = "auto",
                  fused_chunk: int = 1024):
         self.aux_loss_weight = aux_loss_weight
-        self.fused = {"backend": fused_backend, "chunk_size": fused_chunk}
-        self.reads = self.reads_for({"fused_ce": fused_ce})
-
-    @staticmethod
-    def reads_for(node: Any) -> frozenset[str]:
-        return frozenset({"hidden", "head_weight", "aux_loss"} if node.get("fused_ce") else {"logits", "aux_loss"})
-
-    @staticmethod
-    def check(node: Any, cfg: Any) -> list[str]:
-        return fused_ce_problems(node)
+        self.init_fused(fused_ce, fused_backend, fused_chunk)
 
     def weight(self, batch: Batch):
         return label_count(batch["labels"])
