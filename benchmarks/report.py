@@ -19,8 +19,8 @@ HERE = Path(__file__).parent
 def train_vs_hf_rows(records: list[dict]) -> str:
     head = ("| when | commit | block (HF twin) | model (params) | batch x seq | llmzoo+Lightning tok/s "
             "| llmzoo plain tok/s | HF tok/s | llmzoo+Lightning / HF | llmzoo plain / HF | litgpt tok/s "
-            "| llmzoo plain / litgpt |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "| llmzoo plain / litgpt | torchtitan tok/s | llmzoo plain / torchtitan |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in records:
         t, m = r["tokens_per_s"], r["model"]
@@ -31,8 +31,8 @@ def train_vs_hf_rows(records: list[dict]) -> str:
                     f"| dim {m['dim']}, {m['n_layers']} layers ({r['params']['llmzoo'] / 1e6:.1f}M) "
                     f"| {r['batch_size']}x{r['seq_len']} | {t['llmzoo_lightning']:.0f} | {t['llmzoo_plain_loop']:.0f} "
                     f"| {hf:.0f} | **{r['ratio_llmzoo_lightning_vs_hf']:.2f}x** | {r['ratio_llmzoo_plain_vs_hf']:.2f}x "
-                    + (f"| {t['litgpt_plain_loop']:.0f} | **{r['ratio_llmzoo_plain_vs_litgpt']:.2f}x** |"
-                       if "litgpt_plain_loop" in t else "| - | - |"))
+                    + "".join(f"| {t[f'{peer}_plain_loop']:.0f} | **{r[f'ratio_llmzoo_plain_vs_{peer}']:.2f}x** "
+                              if f"{peer}_plain_loop" in t else "| - | - " for peer in ("litgpt", "torchtitan")) + "|")
     return head + "\n" + "\n".join(rows)
 
 
@@ -226,9 +226,10 @@ def headline(by_kind: dict[str, list[dict]]) -> str:
         how = "llmzoo compiled, HF eager" if compiled else "both eager"
         lines.append(f"| training vs HF `{cls}` (same shape, fp32, {how}) "
                      f"| **{r['ratio_llmzoo_lightning_vs_hf']:.2f}x** | {r['device']}, {r['time'][:10]} |")
-        if "ratio_llmzoo_lightning_vs_litgpt" in r:
-            lines.append(f"| training vs litgpt `GPT` (same shape, fp32, {how.replace('HF', 'litgpt')}) "
-                         f"| **{r['ratio_llmzoo_lightning_vs_litgpt']:.2f}x** | {r['device']}, {r['time'][:10]} |")
+        for peer, cls in (("litgpt", "GPT"), ("torchtitan", "Llama3Model")):
+            if f"ratio_llmzoo_lightning_vs_{peer}" in r:
+                lines.append(f"| training vs {peer} `{cls}` (same shape, fp32, {how.replace('HF', peer)}) "
+                             f"| **{r[f'ratio_llmzoo_lightning_vs_{peer}']:.2f}x** | {r['device']}, {r['time'][:10]} |")
     if by_kind.get("blocks"):
         b = by_kind["blocks"][-1]
         dec = {(d["block"], d["context"]): d["ms_per_token"] for d in b["decode"]}

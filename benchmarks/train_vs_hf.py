@@ -1,7 +1,8 @@
 """Training throughput: llmzoo (LanguageModel + clm objective through Lightning) against
 the Hugging Face model of the same shape (Llama for dense, Mixtral for MoE, Mamba and
-Mamba-2 for MLP-free Mamba blocks) and, for dense blocks, litgpt's GPT of the same shape
-(when installed: ``pip install --no-deps litgpt``) in a plain PyTorch loop, with the same batches,
+Mamba-2 for MLP-free Mamba blocks) and, for dense blocks, litgpt's GPT and torchtitan's
+Llama 3 of the same shape (when installed: ``pip install --no-deps litgpt``, and see
+``torchtitan_same_shape``) in a plain PyTorch loop, with the same batches,
 optimizer and precision, in one process. Also times the llmzoo model in the same plain
 loop, which isolates what Lightning and the plugin layers cost.
 
@@ -91,8 +92,56 @@ def litgpt_same_shape(model: llmzoo.LanguageModel, cfg: DictConfig):
     return GPT(c), None
 
 
+def torchtitan_same_shape(model: llmzoo.LanguageModel, cfg: DictConfig):
+    """torchtitan's Llama 3 (``Llama3Model``: fused QKV, complex RoPE, SwiGLU FFN) of the same
+    shape as a dense ``model``, with SDPA causal attention (its language-model presets use
+    flex attention over document masks, which CPU torch compiles only through Triton); None
+    with the reason when it cannot be built. Installed without its dependencies, plus the
+    few its model modules import: ``pip install --no-deps torchtitan spmd_types
+    torch_checkpointing torchdata tyro docstring_parser einops triton`` (triton is only
+    imported, the CPU never runs it)."""
+    from functools import partial
+
+    try:
+        from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+        from torchtitan.models.common.attention import ScaledDotProductAttention
+        from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
+        from torchtitan.models.llama3.model import Llama3Model, Llama3TransformerBlock
+    except ImportError as e:
+        return None, (f"torchtitan is not installed or does not import ({e}); pip install --no-deps torchtitan "
+                      "spmd_types torch_checkpointing torchdata tyro docstring_parser einops triton")
+    block = model.blocks[0]
+    if type(block).__name__ != "DenseBlock":
+        return None, f"{type(block).__name__} has no torchtitan twin here"
+    m, dim, vocab = cfg.model, cfg.model.dim, model.vocab_size
+    init = {"weight": partial(torch.nn.init.normal_, std=m.init_std), "bias": torch.nn.init.zeros_}
+    rope = ComplexRoPE.Config(dim=block.mixer.head_dim, max_seq_len=m.max_seq_len, theta=m.rope_theta)
+    layers = [Llama3TransformerBlock.Config(
+        attention_norm=RMSNorm.Config(normalized_shape=dim, eps=m.norm_eps),
+        ffn_norm=RMSNorm.Config(normalized_shape=dim, eps=m.norm_eps),
+        attention=make_gqa_config(dim=dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, wqkv_param_init=init,
+                                  wo_param_init=init, inner_attention=ScaledDotProductAttention.Config(),
+                                  fuse_qkv=True, rope=rope),
+        feed_forward=make_ffn_config(dim=dim, hidden_dim=block.ffn.hidden, w1_param_init=init, w2w3_param_init=init))
+        for _ in range(m.n_layers)]
+    titan = Llama3Model.Config(dim=dim, vocab_size=vocab, layers=layers,
+                               tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim),
+                               norm=RMSNorm.Config(normalized_shape=dim, eps=m.norm_eps),
+                               lm_head=Linear.Config(in_features=dim, out_features=vocab)).build()
+    titan.init_states()
+    return titan, None
+
+
+# Peers timed in the plain loop beside Hugging Face (dense blocks): name -> builder
+# returning (model whose forward(ids) gives logits, or None, and why not).
+PEERS = {"litgpt": litgpt_same_shape, "torchtitan": torchtitan_same_shape}
+
+
 def adamw(params, o):
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    """The optimizer of every plain loop: torch's fused AdamW, as llmzoo's trainer uses (and
+    transformers' Trainer by default), so that the ratios compare the models."""
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                             fused=True)
 
 
 def time_plain_loop(step_fn, data, warmup: int) -> float:
@@ -172,11 +221,12 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
         return next_token_loss(m(input_ids=ids).logits, ids)[0]
 
     times = {"llmzoo_lightning": [], "llmzoo_plain_loop": [], "hf_plain_loop": []}
-    lit, lit_missing = litgpt_same_shape(ours, cfg)
-    if lit is not None:
-        times["litgpt_plain_loop"] = []
+    peers = {name: build(ours, cfg) for name, build in PEERS.items()}
+    for name, (peer, _) in peers.items():
+        if peer is not None:
+            times[f"{name}_plain_loop"] = []
 
-    def lit_loss(m, ids):
+    def peer_loss(m, ids):
         return next_token_loss(m(ids), ids)[0]
 
     for r in range(b.repeats):  # alternate so that machine noise hits every contender alike
@@ -188,11 +238,12 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
         h = hf_same_shape(ours, cfg, b.attn_implementation)
         times["hf_plain_loop"].append(time_plain_loop(plain_step(h, adamw(h.parameters(), cfg.optim), hf_loss),
                                                       data, b.warmup))
-        if lit is not None:
-            torch.manual_seed(0)
-            g, _ = litgpt_same_shape(ours, cfg)
-            times["litgpt_plain_loop"].append(time_plain_loop(plain_step(g, adamw(g.parameters(), cfg.optim),
-                                                                         lit_loss), data, b.warmup))
+        for name, (peer, _) in peers.items():
+            if peer is not None:
+                torch.manual_seed(0)
+                g, _ = PEERS[name](ours, cfg)
+                times[f"{name}_plain_loop"].append(time_plain_loop(
+                    plain_step(g, adamw(g.parameters(), cfg.optim), peer_loss), data, b.warmup))
         print(f"{type(ours.blocks[0]).__name__} repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     return {
@@ -204,10 +255,11 @@ def compare(cfg: DictConfig, b: DictConfig) -> dict:
         "ratio_llmzoo_lightning_vs_hf": tps["llmzoo_lightning"] / tps["hf_plain_loop"],
         "ratio_llmzoo_plain_vs_hf": tps["llmzoo_plain_loop"] / tps["hf_plain_loop"],
         "lightning_overhead": 1 - tps["llmzoo_lightning"] / tps["llmzoo_plain_loop"],
-        **({"params_litgpt": sum(p.numel() for p in lit.parameters()),
-            "ratio_llmzoo_lightning_vs_litgpt": tps["llmzoo_lightning"] / tps["litgpt_plain_loop"],
-            "ratio_llmzoo_plain_vs_litgpt": tps["llmzoo_plain_loop"] / tps["litgpt_plain_loop"]}
-           if lit is not None else {"litgpt": lit_missing}),
+        **{k: v for name, (peer, missing) in peers.items() for k, v in (
+            {f"params_{name}": sum(p.numel() for p in peer.parameters()),
+             f"ratio_llmzoo_lightning_vs_{name}": tps["llmzoo_lightning"] / tps[f"{name}_plain_loop"],
+             f"ratio_llmzoo_plain_vs_{name}": tps["llmzoo_plain_loop"] / tps[f"{name}_plain_loop"]}
+            if peer is not None else {name: missing}).items()},
     }
 
 
