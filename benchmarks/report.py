@@ -67,7 +67,17 @@ def blocks_rows(records: list[dict]) -> str:
 
 
 def decode_rows(records: list[dict]) -> str:
-    r = records[-1]  # the newest run; older ones stay in the .jsonl
+    """The newest run, then the newest older run of each method it did not time (a run may
+    time a subset: ``bench.methods``); everything stays in the .jsonl."""
+    shown, seen = [records[-1]], set(records[-1]["results"])
+    for r in reversed(records[:-1]):
+        if set(r["results"]) - seen:
+            shown.append(r)
+            seen |= set(r["results"])
+    return "\n\n".join(_decode_table(r) for r in shown)
+
+
+def _decode_table(r: dict) -> str:
     out = [f"{r['time']} on {r['device']}, torch {r['torch']}; target "
            f"{' '.join(r['shape'])} ({r['params'] / 1e6:.2f}M params) trained on the bundled corpus; batch 1 "
            f"(``*_batch``: all {r['prompts']} prompts in one call), "
