@@ -97,7 +97,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         if torch.is_autocast_enabled("cuda"):  # the kernel takes one dtype: autocast's
             dtype = torch.get_autocast_dtype("cuda")
             h, weight = h.to(dtype), weight.to(dtype)
-        ce = fn(h, weight, t, ignore_index=IGNORE_INDEX)
+        ce = fn(h, weight, t)  # positional: some versions export Function.apply (no keywords); -100 ignored
+        ce = ce[0] if isinstance(ce, tuple) else ce  # versions that also return the z-loss
         return ce, ce.detach(), torch.zeros((), device=h.device)
     grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)  # not in validation
     return _ChunkedLinearCE.apply(h, weight, t, float(z_loss), int(chunk_size), grads)
