@@ -127,3 +127,27 @@ def test_mamba2_triton_prefill_then_decode_equals_full_forward():
     with torch.no_grad():
         # one prefill length and single tokens: each new length costs fla a Triton compile (~35 s)
         check_stateful_decode(block, dim=128, seq_len=12, atol=2e-3, chunks=(1,))
+
+
+def test_fused_ce_objective_on_cuda_under_autocast_matches_the_logits_path():
+    """objective.fused_ce=true on CUDA (Liger's kernel, bf16 autocast as trainer=gpu runs it):
+    loss and head / embedding gradients within bf16 rounding of the logits path."""
+    pytest.importorskip("liger_kernel")
+    from llmzoo.losses import run_objective
+    from llmzoo_plugins.clm import CausalLM
+
+    model = _model(torch.float32)
+    ids = torch.randint(0, 64, (4, 48), device="cuda")
+    grads, losses = [], []
+    for objective in (CausalLM(), CausalLM(fused_ce=True, fused_backend="liger")):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = run_objective(model, objective, {"input_ids": ids}).value
+        loss.backward()
+        losses.append(loss.float())
+        grads.append({k: p.grad.float().clone() for k, p in model.named_parameters() if k in ("head.weight",
+                                                                                             "embedding.weight")})
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=2e-2)
+    for k in grads[0]:
+        scale = grads[0][k].abs().max().item()
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=3e-2 * scale, rtol=3e-2, msg=k)
