@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmzoo.analysis import fit_scaling_law
+from llmzoo_plugins.report import fit_scaling_law
 
 
 def main() -> None:

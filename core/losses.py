@@ -5,6 +5,8 @@ tokens (DPO, reward and RL objectives)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -88,12 +90,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     h, t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
     if backend not in LINEAR_CE_BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(LINEAR_CE_BACKENDS)}")
-    liger = backend == "liger" or (backend == "auto" and h.is_cuda and not z_loss and _liger_flce() is not None)
-    if liger:
-        fn = _liger_flce()
-        if fn is None or not h.is_cuda or z_loss:
-            raise RuntimeError("backend=liger needs liger-kernel installed, CUDA tensors and z_loss=0; "
-                               "backend=auto falls back to the PyTorch reference")
+    fn = _liger_flce() if backend != "reference" and h.is_cuda and not z_loss else None
+    if backend == "liger" and fn is None:
+        raise RuntimeError("backend=liger needs liger-kernel installed, CUDA tensors and z_loss=0; "
+                           "backend=auto falls back to the PyTorch reference")
+    if fn is not None:
         if torch.is_autocast_enabled("cuda"):  # the kernel takes one dtype: autocast's
             dtype = torch.get_autocast_dtype("cuda")
             h, weight = h.to(dtype), weight.to(dtype)
@@ -104,6 +105,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     return _ChunkedLinearCE.apply(h, weight, t, float(z_loss), int(chunk_size), grads)
 
 
+@functools.cache  # one import attempt per process, not one per training step
 def _liger_flce():
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -180,15 +182,14 @@ def next_token_ce(out, labels: torch.Tensor, *, z_loss: float = 0.0,
     through ``linear_cross_entropy`` (``fused``: its keywords). Returns ``(loss, ce, z, n)``:
     loss = ce + z_loss * z (z the mean squared log-partition, None when z_loss is 0), ``ce``
     and ``z`` detached, ``n`` the number of counted tokens."""
-    target = shifted_labels(labels)
-    n = (target != IGNORE_INDEX).sum()
     if out.logits is None:
+        target = shifted_labels(labels)
         loss, ce, z = linear_cross_entropy(out.hidden, out.head_weight, target, z_loss=z_loss, **(fused or {}))
-        return loss, ce, (z if z_loss else None), n
-    ce, _ = next_token_loss(out.logits, labels)
+        return loss, ce, (z if z_loss else None), (target != IGNORE_INDEX).sum()
+    ce, n = next_token_loss(out.logits, labels)
     if not z_loss:
         return ce, ce.detach(), None, n
-    z = (out.logits.float().logsumexp(-1) ** 2)[target != IGNORE_INDEX].mean()
+    z = (out.logits[:, :-1].float().logsumexp(-1) ** 2)[labels[:, 1:] != IGNORE_INDEX].mean()
     return ce + z_loss * z, ce.detach(), z.detach(), n
 
 

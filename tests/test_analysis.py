@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from llmzoo.analysis import ScalingFit, device_peak_flops, fit_scaling_law, mfu
+from llmzoo.analysis import device_peak_flops, mfu
+from llmzoo_plugins.report import ScalingFit, fit_scaling_law
 
 pytest.importorskip("scipy")
 
