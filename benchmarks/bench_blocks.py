@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import llmzoo
-from llmzoo.analysis import device_description
+from llmzoo.shared.flops import device_description
 
 
 def shape_overrides(shape: dict) -> list[str]:

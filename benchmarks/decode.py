@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig
 
 import llmzoo
-from llmzoo.analysis import device_description
+from llmzoo.shared.flops import device_description
 
 
 def trained_run(name: str, overrides: list[str], b: DictConfig) -> Path:

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import llmzoo
-from llmzoo.analysis import device_description
-from llmzoo.losses import linear_cross_entropy, run_objective
+from llmzoo.shared.flops import device_description
+from llmzoo.losses import run_objective
+from llmzoo.shared.losses import linear_cross_entropy
 
 HERE = Path(__file__).parent
 LOSS_VARIANTS = ("logits", "reference", "liger")

@@ -42,7 +42,7 @@ import torch
 
 import llmzoo
 from llmzoo.losses import run_objective
-from llmzoo.analysis import device_description, device_peak_flops
+from llmzoo.shared.flops import device_description, device_peak_flops
 
 # HBM bandwidth (bytes/s, datasheet) of GPUs whose name contains the key.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}

@@ -37,7 +37,7 @@ def sample():
         peak[0] = max(peak[0], rss("RssAnon:"))
         time.sleep(0.01)
 
-from llmzoo.hf import export_hf, import_hf
+from llmzoo_plugins.hf_io import export_hf, import_hf
 from llmzoo.api import load_run
 base = rss("RssAnon:")
 threading.Thread(target=sample, daemon=True).start()

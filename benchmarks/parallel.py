@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmzoo.analysis import device_description
+from llmzoo.shared.flops import device_description
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent

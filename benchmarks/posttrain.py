@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import llmzoo
-from llmzoo.analysis import device_description
+from llmzoo.shared.flops import device_description
 
 HERE = Path(__file__).parent
 QUIET = ["trainer.enable_progress_bar=false", "logger=[]", "sample.prompts=[]",

@@ -148,8 +148,8 @@ def main() -> None:
     import torch
 
     import llmzoo
-    from llmzoo.analysis import device_description
-    from llmzoo.hf import export_hf
+    from llmzoo.shared.flops import device_description
+    from llmzoo_plugins.hf_io import export_hf
 
     work = Path(tempfile.mkdtemp(prefix="serve_bench_"))
     run_dir, hf_dir = work / "run", work / "hf"

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import llmzoo
-from llmzoo.analysis import device_description
+from llmzoo.shared.flops import device_description
 from llmzoo.training import LMModule, compile_blocks
 
 

@@ -330,12 +330,22 @@ def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def load_any(path: str | Path) -> Run:
-    """A run folder (its final weights, else last.ckpt), a ``.ckpt`` file, or a Hugging
-    Face folder given as ``hf:<folder>``."""
-    if isinstance(path, str) and path.startswith("hf:"):
-        from .hf import from_hf
+    """A run from whatever a user names: a path a plugin resolves (``llmzoo_load_run``,
+    e.g. ``hf:<folder>``), a run folder (its final weights, else last.ckpt) or a ``.ckpt`` file."""
+    run = load_foreign(path)
+    return run if run is not None else load_local(path)
 
-        return from_hf(path[3:])
+
+def load_foreign(path: str | Path) -> Run | None:
+    """The run a plugin's ``llmzoo_load_run`` makes of ``path`` (a scheme core does not
+    know), or None. Such a run brings its own model, block and tokenizer config."""
+    from .plugins import get_plugin_manager
+
+    return get_plugin_manager().hook.llmzoo_load_run(path=str(path))
+
+
+def load_local(path: str | Path) -> Run:
+    """A run folder or a ``.ckpt`` file."""
     path = Path(path)
     if path.is_file():
         return load_checkpoint(path)

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, open_dict
 
 from .config import CONF_PACKAGE, list_options, shadowed_options, validate_config
 from .errors import Interrupted, UserError, debug, reported
-from .hf import DTYPES, export_hf, import_hf
 from .plugins import get_plugin_manager
 
 log = logging.getLogger("llmzoo")
@@ -252,73 +251,22 @@ def generate_main() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llmzoo", description="llmzoo: combine plugins into LLMs. Training: llmzoo-train; "
-        "generation: llmzoo-generate.")
+        "generation: llmzoo-generate. Plugins add commands (llmzoo_commands hook).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list every config option and the package that provides it")
     p.add_argument("--group", help="only this config group")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("import-hf", help="a Hugging Face transformers folder -> an llmzoo run folder",
-                       description="Read config.json, the safetensors weights and tokenizer.json of a Llama, Mistral, "
-                       "Qwen2/3, Mixtral, Mamba or Mamba-2 folder and write an llmzoo run folder (load_run, "
-                       "llmzoo-generate, init_from= read it). Fine-tune directly with llmzoo-train init_from=hf:<folder>.",
-                       epilog="example: llmzoo import-hf ~/models/llama run_dir=runs/llama max_seq_len=2048")
-    p.add_argument("folder", help="the Hugging Face model folder")
-    p.add_argument("settings", nargs="*", metavar="key=value",
-                   help=f"run_dir=<out> (required), max_seq_len=N (default 4096), dtype={'|'.join(DTYPES)}, "
-                   "overwrite=true")
-    p = sub.add_parser("export-hf", help="an llmzoo run -> a Hugging Face transformers folder",
-                       description="Write config.json, model.safetensors and the tokenizer of a run so that "
-                       "transformers' AutoModelForCausalLM / AutoTokenizer, vLLM, TGI and `transformers serve` load it. "
-                       "Dense, MoE (no shared experts), Mamba and Mamba-2 (block.mlp=false) runs export.",
-                       epilog="example: llmzoo export-hf run_dir=runs/quickstart out=exported/quickstart")
-    p.add_argument("settings", nargs="*", metavar="key=value",
-                   help=f"run_dir=<run> and out=<folder> (required), dtype={'|'.join(DTYPES)}")
-    p = sub.add_parser("merge-adapter", help="a peft=lora run -> a plain run with the adapters folded in",
-                       epilog="example: llmzoo merge-adapter run_dir=runs/lora out=runs/lora_merged")
-    p.add_argument("settings", nargs="*", metavar="key=value", help="run_dir=<run> and out=<new run folder>")
+    get_plugin_manager().hook.llmzoo_commands(subparsers=sub)  # import-hf, export-hf, merge-adapter, ...
     args = parser.parse_args(argv)
     if args.command == "plugins":
         return _plugins(args.group, args.json)
     with reported(f"llmzoo {args.command}"):
         _quiet_libraries()
-        if args.command == "import-hf":
-            s = _settings(args.settings, {"run_dir", "max_seq_len", "dtype", "overwrite"}, {"run_dir"})
-            if not s.get("max_seq_len", "1").isdigit():
-                raise UserError(f"max_seq_len={s['max_seq_len']!r}: expected a positive integer")
-            out = import_hf(args.folder, s["run_dir"], max_seq_len=int(s["max_seq_len"]) if "max_seq_len" in s
-                            else None, dtype=s.get("dtype", "float32"), overwrite=s.get("overwrite") == "true")
-            print(f"imported {args.folder} -> {out} (llmzoo-generate run_dir={out} prompt=...)")
-        elif args.command == "export-hf":
-            s = _settings(args.settings, {"run_dir", "out", "dtype"}, {"run_dir", "out"})
-            from .api import load_run
-
-            out = export_hf(load_run(s["run_dir"]), s["out"], dtype=s.get("dtype"))
-            print(f"exported {s['run_dir']} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-        else:
-            s = _settings(args.settings, {"run_dir", "out"}, {"run_dir", "out"})
-            _merge_adapter(Path(s["run_dir"]), Path(s["out"]))
+        args.run(args)
     return 0
 
 
-def _merge_adapter(run_dir: Path, out: Path) -> None:
-    from omegaconf import OmegaConf
-
-    from .api import CONFIG_FILE, TOKENIZER_DIR, load_run, merged, save_final
-
-    run = load_run(run_dir)
-    if not run.cfg.get("peft"):
-        raise UserError(f"run_dir={run_dir}: the run has no adapters (peft is not set)")
-    if (out / CONFIG_FILE).exists():
-        raise UserError(f"out={out} already holds a run: choose another folder")
-    plain = merged(run)
-    out.mkdir(parents=True, exist_ok=True)
-    plain.tokenizer.save(out / TOKENIZER_DIR)
-    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(plain.cfg, resolve=True))
-    save_final(out, plain.model, plain.objective)
-    print(f"merged the adapters of {run_dir} -> {out}")
-
-
-def _settings(items: list[str], allowed: set[str], required: set[str]) -> dict[str, str]:
+def settings(items: list[str], allowed: set[str], required: set[str]) -> dict[str, str]:
     """key=value arguments, checked against the allowed keys."""
     out = {}
     for item in items:

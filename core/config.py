@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
+from .interfaces import implied
 from .plugins import get_plugin_manager
 
 CONF_PACKAGE = "llmzoo_conf"
@@ -120,9 +121,9 @@ def block_capabilities(cfg: DictConfig) -> dict[str, frozenset[str]] | None:
         return None
     parts = getattr(cls, "part_capabilities", None)
     if parts is not None:
-        return parts(node)
+        return {part: implied(caps) for part, caps in parts(node).items()}
     caps = class_attr(node, "capabilities")
-    return None if caps is None else {f"{node._target_}": caps}
+    return None if caps is None else {f"{node._target_}": implied(caps)}
 
 
 def core_problems(cfg: DictConfig) -> list[str]:

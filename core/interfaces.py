@@ -68,7 +68,7 @@ class ModelOutput:
     hidden: (B, T, D) final hidden states after the last norm (heads such as Medusa use them).
     head_weight: (V, D) the vocabulary head's weight, set with ``logits=False``: logits =
         hidden @ head_weight.T, which a fused loss forms a chunk at a time
-        (``llmzoo.losses.linear_cross_entropy``) instead of holding (B, T, V).
+        (``llmzoo.shared.losses.linear_cross_entropy``) instead of holding (B, T, V).
     """
 
     logits: torch.Tensor | None
@@ -193,6 +193,31 @@ ROW_STATE = "row_state"
 # declares its own plan, ResidualBlock joins them).
 TENSOR_PARALLEL = "tensor_parallel"
 
+#: What a capability implies: every kind of decode state is a decode state. Applied by
+#: ``capabilities_of`` -- at compose time and at run time alike -- so a block that declares
+#: only ``{"recurrent"}`` (as the first release's contract allowed) is stateful.
+IMPLIES: dict[str, frozenset[str]] = {
+    KV_CACHE: frozenset({STATEFUL}), RECURRENT: frozenset({STATEFUL}), STATIC_STATE: frozenset({STATEFUL}),
+    TREE_MASK: frozenset({STATEFUL}), ROW_STATE: frozenset({STATEFUL}),
+}
+
+
+def implied(caps: Iterable[str]) -> frozenset[str]:
+    """``caps`` with everything they imply (``IMPLIES``), to a fixed point."""
+    out = frozenset(caps)
+    while True:
+        more = out.union(*(IMPLIES.get(c, frozenset()) for c in out))
+        if more == out:
+            return out
+        out = more
+
+
+def capabilities_of(thing: Any) -> frozenset[str]:
+    """The capabilities a block, mixer or model (instance or class) has: what its
+    ``capabilities`` declares (nothing when absent) with their implications. The one
+    function decoders, strategies and core read capabilities through."""
+    return implied(getattr(thing, "capabilities", None) or ())
+
 
 @runtime_checkable
 class ParallelStrategy(Protocol):
@@ -313,7 +338,7 @@ class DecoderExtras(Protocol):
     #: figures of the last ``generate`` (``accepted_per_step`` for speculative and Medusa
     #: decoding, ``compile_s``); benchmarks record every numeric entry.
     stats: dict[str, float]
-    #: the token sampler (``llmzoo.decoding.Sampler``); RL rollouts reseed it per rollout.
+    #: the token sampler (``llmzoo.shared.decoding.Sampler``); RL rollouts reseed it per rollout.
     sampler: Any
 
     def setup(self, run: Any) -> None:
@@ -337,7 +362,7 @@ class DecodeState(Protocol):
     # TREE_MASK ``tree`` / ``keep(start, index)`` verify a candidate tree, and with
     # ROW_STATE ``put(row, other, other_row)`` / ``head(b)`` (see the capability names above).
     # A rows=True state that has ``rewind`` also takes one count per row: ``rewind([n_0,
-    # ..., n_{B-1}])`` (batched speculative decoding, ``llmzoo.decoding.RowStreams``).
+    # ..., n_{B-1}])`` (batched speculative decoding, ``llmzoo.shared.decoding.RowStreams``).
     # With TREE_MASK too, a rows=True state takes one ``tree`` for every row (candidates
     # stored after each row's own tokens) and ``keep(starts, indexes)`` with one start and
     # one index tensor per row (batched Medusa).
@@ -401,7 +426,7 @@ class HFUnsupported(UserError, ValueError):
 class HFArchitecture(Protocol):
     """How one family of Hugging Face ``transformers`` checkpoints maps onto llmzoo
     blocks, in both directions (returned by the ``llmzoo_hf_architectures`` hook;
-    ``llmzoo.hf`` reads and writes the folders). Tensor names are the full state-dict
+    ``llmzoo_plugins.hf_io`` reads and writes the folders). Tensor names are the full state-dict
     names on each side (``model.layers.0.self_attn.q_proj.weight`` ↔
     ``blocks.0.mixer.q.weight``); every method raises ``HFUnsupported`` for what it
     cannot represent rather than guessing."""

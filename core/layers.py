@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .interfaces import capabilities_of
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32. x: (..., D)."""
@@ -71,7 +73,7 @@ class ResidualBlock(nn.Module):
 
     @property
     def capabilities(self) -> frozenset[str]:
-        caps = frozenset(getattr(self.mixer, "capabilities", frozenset()))
+        caps = capabilities_of(self.mixer)
         if self.ffn is not None and not hasattr(self.ffn, "tensor_parallel_plan"):
             caps -= {"tensor_parallel"}  # the mixer alone cannot make the block tensor-parallel
         return caps

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .interfaces import ModelOutput
+from .interfaces import ModelOutput, capabilities_of
 from .layers import RMSNorm
 
 
@@ -20,7 +20,7 @@ class LanguageModel(nn.Module):
     ``forward(input_ids (B, T), states=None) -> ModelOutput(logits (B, T, V), aux_loss)``.
     With ``states`` from ``init_states`` the call advances them (incremental decoding).
     ``logits=False`` skips the head: the output carries ``hidden`` and ``head_weight`` for a
-    loss that forms the logits itself, chunk by chunk (``llmzoo.losses.linear_cross_entropy``).
+    loss that forms the logits itself, chunk by chunk (``llmzoo.shared.losses.linear_cross_entropy``).
     """
 
     def __init__(
@@ -48,7 +48,7 @@ class LanguageModel(nn.Module):
     @property
     def capabilities(self) -> frozenset[str]:
         """What every block can do (the intersection)."""
-        caps = [frozenset(getattr(b, "capabilities", frozenset())) for b in self.blocks]
+        caps = [capabilities_of(b) for b in self.blocks]
         return frozenset.intersection(*caps) if caps else frozenset()
 
     @torch.no_grad()

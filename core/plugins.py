@@ -26,6 +26,7 @@ class PluginInfo:
     name: str  # entry-point name
     module: str
     distribution: str  # the pip package that provides it
+    contract: str | None = None  # the module's LLMZOO_CONTRACT: the contract version it was written for
 
 
 @dataclass(frozen=True)
@@ -69,21 +70,48 @@ class PluginManager(pluggy.PluginManager):
                 self.errors.append(err)
                 log.error("%s", err)
                 continue
-            self.register_plugin(plugin, PluginInfo(ep.name, ep.value, dist))
+            contract = getattr(plugin, "LLMZOO_CONTRACT", None)
+            self.register_plugin(plugin, PluginInfo(ep.name, ep.value, dist, None if contract is None else str(contract)))
+        self.refuse_unknown_hooks()
         if not any(i.module.startswith(BUILTIN_MODULE) for i in self.infos.values()):
             raise RuntimeError(
                 "llmzoo's built-in plugins are not registered: install the package "
                 "(`pip install -e .`) so that its `llmzoo` entry points exist"
             )
 
+    def refuse_unknown_hooks(self) -> None:
+        """pluggy's ``check_pending``, per plugin: a plugin with a ``@hookimpl`` whose name
+        matches no hookspec (a misspelt hook) is unregistered and recorded as an error
+        naming its package and the valid hook names; the other plugins stay."""
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError:
+            pass
+        else:
+            return
+        known = sorted(n for n in dir(hookspecs) if n.startswith("llmzoo_"))
+        for hook_name in list(vars(self.hook)):
+            caller = getattr(self.hook, hook_name)
+            if not isinstance(caller, pluggy.HookCaller) or caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                name = self.get_name(impl.plugin)
+                info = self.infos.pop(name, None) if name else None
+                if name and self.is_registered(impl.plugin):
+                    self.unregister(impl.plugin)
+                err = PluginError(name or "?", info.distribution if info else "?",
+                                  f"@hookimpl {hook_name!r} matches no llmzoo hook (valid: {', '.join(known)})")
+                self.errors.append(err)
+                log.error("%s", err)
+
     def conf_paths(self) -> list[tuple[PluginInfo, str]]:
-        """(plugin, search-path entry) for every plugin that contributes configs."""
+        """(plugin, search-path entry) for every plugin that contributes configs
+        (its ``llmzoo_conf_path`` hook implementation)."""
         out = []
-        for name, info in self.infos.items():
-            plugin = self.get_plugin(name)
-            fn = getattr(plugin, "llmzoo_conf_path", None)
-            path = fn() if fn else None
-            if path:
+        for impl in self.hook.llmzoo_conf_path.get_hookimpls():  # in registration order
+            info = self.infos.get(self.get_name(impl.plugin) or "")
+            path = impl.function()
+            if path and info:
                 if not path.startswith(("pkg://", "file://")):
                     path = "file://" + str(Path(path).resolve())
                 out.append((info, path))

@@ -24,16 +24,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from .analysis import device_peak_flops, mfu
+from .shared.flops import device_peak_flops, mfu
 from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_adapter, build_model, build_objective, build_strategy,
-                  build_tokenizer, check_checkpoint_path, generate, load_any, prompt_ids, safe_torch_load, save_final,
+                  build_tokenizer, check_checkpoint_path, generate, load_foreign, load_local, prompt_ids, safe_torch_load, save_final,
                   tokenizer_files)
 from .config import validate_config
 from .data import data_rank
 from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError, UserError
 from .interfaces import Metric, as_metric
 from .losses import model_inputs, run_objective
-from .sharding import clip_grad_norm_
+from .shared.sharding import clip_grad_norm_
 from .plugins import get_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,8 @@ def check_resume(cfg: DictConfig) -> tuple[int | None, dict[str, float] | None]:
     if not isinstance(stored, dict):
         return step, pending
     now = OmegaConf.to_container(cfg, resolve=True)
-    if str(cfg.get("init_from")).startswith("hf:"):  # the Hugging Face folder set these when the run began
+    if cfg.get("init_from") and not Path(cfg.init_from).exists():
+        # a source a plugin resolved (hf:<folder>) set these when the run began
         now.update({k: stored.get(k) for k in ("model", "block", "tokenizer")})
     told, refused = resume_changes(stored, now)
     if refused:
@@ -584,12 +585,15 @@ def _launched_first() -> bool:
 def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None]) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    start = load_any(cfg.init_from) if cfg.get("init_from") else None  # a previous stage
-    if start is not None and str(cfg.init_from).startswith("hf:"):
-        # a Hugging Face model brings its own architecture and tokenizer
-        with open_dict(cfg):
-            cfg.model, cfg.block, cfg.tokenizer = start.cfg.model, start.cfg.block, start.cfg.tokenizer
-        log.info("init_from=%s: model, block and tokenizer come from its config.json", cfg.init_from)
+    start = None
+    if cfg.get("init_from"):  # a previous stage
+        start = load_foreign(cfg.init_from)
+        if start is not None:  # e.g. hf:<folder>: it brings its own architecture and tokenizer
+            with open_dict(cfg):
+                cfg.model, cfg.block, cfg.tokenizer = start.cfg.model, start.cfg.block, start.cfg.tokenizer
+            log.info("init_from=%s: model, block and tokenizer come from it", cfg.init_from)
+        else:
+            start = load_local(cfg.init_from)
     tokenizer = start.tokenizer if start else build_tokenizer(cfg)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
     if getattr(tokenizer, "is_trained", True) is False:

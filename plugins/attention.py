@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import take_rows
+from llmzoo.shared.decoding import take_rows
 from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
 from llmzoo.layers import ResidualBlock, RMSNorm, SwiGLU, swiglu_hidden
 

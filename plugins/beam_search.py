@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llmzoo.decoding import check_prompts
+from llmzoo.shared.decoding import check_prompts
 from llmzoo.interfaces import STATEFUL
 
 

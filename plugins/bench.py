@@ -25,7 +25,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmzoo.analysis import device_description
+from llmzoo.shared.flops import device_description
 from llmzoo.cli import CONF, hydra_entry, run_job
 from llmzoo.errors import UserError
 

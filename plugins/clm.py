@@ -3,7 +3,7 @@ with an ignore index, optional z-loss on the log-partition, plus the blocks' aux
 
 ``fused_ce=true`` never builds the (B, T, V) logits: the model stops at its final hidden
 states and the loss forms the logits ``fused_chunk`` tokens at a time, with their gradient
-(``llmzoo.losses.linear_cross_entropy``; Liger-Kernel's fused Triton kernel on CUDA with
+(``llmzoo.shared.losses.linear_cross_entropy``; Liger-Kernel's fused Triton kernel on CUDA with
 ``fused_backend: auto``). Same loss and gradients within float32 rounding; the saving is
 the logits and their gradient, 2 x B x T x V x 4 bytes (1 GiB at 8 x 1024 tokens and a
 32k vocabulary)."""
@@ -11,7 +11,7 @@ the logits and their gradient, 2 x B x T x V x 4 bytes (1 GiB at 8 x 1024 tokens
 from __future__ import annotations
 
 from llmzoo.interfaces import Batch, Loss, ModelOutput, summed
-from llmzoo.losses import FusedCEOption, label_count, next_token_ce, next_token_loss
+from llmzoo.shared.losses import FusedCEOption, label_count, next_token_ce, next_token_loss
 
 __all__ = ["CausalLM", "next_token_loss"]
 

@@ -71,7 +71,7 @@ class PerplexitySelector:
         token); batches are right-padded and the padding is masked, so a text scores the
         same in any batch."""
         from llmzoo.interfaces import IGNORE_INDEX
-        from llmzoo.losses import token_logprobs
+        from llmzoo.shared.losses import token_logprobs
 
         model = self._load().model
         out = []

@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.api import frozen_reference
-from llmzoo.decoding import sample_responses
+from llmzoo.shared.decoding import sample_responses
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
-from llmzoo.losses import prompt_response_batch, shifted_labels
+from llmzoo.shared.losses import prompt_response_batch, shifted_labels
 
 DIVERGENCES = ("forward", "reverse")
 

@@ -23,7 +23,7 @@ from torch import nn
 from llmzoo.api import frozen_reference
 from llmzoo.config import node_class
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
-from llmzoo.losses import pair_rows, sequence_logprobs
+from llmzoo.shared.losses import pair_rows, sequence_logprobs
 
 LOSSES = ("sigmoid", "ipo")
 

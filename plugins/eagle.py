@@ -35,9 +35,10 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import (RowStreams, Sampler, StaticStates, Stream, accept, ancestor_mask, check_prompts, finish,
-                             has_rows, one_at_a_time)
-from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, STATIC_STATE, TREE_MASK, Batch, Loss, ModelOutput
+from llmzoo.shared.decoding import (RowStreams, Sampler, StaticStates, Stream, accept, ancestor_mask, check_prompts, finish,
+                                    has_rows, one_at_a_time)
+from llmzoo.interfaces import (KV_CACHE, ROW_STATE, STATEFUL, STATIC_STATE, TREE_MASK,
+                               Batch, Loss, ModelOutput, capabilities_of)
 
 
 def ancestors(parents: list[int], j: int) -> list[int]:
@@ -185,12 +186,12 @@ class Eagle:
             raise ValueError("decoder=eagle has no draft head: load a run trained with objective=eagle")
         self.sampler.reset()
         block = self.head.block
-        tree = (self.draft == "tree" and self.sampler.greedy and TREE_MASK in getattr(model, "capabilities", ())
-                and TREE_MASK in getattr(block, "capabilities", ()))
+        tree = (self.draft == "tree" and self.sampler.greedy and TREE_MASK in capabilities_of(model)
+                and TREE_MASK in capabilities_of(block))
         if tree:
             outs, steps = one_at_a_time(lambda p: self._one_tree(model, p, max_new_tokens, eos_id), prompts)
         elif (len(prompts) > 1 and min(map(len, prompts)) > 1 and has_rows(model) and not self.compile
-                and ROW_STATE in getattr(block, "capabilities", ()) and KV_CACHE in getattr(block, "capabilities", ())):
+                and ROW_STATE in capabilities_of(block) and KV_CACHE in capabilities_of(block)):
             outs, steps = self._batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
             outs, steps = one_at_a_time(lambda p: self._one(model, p, max_new_tokens, eos_id), prompts)

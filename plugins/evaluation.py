@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from llmzoo.api import Run, generate_ids, load_run
-from llmzoo.decoding import Sampler, StepDecoder
+from llmzoo.shared.decoding import Sampler, StepDecoder
 from llmzoo.errors import DataError, UserError
 
 RESULTS = "eval/results.json"

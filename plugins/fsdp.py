@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.sharding import PRECISIONS, shard_stack
+from llmzoo.shared.sharding import PRECISIONS, shard_stack
 
 
 class FSDP:

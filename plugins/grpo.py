@@ -24,9 +24,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import scored_rollout
+from llmzoo.shared.decoding import scored_rollout
 from llmzoo.interfaces import Batch, Loss, ModelOutput
-from llmzoo.losses import token_logprobs
+from llmzoo.shared.losses import token_logprobs
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Hugging Face ``transformers`` model families <-> llmzoo blocks (``llmzoo import-hf``,
 ``init_from=hf:``, ``llmzoo export-hf``; the folders themselves are read and written by
-``llmzoo.hf``).
+``llmzoo_plugins.hf_io``).
 
   llama, mistral, qwen2, qwen3  <->  block=dense  (DenseBlock: biases, q/k norm, head_dim,
                                                   RoPE scaling, sliding window)

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from llmzoo.config import target_class
-from llmzoo.interfaces import TENSOR_PARALLEL
+from llmzoo.interfaces import TENSOR_PARALLEL, capabilities_of
 from llmzoo.layers import ResidualBlock
 
 
@@ -53,5 +53,5 @@ class HybridBlock(ResidualBlock):
         no_plan = frozenset({TENSOR_PARALLEL}) if any(
             not hasattr(target_class(f._target_), "tensor_parallel_plan") for f in ffns) else frozenset()
         return {f"hybrid mixer {name!r} ({node.mixers[name]._target_})":
-                frozenset(getattr(target_class(node.mixers[name]._target_), "capabilities", frozenset())) - no_plan
+                capabilities_of(target_class(node.mixers[name]._target_)) - no_plan
                 for name in used}

@@ -16,7 +16,7 @@ tests against the references are in ``tests/gpu/test_triton_kernels.py``.
 
 Liger's fused linear cross-entropy is not a layer: it replaces the head and the loss
 together, so it is an objective option, ``objective.fused_ce=true`` (objective=clm or sft;
-``llmzoo.losses.linear_cross_entropy``, Liger's kernel on CUDA, a chunked PyTorch
+``llmzoo.shared.losses.linear_cross_entropy``, Liger's kernel on CUDA, a chunked PyTorch
 reference elsewhere).
 """
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from llmzoo.api import frozen_reference
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
-from llmzoo.losses import pair_rows, prompt_response_batch, sequence_logprobs
+from llmzoo.shared.losses import pair_rows, prompt_response_batch, sequence_logprobs
 
 
 def kto_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

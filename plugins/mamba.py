@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import take_rows
+from llmzoo.shared.decoding import take_rows
 from llmzoo.interfaces import RECURRENT, ROW_STATE, STATEFUL, STATIC_STATE
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import (RowStreams, Sampler, StaticStates, ancestor_mask, check_prompts, finish, has_rows,
-                             one_at_a_time)
-from llmzoo.interfaces import IGNORE_INDEX, STATEFUL, STATIC_STATE, TREE_MASK, Batch, Loss, ModelOutput
-from llmzoo.losses import shifted_labels
+from llmzoo.shared.decoding import (RowStreams, Sampler, StaticStates, ancestor_mask, check_prompts, finish, has_rows,
+                                    one_at_a_time)
+from llmzoo.interfaces import (IGNORE_INDEX, STATEFUL, STATIC_STATE, TREE_MASK,
+                               Batch, Loss, ModelOutput, capabilities_of)
+from llmzoo.shared.losses import shifted_labels
 
 
 # ============================================================================ heads and their loss
@@ -263,10 +264,10 @@ class Medusa:
         self.sampler.reset()
         self._refed = [0, 0]  # rows verification: steps that kept a row's state, steps that fed again
         fits = max(map(len, prompts)) + max_new_tokens + self.tree.max_depth + 2 <= model.max_seq_len
-        if self.compile and TREE_MASK not in getattr(model, "capabilities", ()):
+        if self.compile and TREE_MASK not in capabilities_of(model):
             raise ValueError("decoder.compile=true needs blocks with tree_mask and static_state (dense, MoE)")
         if len(prompts) > 1 and fits and has_rows(model) and not self.compile:
-            tree = self.verify == "tree" or (self.verify == "auto" and TREE_MASK in getattr(model, "capabilities", ()))
+            tree = self.verify == "tree" or (self.verify == "auto" and TREE_MASK in capabilities_of(model))
             batched = self._batched_tree if tree else self._batched
             outs, steps = batched(model, [list(p) for p in prompts], max_new_tokens, eos_id)
         else:
@@ -399,7 +400,7 @@ class Medusa:
         max_len = min(model.max_seq_len, len(prompt) + max_new_tokens + n_nodes)
         # compile: static states (fixed shapes, kept between calls) and a compiled tree step
         states = self.static.get(model, 1, device) if self.compile else model.init_states(1, max_len, device=device)
-        rows = self.verify == "rows" or (self.verify == "auto" and TREE_MASK not in getattr(model, "capabilities", ()))
+        rows = self.verify == "rows" or (self.verify == "auto" and TREE_MASK not in capabilities_of(model))
         res = model(torch.tensor([prompt], device=device), states=states)
         token = int(self.sampler(res.logits[:, -1].float())[0])
         hidden = res.hidden[0, -1]

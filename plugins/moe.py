@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.config import target_class
-from llmzoo.interfaces import TENSOR_PARALLEL, summed
+from llmzoo.interfaces import TENSOR_PARALLEL, capabilities_of, summed
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -237,11 +237,11 @@ class MoEBlock(ResidualBlock):
     # an MoE block is not tensor-parallel whatever its mixer is.
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset(getattr(self.mixer, "capabilities", frozenset())) - {TENSOR_PARALLEL}
+        return capabilities_of(self.mixer) - {TENSOR_PARALLEL}
 
     @staticmethod
     def part_capabilities(node: DictConfig) -> dict[str, frozenset[str]]:
         target = node.mixer._target_
         cls = target_class(target)
-        return {f"moe mixer ({target}) with experts": frozenset(getattr(cls, "capabilities", frozenset()))
+        return {f"moe mixer ({target}) with experts": capabilities_of(cls)
                 - {TENSOR_PARALLEL}}

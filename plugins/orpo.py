@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llmzoo.interfaces import Batch, Loss, ModelOutput
-from llmzoo.losses import pair_average_logprobs, pair_rows
+from llmzoo.shared.losses import pair_average_logprobs, pair_rows
 
 
 def log_odds(avg_logp: torch.Tensor) -> torch.Tensor:

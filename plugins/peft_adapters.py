@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from llmzoo import hookimpl
+
 
 class LoRA:
     """``peft=lora``: r, alpha, dropout; ``targets`` (names or name endings of linear
@@ -195,3 +197,34 @@ def _quantize_on_load(module, state, prefix, *args):
     if key in state and state[key].is_floating_point():
         _set_4bit(module, state[key])
         state[key] = module.weight.data  # the packed codes: the default load copies them onto themselves
+
+
+# ----------------------------------------------------------------------------- llmzoo merge-adapter
+@hookimpl
+def llmzoo_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser("merge-adapter", help="a peft=lora run -> a plain run with the adapters folded in",
+                              epilog="example: llmzoo merge-adapter run_dir=runs/lora out=runs/lora_merged")
+    p.add_argument("settings", nargs="*", metavar="key=value", help="run_dir=<run> and out=<new run folder>")
+    p.set_defaults(run=_merge_command)
+
+
+def _merge_command(args: Any) -> None:
+    from omegaconf import OmegaConf
+
+    from llmzoo.api import CONFIG_FILE, TOKENIZER_DIR, load_run, merged, save_final
+    from llmzoo.cli import settings
+    from llmzoo.errors import UserError
+
+    s = settings(args.settings, {"run_dir", "out"}, {"run_dir", "out"})
+    run_dir, out = Path(s["run_dir"]), Path(s["out"])
+    run = load_run(run_dir)
+    if not run.cfg.get("peft"):
+        raise UserError(f"run_dir={run_dir}: the run has no adapters (peft is not set)")
+    if (out / CONFIG_FILE).exists():
+        raise UserError(f"out={out} already holds a run: choose another folder")
+    plain = merged(run)
+    out.mkdir(parents=True, exist_ok=True)
+    plain.tokenizer.save(out / TOKENIZER_DIR)
+    (out / CONFIG_FILE).write_text(OmegaConf.to_yaml(plain.cfg, resolve=True))
+    save_final(out, plain.model, plain.objective)
+    print(f"merged the adapters of {run_dir} -> {out}")

@@ -39,7 +39,7 @@ from llmzoo.api import safe_torch_load
 from llmzoo.config import class_attr, node_class
 from llmzoo.interfaces import Loss, Metric, ModelOutput, as_metric
 from llmzoo.losses import batch_rows, batch_size, batch_weight, model_inputs
-from llmzoo.sharding import checkpointed, shard
+from llmzoo.shared.sharding import checkpointed, shard
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 

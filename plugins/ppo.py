@@ -29,9 +29,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.decoding import sample_responses
+from llmzoo.shared.decoding import sample_responses
 from llmzoo.interfaces import Batch, Loss, ModelOutput
-from llmzoo.losses import prompt_response_batch, token_logprobs
+from llmzoo.shared.losses import prompt_response_batch, token_logprobs
 
 
 # ============================================================================ the formulas

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmzoo.interfaces import IGNORE_INDEX, Batch, Loss, ModelOutput
-from llmzoo.losses import pair_rows
+from llmzoo.shared.losses import pair_rows
 
 
 class RewardModel(nn.Module):

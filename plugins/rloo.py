@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.api import frozen_reference
-from llmzoo.decoding import scored_rollout
+from llmzoo.shared.decoding import scored_rollout
 from llmzoo.interfaces import Batch, Loss, ModelOutput
-from llmzoo.losses import token_logprobs
+from llmzoo.shared.losses import token_logprobs
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The plain decoders, one token per step over the blocks' decode-time states
-(the loop itself is ``llmzoo.decoding.StepDecoder``):
+(the loop itself is ``llmzoo.shared.decoding.StepDecoder``):
 
   decoder=greedy   always the most likely next token
   decoder=sample   softmax(logits / temperature) restricted by top-k / top-p, seeded
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmzoo.decoding import Sampler, StepDecoder, filter_logits
+from llmzoo.shared.decoding import Sampler, StepDecoder, filter_logits
 
 __all__ = ["Greedy", "Sample", "filter_logits"]
 

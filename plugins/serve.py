@@ -36,8 +36,8 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from llmzoo.decoding import Sampler
-from llmzoo.interfaces import ROW_STATE
+from llmzoo.shared.decoding import Sampler
+from llmzoo.interfaces import ROW_STATE, capabilities_of
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 32, max_queue: int = 256,
                  max_len: int | None = None, batching: str = "continuous", metrics: Any = None,
                  prefill_batch: int = 8):
-        missing = [type(b).__name__ for b in model.blocks if ROW_STATE not in getattr(b, "capabilities", ())]
+        missing = [type(b).__name__ for b in model.blocks if ROW_STATE not in capabilities_of(b)]
         if missing:
             raise ValueError(f"llmzoo-serve needs blocks whose decode state has independent rows ({ROW_STATE!r}); "
                              f"{sorted(set(missing))} lack it")

@@ -3,12 +3,12 @@ cross-entropy on the response tokens only -- the data's labels are -100 on the
 prompt (and padding), so prompt positions contribute no loss and no gradient.
 Samples are padded, not packed (see chat_data.py). ``fused_ce=true`` computes the loss
 from the final hidden states and the head's weight without (B, T, V) logits, and skips
-the prompt rows entirely (as objective=clm; ``llmzoo.losses.linear_cross_entropy``)."""
+the prompt rows entirely (as objective=clm; ``llmzoo.shared.losses.linear_cross_entropy``)."""
 
 from __future__ import annotations
 
 from llmzoo.interfaces import Batch, Loss, ModelOutput, summed
-from llmzoo.losses import FusedCEOption, label_count, next_token_ce
+from llmzoo.shared.losses import FusedCEOption, label_count, next_token_ce
 
 
 class SFT(FusedCEOption):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llmzoo.interfaces import Batch, Loss, ModelOutput
-from llmzoo.losses import pair_average_logprobs, pair_rows
+from llmzoo.shared.losses import pair_average_logprobs, pair_rows
 
 
 def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:

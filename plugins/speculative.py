@@ -19,7 +19,7 @@ final norm and head (early exit, no second model to train).
 
 A batch is decoded together when the blocks of target and draft have ``row_state``
 (every built-in block does): each row sits at its own position, accepts its own count,
-and rolls back alone (``llmzoo.decoding.RowStreams``: per-row ``rewind`` for KV caches,
+and rolls back alone (``llmzoo.shared.decoding.RowStreams``: per-row ``rewind`` for KV caches,
 per-token copies for recurrent states); finished rows leave the batch. Otherwise, and
 for a single prompt, rows go one after another: rolling back uses ``rewind`` where every
 block has a KV cache, else a copy taken before the step fed the accepted tokens again.
@@ -37,8 +37,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from llmzoo.decoding import (RowStreams, Sampler, StaticStates, Stream, accept, check_prompts, finish, has_rows,
-                             logits_of, one_at_a_time)
+from llmzoo.shared.decoding import (RowStreams, Sampler, StaticStates, Stream, accept, check_prompts, finish, has_rows,
+                                    logits_of, one_at_a_time)
 from llmzoo.interfaces import KV_CACHE, STATEFUL, STATIC_STATE
 
 

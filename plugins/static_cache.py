@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from llmzoo.decoding import Sampler, StaticStates, StepDecoder
+from llmzoo.shared.decoding import Sampler, StaticStates, StepDecoder
 from llmzoo.interfaces import STATEFUL, STATIC_STATE
 
 

@@ -4,7 +4,7 @@ with torch's DTensor ``parallelize_module``.
 The device mesh is Lightning's ``ModelParallelStrategy`` mesh, ``(data_parallel,
 tensor_parallel)``: processes in one tensor-parallel group hold slices of the same
 layers and see the same batch; data-parallel groups see different batches and, when
-``data_parallel > 1``, shard the rest with FSDP2 (``llmzoo.sharding``).
+``data_parallel > 1``, shard the rest with FSDP2 (``llmzoo.shared.sharding``).
 
 Each block says how its linears split (``tensor_parallel_plan``, capability
 ``tensor_parallel``): column-wise layers (attention's q, k, v, SwiGLU's gate and up)
@@ -27,9 +27,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.config import class_attr
-from llmzoo.interfaces import TENSOR_PARALLEL
+from llmzoo.interfaces import TENSOR_PARALLEL, capabilities_of
 from llmzoo.layers import swiglu_hidden
-from llmzoo.sharding import PRECISIONS, shard_stack
+from llmzoo.shared.sharding import PRECISIONS, shard_stack
 
 
 def styles(sequence_parallel: bool) -> dict[str, Any]:
@@ -74,7 +74,7 @@ class TensorParallel:
     def parallelize(self, model: nn.Module, device_mesh: Any) -> nn.Module:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        missing = [i for i, b in enumerate(model.blocks) if TENSOR_PARALLEL not in getattr(b, "capabilities", ())]
+        missing = [i for i, b in enumerate(model.blocks) if TENSOR_PARALLEL not in capabilities_of(b)]
         if missing:
             raise ValueError(f"parallel=tp: blocks {missing} have no tensor-parallel plan "
                              f"({type(model.blocks[missing[0]]).__name__}); use parallel=fsdp or ddp")

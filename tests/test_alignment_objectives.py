@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llmzoo
+import llmzoo.shared.losses
 from conftest import FAST, run_cli, tiny_cfg
 from llmzoo.interfaces import IGNORE_INDEX, ModelOutput
 from llmzoo.testing import check_objective
@@ -163,7 +164,7 @@ def test_kto_reference_point_is_the_kl_on_mismatched_pairs():
     assert want > 0  # two random models: a real KL estimate, not the clamp
     assert prepared["kto_z0"].tolist() == pytest.approx([want] * 4, abs=2e-5)  # float32 sums of ~100
     with torch.no_grad():  # the reference's own log-probs of chosen and rejected
-        lp = pair_logprobs(reference(llmzoo.losses.pair_rows(prepared)[0]).logits.double(), prepared)
+        lp = pair_logprobs(reference(llmzoo.shared.losses.pair_rows(prepared)[0]).logits.double(), prepared)
     assert prepared["ref_chosen"].tolist() == pytest.approx([float(c[0]) for c, _ in lp], rel=1e-4)
     obj.ref = [policy]  # the policy as its own reference: KL 0, z0 clamps at 0 exactly
     assert obj.prepare(policy, preference_batch())["kto_z0"].abs().max().item() < 1e-4
@@ -181,7 +182,7 @@ def test_rloo_loss_and_gradient_equal_reinforce_with_the_loo_baseline():
     tok, k = ByteTokenizer(), 2
     prompts, responses = [tok.encode("ab"), tok.encode("ab"), tok.encode("xyz"), tok.encode("xyz")], \
         [tok.encode("c!"), tok.encode("dd e"), tok.encode("w"), tok.encode("q q")]
-    ids, labels = llmzoo.losses.prompt_response_batch(prompts, responses, tok.pad_id)
+    ids, labels = llmzoo.shared.losses.prompt_response_batch(prompts, responses, tok.pad_id)
     rewards, kl = torch.tensor([1.0, 0.0, 0.5, 2.0]), torch.tensor([0.3, -0.1, 0.2, 0.0])
     beta = 0.05
     shaped = rewards - beta * kl
@@ -226,7 +227,7 @@ def test_rloo_prepare_folds_the_kl_into_the_reward():
 def test_distillation_divergence_and_gradient_equal_the_kl_formula(kind):
     tok = ByteTokenizer()
     prompts, responses = [tok.encode("ab"), tok.encode("hello")], [tok.encode("cd!"), tok.encode("x")]
-    ids, labels = llmzoo.losses.prompt_response_batch(prompts, responses, tok.pad_id)
+    ids, labels = llmzoo.shared.losses.prompt_response_batch(prompts, responses, tok.pad_id)
     teacher_logp = torch.log_softmax(random_logits(2, ids.shape[1], seed=5), -1)
     batch = {"sequences": ids, "response_labels": labels, "teacher_logp": teacher_logp}
     obj = Distill(teacher=torch.nn.Identity(), decoder=None, divergence=kind)

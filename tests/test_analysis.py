@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from llmzoo.analysis import device_peak_flops, mfu
+from llmzoo.shared.flops import device_peak_flops, mfu
 from llmzoo_plugins.report import ScalingFit, fit_scaling_law
 
 pytest.importorskip("scipy")

@@ -116,7 +116,7 @@ def test_lm_eval_llmzoo_model_equals_the_hf_model_on_the_export(run_dir, tmp_pat
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from llmzoo.hf import export_hf
+    from llmzoo_plugins.hf_io import export_hf
     from llmzoo_plugins.evaluation import lm_eval_model
 
     run = llmzoo.load_run(run_dir)

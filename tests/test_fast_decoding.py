@@ -187,7 +187,7 @@ def test_tree_forward_over_row_states_equals_a_full_forward_of_every_path():
     """The same with rows=True states: rows at different positions verify their own
     candidates under one tree in one forward, and ``keep`` with per-row starts leaves each
     row exactly its kept path (the next token's logits equal a plain forward's)."""
-    from llmzoo.decoding import RowStreams
+    from llmzoo.shared.decoding import RowStreams
 
     model = random_model("moe")
     tree = Tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])

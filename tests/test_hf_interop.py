@@ -11,7 +11,7 @@ import torch
 
 import llmzoo
 from llmzoo.errors import CheckpointError
-from llmzoo.hf import export_hf, from_hf, import_hf
+from llmzoo_plugins.hf_io import export_hf, from_hf, import_hf
 from llmzoo.interfaces import HFUnsupported
 
 transformers = pytest.importorskip("transformers")

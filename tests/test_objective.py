@@ -60,7 +60,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from conftest import PARALLEL_COMMON, logged, run_cli, tiny_cfg  # noqa: E402
-from llmzoo.losses import linear_cross_entropy  # noqa: E402
+from llmzoo.shared.losses import linear_cross_entropy  # noqa: E402
 from llmzoo_plugins.sft import SFT  # noqa: E402
 
 

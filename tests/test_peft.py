@@ -93,7 +93,7 @@ def test_lora_trains_only_adapters_reloads_resumes_and_merges(base, tmp_path, bl
 def test_merge_adapter_cli_and_export_of_a_lora_run(base, tmp_path):
     transformers = pytest.importorskip("transformers")
     from llmzoo.cli import main
-    from llmzoo.hf import export_hf
+    from llmzoo_plugins.hf_io import export_hf
 
     llmzoo.train(llmzoo.compose(overrides=["model=tiny", "peft=lora", f"init_from={base}", "optim.lr=0.01",
                                            f"run_dir={tmp_path / 'lora'}", "trainer.max_steps=3", *QUIET]))

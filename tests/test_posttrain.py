@@ -15,7 +15,7 @@ import llmzoo
 from conftest import FAST, ROOT, run_cli, tiny_cfg
 from llmzoo.data import DataError
 from llmzoo.interfaces import IGNORE_INDEX
-from llmzoo.losses import sequence_logprobs
+from llmzoo.shared.losses import sequence_logprobs
 from llmzoo_plugins.chat_data import RecordsDataModule, encode_record
 from llmzoo_plugins.dpo import dpo_loss
 from llmzoo_plugins.reward import RewardModel

@@ -280,7 +280,7 @@ def test_engine_alone_finishes_each_request_once(block):
     its request ended."""
     from types import SimpleNamespace
 
-    from llmzoo.decoding import Sampler
+    from llmzoo.shared.decoding import Sampler
     from llmzoo_plugins.serve import Request
 
     cfg = llmzoo.compose(overrides=["model=tiny", f"block={block}", "model.vocab_size=64"])

@@ -19,7 +19,7 @@ def _model(block, vocab=64):
 def test_engine_on_cuda_equals_greedy_alone(block):
     from types import SimpleNamespace
 
-    from llmzoo.decoding import Sampler
+    from llmzoo.shared.decoding import Sampler
     from llmzoo_plugins.sampling import Greedy
     from llmzoo_plugins.serve import Engine, Request
 

@@ -32,7 +32,7 @@ def test_liger_kernels_match_the_references(dtype, atol):
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_liger_fused_linear_cross_entropy_matches_the_chunked_reference(dtype, atol):
     pytest.importorskip("liger_kernel")
-    from llmzoo.losses import linear_cross_entropy
+    from llmzoo.shared.losses import linear_cross_entropy
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(3, 100, 256, generator=g, device="cuda").to(dtype).requires_grad_()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from llmzoo import hookimpl
 from llmzoo.interfaces import IGNORE_INDEX, Loss
-from llmzoo.losses import pair_rows, sequence_logprobs
+from llmzoo.shared.losses import pair_rows, sequence_logprobs
 
 
 class SimPO:

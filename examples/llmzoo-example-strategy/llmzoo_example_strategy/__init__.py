@@ -2,7 +2,7 @@
 
 A parallel strategy is ``lightning_strategy()`` (what the Trainer gets) and
 ``parallelize(model, device_mesh)``, a plain function over the unchanged model
-(torchtitan's style); here it wraps blocks with ``llmzoo.sharding.checkpointed``.
+(torchtitan's style); here it wraps blocks with ``llmzoo.shared.sharding.checkpointed``.
 The math is unchanged, so losses equal a plain run's (``llmzoo.testing.check_strategy``).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmzoo import hookimpl
-from llmzoo.sharding import checkpointed
+from llmzoo.shared.sharding import checkpointed
 
 
 class Recompute:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .decoding import ancestor_mask
+from ..shared.decoding import ancestor_mask
 
 BlockFactory = Callable[[], nn.Module]
 
@@ -425,8 +425,8 @@ def check_objective(objective: Any, model: nn.Module, batch: dict[str, Any], *, 
     scalar loss with finite gradients for the model and the objective's own parameters;
     scalar finite metrics; and -- unless it samples (``prepare``) -- the loss of the
     whole batch equals its two halves weighted by ``weight`` (what micro-batching strategies rely on)."""
-    from .interfaces import as_metric
-    from .losses import batch_rows, batch_size, batch_weight, model_inputs, run_objective
+    from ..interfaces import as_metric
+    from ..losses import batch_rows, batch_size, batch_weight, model_inputs, run_objective
 
     needs = getattr(objective, "needs", None)
     assert isinstance(needs, frozenset), "objective.needs must be a frozenset of batch field names"

@@ -1,5 +1,7 @@
 """Hugging Face ``transformers`` folders in and out.
 
+A plugin like any other: it resolves the ``hf:`` path scheme (``llmzoo_load_run``) and adds
+the ``llmzoo import-hf`` and ``llmzoo export-hf`` commands (``llmzoo_commands``).
 ``from_hf(folder)`` / ``llmzoo import-hf`` / ``init_from=hf:<folder>`` read config.json,
 the safetensors weights (one file or shards with an index) and the tokenizer folder;
 ``export_hf(run, out)`` / ``llmzoo export-hf`` write a folder that
@@ -21,10 +23,12 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from .api import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, Run, build_model, merged
-from .config import ConfigError, compose, validate_config
-from .errors import CheckpointError
-from .interfaces import HFUnsupported
+from llmzoo import hookimpl
+from llmzoo.api import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, Run, build_model, merged
+from llmzoo.config import ConfigError, compose, validate_config
+from llmzoo.errors import CheckpointError, UserError
+from llmzoo.interfaces import HFUnsupported
+from llmzoo.plugins import get_plugin_manager
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def architectures() -> list[Any]:
-    from .plugins import get_plugin_manager
-
     return [a for found in get_plugin_manager().hook.llmzoo_hf_architectures() for a in found]
 
 
@@ -240,3 +242,57 @@ def export_hf(run: Run, out: str | Path, *, dtype: str | None = None) -> Path:
         "model_max_length": run.model.max_seq_len, "chat_template": template() if template else None}, indent=2))
     return out
 
+
+
+# ----------------------------------------------------------------------------- hooks
+SCHEME = "hf:"
+
+
+@hookimpl
+def llmzoo_load_run(path: str) -> Run | None:
+    """``hf:<folder>``: a Hugging Face folder as a run (``init_from=``, ``load_any``, DPO's
+    reference model); it brings its own model, block and tokenizer."""
+    return from_hf(path[len(SCHEME):]) if isinstance(path, str) and path.startswith(SCHEME) else None
+
+
+@hookimpl
+def llmzoo_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "import-hf", help="a Hugging Face transformers folder -> an llmzoo run folder",
+        description="Read config.json, the safetensors weights and tokenizer.json of a Llama, Mistral, Qwen2/3, "
+        "Mixtral, Mamba or Mamba-2 folder and write an llmzoo run folder (load_run, llmzoo-generate, init_from= "
+        "read it). Fine-tune directly with llmzoo-train init_from=hf:<folder>.",
+        epilog="example: llmzoo import-hf ~/models/llama run_dir=runs/llama max_seq_len=2048")
+    p.add_argument("folder", help="the Hugging Face model folder")
+    p.add_argument("settings", nargs="*", metavar="key=value", help=f"run_dir=<out> (required), max_seq_len=N "
+                   f"(default 4096), dtype={'|'.join(DTYPES)}, overwrite=true")
+    p.set_defaults(run=_import_command)
+    p = subparsers.add_parser(
+        "export-hf", help="an llmzoo run -> a Hugging Face transformers folder",
+        description="Write config.json, model.safetensors and the tokenizer of a run so that transformers' "
+        "AutoModelForCausalLM / AutoTokenizer, vLLM, TGI and `transformers serve` load it. Dense, MoE (no shared "
+        "experts), Mamba and Mamba-2 (block.mlp=false) runs export.",
+        epilog="example: llmzoo export-hf run_dir=runs/quickstart out=exported/quickstart")
+    p.add_argument("settings", nargs="*", metavar="key=value",
+                   help=f"run_dir=<run> and out=<folder> (required), dtype={'|'.join(DTYPES)}")
+    p.set_defaults(run=_export_command)
+
+
+def _import_command(args: Any) -> None:
+    from llmzoo.cli import settings
+
+    s = settings(args.settings, {"run_dir", "max_seq_len", "dtype", "overwrite"}, {"run_dir"})
+    if not s.get("max_seq_len", "1").isdigit():
+        raise UserError(f"max_seq_len={s['max_seq_len']!r}: expected a positive integer")
+    out = import_hf(args.folder, s["run_dir"], max_seq_len=int(s["max_seq_len"]) if "max_seq_len" in s else None,
+                    dtype=s.get("dtype", "float32"), overwrite=s.get("overwrite") == "true")
+    print(f"imported {args.folder} -> {out} (llmzoo-generate run_dir={out} prompt=...)")
+
+
+def _export_command(args: Any) -> None:
+    from llmzoo.api import load_run
+    from llmzoo.cli import settings
+
+    s = settings(args.settings, {"run_dir", "out", "dtype"}, {"run_dir", "out"})
+    out = export_hf(load_run(s["run_dir"]), s["out"], dtype=s.get("dtype"))
+    print(f"exported {s['run_dir']} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
