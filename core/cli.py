@@ -294,7 +294,8 @@ def _plugins(group: str | None, as_json: bool) -> int:
             print(f"\n{o.group}/")
             current = o.group
         print(f"  {o.group}={o.name}".ljust(width + 4), f"[{o.distribution}]")
-    print("\nplugins: " + ", ".join(f"{i.name} ({i.distribution})" for i in pm.infos.values()))
+    print("\nplugins: " + ", ".join(f"{i.name} ({i.distribution}{f', contract {i.contract}' if i.contract else ''})"
+                                    for i in pm.infos.values()))
     for winner, other in shadowed_options():
         print(f"WARNING: {winner.group}={winner.name} from package {other!r} is shadowed by the one from "
               f"{winner.distribution!r} (first on the config search path): rename it to use it", file=sys.stderr)
