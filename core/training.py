@@ -688,7 +688,7 @@ def init_weights(model: nn.Module, source: nn.Module, where: str) -> None:
              if k in theirs and theirs[k].shape != v.shape]
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     if wrong or missing or extra:
-        raise ValueError(f"init_from={where}: its model does not fit this config (use the same model= and block= "
+        raise CheckpointError(f"init_from={where}: its model does not fit this config (use the same model= and block= "
                          f"options as that run). Shape differences: {wrong[:5]}; missing: {missing[:5]}; "
                          f"unexpected: {extra[:5]}")
     model.load_state_dict(theirs)

@@ -187,6 +187,78 @@ def test_layout_rules_plugins_never_import_each_other_and_core_imports_no_plugin
     """DESIGN.md section 1: what two plugins share lives in core."""
     offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in sorted((ROOT / "plugins").glob("*.py"))
                  for m in _imported_modules(p) if m.split(".")[0] == "llmzoo_plugins"]
-    offenders += [f"{p.relative_to(ROOT)} imports {m}" for p in sorted((ROOT / "core").glob("*.py"))
+    offenders += [f"{p.relative_to(ROOT)} imports {m}" for p in sorted((ROOT / "core").rglob("*.py"))
                   for m in _imported_modules(p) if m.split(".")[0] == "llmzoo_plugins"]
+    # nor names a plugin module, class or path scheme in code (the built-in package name itself is
+    # known to the registry; docstrings and comments may give examples)
+    offenders += [f"{p.relative_to(ROOT)} names {s!r}" for p in sorted((ROOT / "core").rglob("*.py"))
+                  for s in _code_strings(p) if "llmzoo_plugins." in s or s.startswith("hf:")]
     assert offenders == []
+
+
+def _code_strings(path) -> list[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+            and n.body and isinstance(n.body[0], ast.Expr)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]
+
+
+def _core_import_graph() -> dict[str, set[str]]:
+    """{core module: the core modules it imports, lazily or not} (relative imports resolved)."""
+    import ast
+
+    graph = {}
+    for path in (ROOT / "core").rglob("*.py"):
+        parts = path.relative_to(ROOT / "core").with_suffix("").parts
+        name = ".".join(("llmzoo", *parts))[: -len(".__init__")] if parts[-1] == "__init__" else \
+            ".".join(("llmzoo", *parts))
+        package = name if parts[-1] == "__init__" else name.rpartition(".")[0]
+        found = set()
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)
+                       for n in ast.walk(b)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # annotations only: not imported at run time
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                module = ".".join([*base, node.module] if node.module else base) if node.level else node.module
+                found.update(f"{module}.{a.name}" for a in node.names)
+                found.add(module or "")
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        graph[name] = found
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_core_import_graph_has_no_cycle():
+    """core/api.py and core/hf.py imported each other until contract 3; no module of core
+    may import (even lazily) one that imports it back. The package root re-exports and is
+    left out, as the deprecated aliases are (they only forward names)."""
+    graph = _core_import_graph()
+    graph = {m: {d for d in deps if d != "llmzoo"} for m, deps in graph.items() if m != "llmzoo"}
+    cycles = []
+
+    def visit(m, path):
+        for d in graph.get(m, ()):
+            if d in path:
+                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+            elif len(path) < 12:
+                visit(d, path + [d])
+
+    for m in graph:
+        visit(m, [m])
+    assert cycles == []
+
+
+# core/*.py (the contract and its glue) must stay small: DESIGN.md says under 2,500 lines,
+# which contract 3 has not reached yet (issue 31); this budget only ever goes down.
+CORE_LINE_BUDGET = 3500
+
+
+def test_core_stays_within_its_line_budget():
+    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "core").glob("*.py"))
+    assert lines <= CORE_LINE_BUDGET, f"core/*.py holds {lines} lines (budget {CORE_LINE_BUDGET})"

@@ -207,3 +207,17 @@ def test_training_a_finished_run_further_continues_its_data_order(tmp_path):
     rows = [[(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / d) if r["train_loss"]]
             for d in ("straight", "more")]
     assert rows[1] == rows[0] and len(rows[0]) == 6
+
+
+def test_init_from_a_run_of_another_block_is_one_message_exit_2(tmp_path):
+    """A starting run whose weights do not fit the configured block: one line naming the
+    parameters that differ, exit 2, no traceback."""
+    from conftest import FAST, run_cli
+
+    first = tmp_path / "dense"
+    run_cli("llmzoo-train", f"run_dir={first}", *FAST, "model=tiny", "trainer.max_steps=1", "trainer.val_every=0")
+    out = run_cli("llmzoo-train", "block=mamba", f"init_from={first}", f"run_dir={tmp_path / 'mamba'}", *FAST,
+                  "model=tiny", "trainer.max_steps=1", "trainer.val_every=0", check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"init_from={first}: its model does not fit this config" in out.stderr and "missing:" in out.stderr
+    assert "Traceback" not in out.stderr
