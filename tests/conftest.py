@@ -75,3 +75,31 @@ def pretrained(tmp_path_factory):
         return cache[block, steps]
 
     return make
+
+
+def pip_install(target, *paths):
+    """Install packages for real into ``target`` (pip --target), as a user's pip would."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), *map(str, paths)], check=True, capture_output=True)
+
+
+def plugin_package(root, dist: str, name: str, module: str, source: str):
+    """The source folder of a one-module plugin package ``dist`` whose module ``module``
+    (holding ``source``) is registered as ``name`` under the ``llmzoo`` entry-point group."""
+    import textwrap
+
+    (root / module).mkdir()
+    (root / module / "__init__.py").write_text(textwrap.dedent(source))
+    (root / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "{dist}"
+        version = "0.0.1"
+        [project.entry-points.llmzoo]
+        {name} = "{module}"
+        [tool.setuptools]
+        packages = ["{module}"]
+        """))
+    return root

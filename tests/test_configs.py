@@ -75,7 +75,12 @@ def test_option_composes_and_instantiates(group, name, tmp_path):
         tok.save(tmp_path)
         overrides.append(f"tokenizer.path={tmp_path}")
     cfg = llmzoo.compose(overrides=overrides)
-    assert cfg[group] is not None
+    # the option chosen is the one composed: its file's _target_ (where it names one) is the node's
+    from llmzoo.config import conf_docs
+
+    (doc,) = [d.doc for d in conf_docs() if d.group == group and d.name == name]
+    if "_target_" in doc:
+        assert cfg[group]._target_ == doc["_target_"]
     tokenizer = llmzoo.build_tokenizer(cfg)
     assert tokenizer.vocab_size > 0
     if group == "model" and cfg.model.dim > 128:  # GPU-sized presets: build on the meta device

@@ -116,6 +116,7 @@ def test_eagle_decoder_needs_an_eagle_run():
         Eagle(k=0)
 
 
+@pytest.mark.slow  # ~57 s of training, like its Medusa twin; benchmarks/decode.py measures acceptance too
 def test_eagle_head_trained_on_a_pretrained_run_drafts_well(tmp_path, pretrained):
     """Pretrain, train the head (init_from, target frozen), decode through the CLI: the same
     text as greedy, more than one token per target forward."""

@@ -1,14 +1,12 @@
 """Third-party plugins installed for real (pip --target), found through entry points."""
 
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
-from conftest import FAST, ROOT, run_cli
+from conftest import FAST, ROOT, pip_install, plugin_package, run_cli
 
 EXAMPLE = ROOT / "examples" / "llmzoo-example-plugin"
 # one example package per interface (docs/plugins.md walks through them)
@@ -16,31 +14,13 @@ EXAMPLES = {"block": EXAMPLE, **{kind: ROOT / "examples" / f"llmzoo-example-{kin
                                   for kind in ("tokenizer", "objective", "decoder", "strategy")}}
 
 
-def pip_install(target, *paths):
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), *map(str, paths)], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A folder holding the five example plugins and a plugin package that fails on import."""
     site = tmp_path_factory.mktemp("site")
     pip_install(site, *EXAMPLES.values())
-    broken = tmp_path_factory.mktemp("broken_src")
-    (broken / "broken_llmzoo_plugin").mkdir()
-    (broken / "broken_llmzoo_plugin" / "__init__.py").write_text("raise ImportError('needs libfoo 9')\n")
-    (broken / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "broken-llmzoo-plugin"
-        version = "0.0.1"
-        [project.entry-points.llmzoo]
-        broken = "broken_llmzoo_plugin"
-        [tool.setuptools]
-        packages = ["broken_llmzoo_plugin"]
-        """))
+    broken = plugin_package(tmp_path_factory.mktemp("broken_src"), "broken-llmzoo-plugin", "broken",
+                            "broken_llmzoo_plugin", "raise ImportError('needs libfoo 9')\n")
     pip_install(site, broken)
     return site
 

@@ -4,23 +4,16 @@ contract 2's import paths, and holds a block written to the first release (it de
 only ``recurrent``); it is installed for real (pip --target) and found through entry points."""
 
 import csv
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FAST, run_cli
+from conftest import FAST, pip_install, plugin_package, run_cli
 
 COMPAT = Path(__file__).parent / "llmzoo-compat-v2"
 STACK = ["block=compat_ema", "tokenizer=compat_chars", "objective=compat_next_token", "parallel=compat_single"]
-
-
-def pip_install(target, *paths):
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), *map(str, paths)], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -28,27 +21,14 @@ def site(tmp_path_factory):
     """The frozen package, and a package whose hook implementation is misspelt."""
     site = tmp_path_factory.mktemp("compat_site")
     pip_install(site, COMPAT)
-    bad = tmp_path_factory.mktemp("misspelt_src")
-    (bad / "misspelt_llmzoo_plugin").mkdir()
-    (bad / "misspelt_llmzoo_plugin" / "__init__.py").write_text(textwrap.dedent("""
+    bad = plugin_package(tmp_path_factory.mktemp("misspelt_src"), "llmzoo-misspelt-plugin", "misspelt",
+                         "misspelt_llmzoo_plugin", """
         from llmzoo import hookimpl
 
         @hookimpl
         def llmzoo_conf_pth():
             return None
-        """))
-    (bad / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "llmzoo-misspelt-plugin"
-        version = "0.0.1"
-        [project.entry-points.llmzoo]
-        misspelt = "misspelt_llmzoo_plugin"
-        [tool.setuptools]
-        packages = ["misspelt_llmzoo_plugin"]
-        """))
+        """)
     pip_install(site, bad)
     return site
 
