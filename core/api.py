@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import IO, Any, Iterator, NamedTuple, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -166,7 +168,9 @@ def tokenizer_from_files(cfg: DictConfig, files: dict[str, str], where: Any = "c
 def check_stored_config(cfg: Any, where: Any) -> DictConfig:
     """A config read from a file (a run's config.yaml, a checkpoint) as a DictConfig,
     refused if any of its ``_target_`` nodes names a class that no installed plugin's
-    configs name: instantiating it could call anything (``torch.load``, ``os.system``)."""
+    configs name (instantiating it could call anything: ``torch.load``, ``os.system``),
+    or if any value is an interpolation (resolvers run before any allowlist could look).
+    Nothing is resolved before this check."""
     from .config import registered_targets
 
     if not isinstance(cfg, (dict, DictConfig)):
@@ -174,6 +178,11 @@ def check_stored_config(cfg: Any, where: Any) -> DictConfig:
     allowed = registered_targets()
 
     def walk(node: Any, key: str) -> None:
+        if isinstance(node, str) and "${" in node:
+            raise CheckpointError(
+                f"{where}: refused: the stored config has an interpolation at {key or 'its root'} ({node[:80]!r}); "
+                "llmzoo writes stored configs resolved, and a resolver (oc.create, oc.env, ...) in a file could "
+                "build objects or read the environment")
         if isinstance(node, (dict, DictConfig)):
             items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
             for k, v in items:
@@ -190,23 +199,27 @@ def check_stored_config(cfg: Any, where: Any) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+def safe_torch_load(path: str | Path | IO[bytes], map_location: Any = "cpu", mmap: bool = False,
+                    where: Any = None) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain types only, never pickled
-    code. A file that needs more, or a truncated one, is one clear CheckpointError."""
+    code. A file that needs more, or a truncated one, is one clear CheckpointError
+    naming ``where`` (default: the path)."""
     import pickle
     import zipfile
 
+    if where is None:
+        where = path
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise CheckpointError(f"{path}: refused: loading it needs pickle, which can run code ({why}); llmzoo loads "
+        raise CheckpointError(f"{where}: refused: loading it needs pickle, which can run code ({why}); llmzoo loads "
                               "only tensors and plain values (weights_only=True)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
-            raise CheckpointError(f"{path}: no such file") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+            raise CheckpointError(f"{where}: no such file") from None
+        raise CheckpointError(f"{where}: not a readable checkpoint (truncated or corrupt?): "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
@@ -245,12 +258,61 @@ def check_dcp_metadata(folder: Path) -> None:
         raise CheckpointError(f"{folder}: a folder, but not a sharded checkpoint (no .metadata)")
     try:
         with open(meta, "rb") as fh:
-            Restricted(fh).load()
+            index = Restricted(fh).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{meta}: refused: {e} (loading it could run code)") from None
     except Exception as e:  # noqa: BLE001 - truncated or corrupt
         raise CheckpointError(f"{meta}: not a readable checkpoint index (truncated or corrupt?): "
                               f"{type(e).__name__}: {e}") from None
+    check_dcp_entries(folder, index)
+
+
+def check_dcp_entries(folder: Path, index: Any) -> None:
+    """DCP stores each non-tensor entry (optimizer settings, loop state) as a
+    ``torch.save`` blob inside a shard file and loads it with ``weights_only=False``:
+    every such blob is read here first with ``weights_only=True``, so a shard carrying
+    pickled code is refused before DCP opens it. Tensors DCP already loads safely."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    if not isinstance(index, Metadata):
+        raise CheckpointError(f"{folder / '.metadata'}: not a torch.distributed.checkpoint index")
+    blobs = {fqn for fqn, md in index.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)}
+    root = folder.resolve()
+    for key, info in (index.storage_data or {}).items():
+        if getattr(key, "fqn", None) not in blobs:
+            continue
+        shard = (folder / str(info.relative_path)).resolve()
+        if shard.parent != root:
+            raise CheckpointError(f"{folder}: refused: entry {key.fqn!r} points outside the folder "
+                                  f"({info.relative_path!r})")
+        if info.transform_descriptors:
+            raise CheckpointError(f"{folder}: refused: entry {key.fqn!r} is stored with transforms "
+                                  f"{list(info.transform_descriptors)}, which llmzoo cannot check")
+        try:
+            with open(shard, "rb") as fh:
+                fh.seek(int(info.offset))
+                blob = fh.read(int(info.length))
+        except OSError as e:
+            raise CheckpointError(f"{shard}: a shard cannot be read ({e.strerror or e})") from None
+        safe_torch_load(io.BytesIO(blob), where=f"{shard} (entry {key.fqn!r})")
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside is ``weights_only=True``, even where a library passes
+    ``False`` (DCP does for its non-tensor entries): torch's own override switch, set for
+    this block only. A second fence behind ``check_dcp_entries``."""
+    key, before = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def check_checkpoint_path(path: str | Path) -> None:
@@ -291,7 +353,7 @@ def read_sharded(folder: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     check_dcp_metadata(folder)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, weights_only_loads():
         try:
             dcp_to_torch_save(str(folder), f"{d}/full.pt")
         except Exception as e:  # noqa: BLE001 - a missing or truncated shard
@@ -345,9 +407,9 @@ def load_foreign(path: str | Path) -> Run | None:
 
 
 def load_local(path: str | Path) -> Run:
-    """A run folder or a ``.ckpt`` file."""
+    """A run folder, a ``.ckpt`` file or a sharded checkpoint folder (``.metadata`` inside)."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or (path / ".metadata").is_file():
         return load_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a run folder or a .ckpt file")

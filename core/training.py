@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import functools
@@ -26,8 +27,8 @@ from torch import nn
 
 from .shared.flops import device_peak_flops, mfu
 from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_adapter, build_model, build_objective, build_strategy,
-                  build_tokenizer, check_checkpoint_path, generate, load_foreign, load_local, prompt_ids, safe_torch_load, save_final,
-                  tokenizer_files)
+                  build_tokenizer, check_checkpoint_path, generate, load_foreign, load_local, prompt_ids,
+                  safe_torch_load, save_final, tokenizer_files, weights_only_loads)
 from .config import validate_config
 from .data import data_rank
 from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError, UserError
@@ -619,8 +620,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None
                       compile=bool(cfg.trainer.get("compile")))
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization,
                             resume=resume)
+    sharded = bool(cfg.get("ckpt_path")) and Path(cfg.ckpt_path).is_dir()  # DCP: checked, and fenced
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        with weights_only_loads() if sharded else contextlib.nullcontext():
+            trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     finally:
         for logger in trainer.loggers:  # end wandb's run: the next run in this process gets its own
             finish = getattr(getattr(logger, "_experiment", None), "finish", None)

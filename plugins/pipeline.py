@@ -35,7 +35,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.api import safe_torch_load
+from llmzoo.api import check_dcp_metadata, safe_torch_load, weights_only_loads
 from llmzoo.config import class_attr, node_class
 from llmzoo.interfaces import Loss, Metric, ModelOutput, as_metric
 from llmzoo.losses import batch_rows, batch_size, batch_weight, model_inputs
@@ -131,13 +131,16 @@ def load_stage_checkpoint(module: nn.Module, optimizers: list[Any], path: Path) 
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_optimizer_state_dict)
 
+    check_dcp_metadata(path)  # the index and every non-tensor entry, without pickle
     state = {"state_dict": get_model_state_dict(module)}
-    dcp.load(state, checkpoint_id=path)
+    with weights_only_loads():
+        dcp.load(state, checkpoint_id=path)
     module.load_state_dict(state["state_dict"])
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     for i, opt in enumerate(optimizers):
         state = {f"optimizer_{i}": get_optimizer_state_dict(module, opt, options=flat)}
-        dcp.load(state, checkpoint_id=path)
+        with weights_only_loads():
+            dcp.load(state, checkpoint_id=path)
         set_optimizer_state_dict(module, opt, optim_state_dict=state[f"optimizer_{i}"], options=flat)
     return safe_torch_load(path / "meta.pt")
 

@@ -120,6 +120,77 @@ def test_sharded_checkpoint_index_is_read_without_pickle(tmp_path):
     assert not marker.exists()
 
 
+def _sharded_copy(tiny_run, folder, optimizer_state):
+    """A Lightning-style sharded checkpoint folder (what parallel=fsdp writes: DCP shards
+    for the weights and the optimizer, meta.pt for the rest) made from tiny_run's."""
+    import torch.distributed.checkpoint as dcp
+
+    good = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    dcp.save({"state_dict": good["state_dict"], "optimizer_0": optimizer_state}, checkpoint_id=folder)
+    torch.save({k: v for k, v in good.items() if k not in ("state_dict", "optimizer_states")}, folder / "meta.pt")
+    return folder
+
+
+def test_payload_in_a_shard_file_is_refused_by_every_loader(tmp_path, tiny_run):
+    import shutil
+
+    marker = tmp_path / "PWNED"
+    fine = _sharded_copy(tiny_run, tmp_path / "fine.ckpt", {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]})
+    run = llmzoo.load_checkpoint(fine)  # the honest folder loads: the check is not a blanket refusal
+    assert run.model.vocab_size > 0
+    evil = _sharded_copy(tiny_run, tmp_path / "evil.ckpt", {"param_groups": [{"lr": 0.1, "x": RunsCode(marker)}]})
+    run_copy = tmp_path / "run_copy"
+    shutil.copytree(tiny_run, run_copy)
+    (run_copy / "checkpoints" / "last.ckpt").unlink()
+    shutil.copytree(evil, run_copy / "checkpoints" / "last.ckpt")  # as parallel=fsdp names it
+    loaders = [lambda: llmzoo.load_checkpoint(evil), lambda: llmzoo.load_run(run_copy, checkpoint="last"),
+               lambda: llmzoo.train(cfg_for(tmp_path / "a", f"init_from={evil}")),
+               lambda: llmzoo.train(cfg_for(tmp_path / "b", f"ckpt_path={evil}", "trainer.max_steps=4"))]
+    for load in loaders:
+        with pytest.raises(CheckpointError, match=r"\.ckpt/__0_0\.distcp \(entry 'optimizer_0\..*'\): refused"):
+            load()
+    proc = run_cli("llmzoo-generate", f"run_dir={tiny_run}", f"checkpoint={evil}", "prompt=hi", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "refused" in proc.stderr
+    assert not marker.exists(), "a loader ran the pickled command"
+
+    # and the fence behind the check: a load DCP does with weights_only=False stays weights_only
+    import torch.distributed.checkpoint as dcp
+
+    from llmzoo.api import weights_only_loads
+
+    state = {"optimizer_0": {"param_groups": [{"lr": 0.0, "x": None}]}}
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP's wrapper, a BaseException
+
+    with weights_only_loads(), pytest.raises(CheckpointException, match="posix.system"):
+        dcp.load(state, checkpoint_id=evil)
+    assert not marker.exists()
+
+
+def test_resolvers_in_stored_configs_never_run(tmp_path, tiny_run):
+    import shutil
+
+    marker = tmp_path / "CREATED"
+    payload = "${oc.create:'{_target_: builtins.open, file: " + str(marker) + ", mode: w}'}"
+    run = tmp_path / "run_copy"
+    shutil.copytree(tiny_run, run)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("run_dir:", f"evil: \"{payload}\"\nrun_dir:", 1))
+    good = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = json.loads(json.dumps(good["llmzoo"]))
+    ckpt["config"]["block"]["evil"] = payload
+    bad = tmp_path / "resolver.ckpt"
+    torch.save({**good, "llmzoo": ckpt}, bad)
+    loaders = [lambda: llmzoo.load_run(run), lambda: llmzoo.load_checkpoint(bad),
+               lambda: llmzoo.train(cfg_for(tmp_path / "a", f"init_from={bad}")),
+               lambda: llmzoo.train(cfg_for(tmp_path / "b", f"init_from={run}"))]
+    for load in loaders:
+        with pytest.raises(CheckpointError, match="refused: the stored config has an interpolation at"):
+            load()
+    proc = run_cli("llmzoo-generate", f"run_dir={run}", "prompt=hi", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "interpolation" in proc.stderr
+    assert not marker.exists(), "a stored config's resolver ran"
+
+
 def test_truncated_and_corrupt_files_are_one_line(tmp_path, tiny_run):
     data = (tiny_run / "checkpoints" / "last.ckpt").read_bytes()
     cut = tmp_path / "cut.ckpt"
