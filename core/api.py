@@ -96,7 +96,10 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str], chat: bool = False) -> li
     """Token ids of each prompt (bos for an empty one); with ``chat``, as a user turn of the
     tokenizer's chat template ending where the assistant's answer starts."""
     if chat:
-        pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
+        try:
+            pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
+        except ValueError as e:  # a template that fails or refuses (a tokenizer's ChatTemplateError)
+            raise UserError(f"chat=true: {e}") from None
         return [[tokenizer.bos_id] + [t for text, _ in ps for t in tokenizer.encode(text)] for ps in pieces]
     bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
     return [bos + tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
@@ -161,7 +164,10 @@ def tokenizer_from_files(cfg: DictConfig, files: dict[str, str], where: Any = "c
     with tempfile.TemporaryDirectory() as d:
         for name, text in files.items():
             (Path(d) / name).write_text(text)
-        return target_class(cfg.tokenizer).load(d)
+        try:
+            return target_class(cfg.tokenizer).load(d)
+        except (OSError, ValueError, KeyError) as e:  # a missing file, a refused chat template
+            raise CheckpointError(f"{where}: the stored tokenizer cannot be loaded: {e}") from None
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -443,7 +449,10 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
     except Exception as e:  # noqa: BLE001 - yaml/json syntax, a missing file or key
         raise CheckpointError(f"{run_dir}: broken run folder ({type(e).__name__}: {e})") from None
     cfg = check_stored_config(stored, run_dir / CONFIG_FILE)
-    tokenizer = target_class(cfg.tokenizer).load(run_dir / TOKENIZER_DIR)
+    try:
+        tokenizer = target_class(cfg.tokenizer).load(run_dir / TOKENIZER_DIR)
+    except (OSError, ValueError, KeyError) as e:  # a missing file, a refused chat template
+        raise CheckpointError(f"{run_dir / TOKENIZER_DIR}: the tokenizer cannot be loaded: {e}") from None
     model = build_model(cfg, vocab_size=vocab_size)
     _load_safetensors(model, weights)
     objective = None

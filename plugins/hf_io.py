@@ -143,6 +143,13 @@ def tokenizer_node(folder: Path, hf: dict) -> dict:
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
+    if template is not None:  # refused here, before any weight is read, if it fails or bombs
+        from llmzoo_plugins.tokenizers import ChatTemplateError, check_chat_template
+
+        try:
+            check_chat_template(template, {"bos": token("bos_token") or eos, "eos": eos})
+        except ChatTemplateError as e:
+            raise HFUnsupported(f"{folder}: the chat template is refused: {e}") from None
     return {"_target_": JSON_TOKENIZER, "path": str(folder.resolve()), "bos_token": token("bos_token") or eos,
             "eos_token": eos, "pad_token": token("pad_token") or eos, "chat_template": template,
             "add_bos": bool(tc.get("add_bos_token", False))}

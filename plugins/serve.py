@@ -36,8 +36,8 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from llmzoo.shared.decoding import Sampler
 from llmzoo.interfaces import ROW_STATE, capabilities_of
+from llmzoo.shared.decoding import MAX_SEED, MAX_TEMPERATURE, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,9 @@ class Engine:
                     state.put(row, prefilled, i)
             self.active.append(req)
             self.peak_batch = max(self.peak_batch, len(self.active))
-            self._accept(req, int(req.sampler(last[i:i + 1].float())[0]))
+            token = self._choose(req, last[i:i + 1].float())
+            if token is not None:
+                self._accept(req, token)
             if req.finish:  # done at its first token (eos, a stop string, max_tokens=1): free the row
                 self.active.pop()
 
@@ -213,7 +215,19 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
         for i, req in enumerate(self.active):
-            self._accept(req, greedy[i] if req.sampler.greedy else int(req.sampler(logits[i:i + 1])[0]))
+            token = greedy[i] if req.sampler.greedy else self._choose(req, logits[i:i + 1])
+            if token is not None:
+                self._accept(req, token)
+
+    def _choose(self, req: Request, logits: torch.Tensor) -> int | None:
+        """``req``'s next token; a sampler that fails ends this request alone (None)."""
+        try:
+            return int(req.sampler(logits)[0])
+        except (RuntimeError, ValueError) as e:
+            log.warning("request %s: sampling failed: %s", req.id, e)
+            req.finish = "error"
+            req.emit(f"[llmzoo-serve: sampling failed: {type(e).__name__}: {e}]", "error")
+            return None
 
     def _accept(self, req: Request, token: int) -> None:
         """Append a token, decide whether the request is done, emit the new text."""
@@ -316,12 +330,12 @@ def create_app(engine: Engine, model_name: str) -> Any:
         model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
         model: str | None = None
         max_tokens: int = Field(16, ge=1)
-        temperature: float = Field(1.0, ge=0)
-        top_p: float = Field(1.0, gt=0, le=1)
+        temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+        top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
         top_k: int | None = Field(None, ge=1)
         stop: str | list[str] | None = None
         stream: bool = False
-        seed: int | None = None
+        seed: int | None = Field(None, ge=0, le=MAX_SEED)
         ignore_eos: bool = False  # an extension (as vLLM's): generate max_tokens whatever comes
         stream_options: dict[str, bool] | None = None  # {"include_usage": true}: a last chunk with usage
         n: Literal[1] = 1
@@ -362,7 +376,10 @@ def create_app(engine: Engine, model_name: str) -> Any:
             render = getattr(tok, "render_chat", None)
             if render is None:
                 raise BadRequest("this run's tokenizer has no chat template: use /v1/completions")
-            pieces = render([m.model_dump() for m in body.messages], generation_prompt=True)
+            try:
+                pieces = render([m.model_dump() for m in body.messages], generation_prompt=True)
+            except ValueError as e:  # the template failed, refused the conversation or ran past its budget
+                raise BadRequest(str(e)) from None
             ids = [[tok.bos_id] + [t for text, _ in pieces for t in tok.encode(text)]]
         else:
             ids = prompt_ids(tok, [body.prompt] if isinstance(body.prompt, str) else body.prompt)
@@ -453,7 +470,7 @@ def create_app(engine: Engine, model_name: str) -> Any:
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                     if metrics is not None:
-                        metrics.requests.labels("200").inc()
+                        metrics.requests.labels("500" if item[2] == "error" else "200").inc()
                 finally:
                     await gen.aclose()  # a client that went away cancels its request here
 
@@ -466,6 +483,9 @@ def create_app(engine: Engine, model_name: str) -> Any:
             return error(400, str(e))
         except ClientGone:
             return Response(status_code=499)
+        failed = [text for _, text, finish in done if finish == "error"]
+        if failed:  # the engine failed this request (alone: the others in its batch go on)
+            return error(500, failed[0].strip(), "server_error")
         choices = [({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                     if chat else {"index": i, "text": text, "finish_reason": finish})
                    for i, (_, text, finish) in enumerate(done)]

@@ -5,8 +5,10 @@ saved in the run folder) and ``tokenizer=file`` (any local ``tokenizer.json``)."
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -60,6 +62,96 @@ def byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+# ----------------------------------------------------------------------------- chat templates from files
+# A chat template comes with a downloaded model: it is rendered in Jinja's immutable
+# sandbox (no attribute access to internals, no mutation), and within a budget of time
+# and output so that a template written to loop for ever or to print gigabytes fails
+# alone, with one message, instead of blocking a server.
+TEMPLATE_SECONDS = 1.0
+TEMPLATE_MAX_CHARS = 1_000_000
+_SAMPLE_CHAT = [{"role": "user", "content": "Hello"}]  # what every chat template must accept
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not compile, that the sandbox refuses, or that goes
+    past its budget of time or output."""
+
+
+def _sandbox() -> Any:
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise SecurityError(f"the exponent {right} is too large for a chat template")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise SecurityError(f"a repetition of {len(seq) * n} items is too long for a chat template")
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message: str) -> None:  # as transformers gives templates: their own refusals
+        raise ChatTemplateError(f"the chat template refused the conversation: {message}")
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def compile_chat_template(source: str) -> Callable[..., str]:
+    """``render(**variables) -> str`` for a Jinja chat template, bounded in time
+    (``TEMPLATE_SECONDS``, checked on every line the template runs) and in output
+    (``TEMPLATE_MAX_CHARS``); every failure is a ``ChatTemplateError``."""
+    from jinja2.exceptions import TemplateError
+
+    if not isinstance(source, str):
+        raise ChatTemplateError(f"a chat template must be a string, got {type(source).__name__}")
+    try:
+        template = _sandbox().from_string(source)
+    except TemplateError as e:
+        raise ChatTemplateError(f"the chat template does not compile: {e}") from None
+
+    def render(**variables: Any) -> str:
+        deadline = time.monotonic() + TEMPLATE_SECONDS
+        out: list[str] = []
+        size = 0
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            if time.monotonic() > deadline:
+                raise ChatTemplateError(f"the chat template ran past its {TEMPLATE_SECONDS:g} s budget")
+            return tracer
+
+        before = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            for piece in template.generate(**variables):
+                size += len(piece)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise ChatTemplateError(f"the chat template rendered more than {TEMPLATE_MAX_CHARS} characters")
+                out.append(piece)
+        except ChatTemplateError:
+            raise
+        except (TemplateError, MemoryError, RecursionError, ArithmeticError, TypeError, ValueError, LookupError,
+                AttributeError) as e:
+            raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+        finally:
+            sys.settrace(before)
+        return "".join(out)
+
+    return render
+
+
+def check_chat_template(source: str, tokens: dict[str, str] | None = None) -> None:
+    """Refuse a template that does not compile or does not render a short conversation
+    within its budget (done when a tokenizer is made, so at import and at load)."""
+    names = {f"{k}_token": v for k, v in (tokens or {}).items()}
+    render = compile_chat_template(source)
+    render(messages=_SAMPLE_CHAT, add_generation_prompt=True, **names)
+
+
 class JsonTokenizer(ChatTemplate):
     """Any Hugging Face ``tokenizer.json``. ``path`` is the file or the folder holding it.
     Special tokens are looked up by name; a missing <bos> or <pad> falls back to <eos>.
@@ -72,6 +164,8 @@ class JsonTokenizer(ChatTemplate):
                  add_bos: bool = False):
         self.tokens = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
         self.chat_template, self.add_bos = chat_template, add_bos
+        if chat_template is not None:
+            check_chat_template(chat_template, self.tokens)
         self.tok: HFTokenizer | None = None
         if path is not None:
             file = Path(path)
@@ -141,12 +235,10 @@ class JsonTokenizer(ChatTemplate):
                              "mark which tokens are the assistant's")
         return text[len(done):]
 
-    def _jinja(self):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+    def _jinja(self) -> Callable[[Sequence[dict], bool], str]:
+        render = compile_chat_template(str(self.chat_template))
         names = {f"{k}_token": v for k, v in self.tokens.items()}
-        return lambda msgs, gen: template.render(messages=list(msgs), add_generation_prompt=gen, **names)
+        return lambda msgs, gen: render(messages=list(msgs), add_generation_prompt=gen, **names)
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import llmzoo
+from conftest import run_cli
 from llmzoo.errors import CheckpointError
 from llmzoo_plugins.hf_io import export_hf, from_hf, import_hf
 from llmzoo.interfaces import HFUnsupported
@@ -210,3 +211,29 @@ def test_cli_import_and_export(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template,why", [
+    ("{% for m in messages %}{{ m['content'] }", "does not compile"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "budget"),
+    ("{{ 'x' * 100000000 }}", "too long"),
+])
+def test_a_bad_chat_template_is_refused_at_import_and_at_load(template, why, tmp_path):
+    from llmzoo.interfaces import HFUnsupported
+
+    _, folder = _hf_model("llama", tmp_path)
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tc, "chat_template": template}))
+    with pytest.raises(HFUnsupported, match=f"the chat template is refused: .*{why}"):
+        from_hf(folder)
+    if why == "budget":  # the command once: one message, exit 2
+        proc = run_cli("llmzoo", "import-hf", str(folder), f"run_dir={tmp_path / 'run'}", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and why in proc.stderr
+    # a run folder whose stored tokenizer carries it (written by hand) is refused at load too
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    import_hf(folder, tmp_path / "ok")
+    meta = tmp_path / "ok" / "tokenizer" / "llmzoo_tokenizer.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "chat_template": template}))
+    with pytest.raises(CheckpointError, match=f"the tokenizer cannot be loaded: .*{why}"):
+        llmzoo.load_run(tmp_path / "ok")

@@ -320,3 +320,82 @@ def test_engine_alone_finishes_each_request_once(block):
     assert engine.peak_batch == 8
     if block == "moe":
         assert first_token_eos > 0  # the case of a request that ends at its prefill is covered
+
+
+# ----------------------------------------------------------------------------- hostile requests fail alone
+# Passes the import check on one message, loops ~1e10 times on two: what a crafted
+# tokenizer_config.json can carry.
+BOMB = ("{% for m in messages %}{% if loop.index > 1 %}{% for i in range(100000) %}{% for j in range(100000) %}"
+        "{% endfor %}{% endfor %}{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_hostile_request_fails_alone_while_good_ones_get_greedy(tmp_path):
+    from llmzoo_plugins.tokenizers import BPETokenizer, ChatTemplateError, JsonTokenizer
+
+    bpe = BPETokenizer(vocab_size=300)
+    bpe.fit([" ".join(PROMPTS)] * 20)
+    bpe.save(tmp_path / "tok")
+    tok = JsonTokenizer(tmp_path / "tok", chat_template=BOMB)  # the check at load passes: one message is fine
+    cfg = llmzoo.compose(overrides=["model=tiny", "block=dense", f"model.vocab_size={tok.vocab_size}"])
+    torch.manual_seed(0)
+    run = Run(llmzoo.build_model(cfg).eval(), tok, cfg)
+    good = [{"prompt": p, "max_tokens": 6, "temperature": 0} for p in PROMPTS]
+    hostile = [("/v1/completions", {"prompt": "a", "seed": 2**64}, 400, "seed"),
+               ("/v1/completions", {"prompt": "a", "temperature": 1e300}, 400, "temperature"),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 2}, 400, "budget")]
+
+    async def together(url):
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            t0 = time.perf_counter()
+            replies = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in good),
+                                           *(client.post(path, json=b) for path, b, _, _ in hostile),
+                                           client.post("/v1/completions", json={"prompt": "a", "max_tokens": 5,
+                                                                                 "temperature": 1e-40}))
+            health = await client.get("/health", timeout=2)
+            return replies, health, time.perf_counter() - t0
+
+    with Server(run, max_batch=16) as srv:
+        replies, health, took = asyncio.run(together(srv.url))
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert health.status_code == 200
+    for body, r in zip(good, replies):
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone(run, body["prompt"], 6), r.text
+    for (_, _, status, word), r in zip(hostile, replies[len(good):]):
+        assert r.status_code == status and word in r.json()["error"]["message"], r.text
+    tiny_t = replies[-1]  # a temperature of 1e-40 is a draw from a one-hot: greedy's tokens
+    assert tiny_t.status_code == 200 and tiny_t.json()["choices"][0]["text"] == alone(run, "a", 5)
+    assert took < 30
+    assert 'llmzoo_requests_total{status="400"} 3.0' in metrics
+    # the bomb is cut off at its budget, and the error is one message
+    t0 = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match="budget"):
+        tok.render_chat([{"role": "user", "content": "a"}] * 2)
+    assert time.perf_counter() - t0 < 1.5
+
+
+def test_engine_fails_only_the_request_whose_sampler_fails():
+    from llmzoo.shared.decoding import Sampler
+    from llmzoo_plugins.serve import Request
+
+    class Broken(Sampler):
+        def __call__(self, logits):
+            raise RuntimeError("probability tensor contains inf")
+
+    cfg = llmzoo.compose(overrides=["model=tiny", "block=dense", "model.vocab_size=64"])
+    torch.manual_seed(0)
+    model = llmzoo.build_model(cfg).eval()
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(eos_id=63, decode=lambda ids: ",".join(map(str, ids)))
+    engine, out = Engine(model, tok, max_batch=8), {}
+    for i in range(8):
+        sampler = Broken(temperature=1.0) if i == 3 else Sampler()
+        engine.submit(Request(prompt=[1 + i, 2, 3], max_tokens=5, sampler=sampler,
+                              emit=lambda t, f, i=i: out.setdefault(i, []).append((t, f))))
+    while engine.queue or engine.active:
+        engine.step()
+    assert out[3][-1][1] == "error" and "sampling failed" in out[3][-1][0]
+    for i in set(range(8)) - {3}:
+        want = Greedy().generate(model, [[1 + i, 2, 3]], max_new_tokens=5, eos_id=63)[0]
+        assert "".join(t for t, _ in out[i]) == tok.decode([t for t in want if t != 63]) and out[i][-1][1] != "error"

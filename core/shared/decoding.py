@@ -38,6 +38,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without wrapping
+MAX_TEMPERATURE = 100.0  # far past uniform; a bound so that nan and inf are refused
+
+
 class Sampler:
     """Chooses tokens from logits: argmax when ``temperature`` is 0, else a draw from
     softmax(logits / temperature) restricted by top_k / top_p. ``seed`` makes the draws
@@ -45,10 +49,14 @@ class Sampler:
 
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None):
-        if temperature < 0:
-            raise ValueError(f"decoder.temperature must be >= 0, got {temperature}")
+        if not 0 <= temperature <= MAX_TEMPERATURE:  # also refuses nan
+            raise ValueError(f"decoder.temperature must be in [0, {MAX_TEMPERATURE}], got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"decoder.top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"decoder.top_k must be a whole number >= 1, got {top_k!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"decoder.seed must be a whole number in [0, 2**63 - 1], got {seed!r}")
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
         self.generator: torch.Generator | None = None
 
@@ -64,7 +72,10 @@ class Sampler:
         logits = logits.float()
         if self.greedy:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        return filter_logits(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
+        # shifted so the largest logit is 0 first: a tiny temperature then sends the others
+        # to -inf (a one-hot on the argmax), never inf - inf = nan
+        shifted = logits - logits.amax(-1, keepdim=True)
+        return filter_logits(shifted / self.temperature, self.top_k, self.top_p).softmax(-1)
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """(B, V) probabilities -> (B,) tokens."""
