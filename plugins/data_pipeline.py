@@ -301,6 +301,92 @@ def build_filters(cfg: DictConfig, out: Path) -> list:
     return steps
 
 
+# What an llmzoo-data run writes into its output folder, and the marker that says so:
+# overwrite=true removes these names only, and only where the marker is.
+WRITTEN = ("filtered", "removed", "dedup", "data", "logs", "report.json")
+MARKER = ".llmzoo-data.json"
+INPUT_FORMATS = ("jsonl", "parquet")
+
+
+def check_pipeline_config(cfg: DictConfig) -> None:
+    """Every setting a user may mistype, checked before any work (one message each)."""
+    def whole(key: str, value: Any, low: int, also: tuple = ()) -> None:
+        if value in also:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            extra = f" (or {', '.join(map(str, also))})" if also else ""
+            raise UserError(f"{key}={value!r}: must be a whole number >= {low}{extra}")
+
+    if cfg.get("input_format", "jsonl") not in INPUT_FORMATS:
+        raise UserError(f"input_format={cfg.get('input_format')!r} is not one of {list(INPUT_FORMATS)}")
+    if not isinstance(cfg.get("text_field"), str) or not cfg.text_field:
+        raise UserError(f"text_field={cfg.get('text_field')!r}: must be the name of the documents' text field")
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise UserError(f"overwrite={cfg.get('overwrite')!r}: must be true or false")
+    ex = cfg.executor
+    if "tasks" in ex:
+        whole("executor.tasks", ex.tasks, 1)
+    if "workers" in ex:
+        whole("executor.workers", ex.workers, 1, also=(-1,))
+    d = cfg.get("dedup")
+    if d is not None and d.get("kind") == "minhash":
+        for key in ("n_grams", "bands", "rows"):
+            whole(f"dedup.{key}", d.get(key), 1)
+        whole("dedup.seed", d.get("seed"), 0)
+
+
+def check_output_folder(src: Path, out: Path, overwrite: bool) -> None:
+    """The output is not the input, not inside it (its files would be read as input next
+    time) and does not hold it; a result already there is replaced only with
+    ``overwrite=true`` and only where a previous llmzoo-data run left its marker, and
+    then only the names it writes (``WRITTEN``)."""
+    folder = (src if src.is_dir() else src.parent).resolve()
+    o = out.resolve()
+    if o == folder or (src.is_dir() and folder in o.parents):
+        raise UserError(f"output={out} is {'the input folder' if o == folder else 'inside input=' + str(src)}: "
+                        "choose an output folder outside the input")
+    if o in src.resolve().parents:
+        raise UserError(f"input={src} is inside output={out}: choose an output folder that does not hold the input")
+    found = [n for n in WRITTEN if (out / n).exists()]
+    if not found:
+        return
+    if not (out / MARKER).is_file():
+        raise UserError(f"output={out} already holds {found}, which llmzoo-data did not write (no {MARKER}): "
+                        "choose another folder; llmzoo-data never deletes files it did not write")
+    if not overwrite:
+        raise UserError(f"output={out} already holds a result: choose another folder or overwrite=true")
+    for n in found:  # datatrove would skip the tasks it finds completed
+        p = out / n
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def scan_input(src: Path, text_field: str, glob: str | None) -> dict[str, Any]:
+    """One pass over local jsonl input: documents, malformed lines and documents without a
+    string ``text_field`` (what datatrove's reader would drop with only a log line)."""
+    files = [src] if src.is_file() else sorted(p for p in src.rglob(glob or "*.jsonl*") if p.is_file())
+    scan: dict[str, Any] = {"files": len(files), "documents": 0, "malformed_lines": 0, "without_text": 0,
+                            "first_problem": None}
+    for f in files:
+        if f.suffix not in (".jsonl", ".json") and not f.name.endswith(".jsonl"):
+            continue  # compressed input: datatrove reads it, the scan does not
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError:
+                    scan["malformed_lines"] += 1
+                    scan["first_problem"] = scan["first_problem"] or f"{f}:{n}: not a JSON object"
+                    continue
+                if not isinstance(doc, dict) or not isinstance(doc.get(text_field), str):
+                    scan["without_text"] += 1
+                    scan["first_problem"] = scan["first_problem"] or f"{f}:{n}: no string field {text_field!r}"
+                    continue
+                scan["documents"] += 1
+    return scan
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """All stages of ``cfg`` (conf/data_pipeline.yaml); returns (and writes) the report."""
     try:
@@ -309,18 +395,30 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         raise UserError('llmzoo-data needs datatrove: pip install "datatrove[processing]"') from None
     from hydra.utils import instantiate
 
+    check_pipeline_config(cfg)
     src = Path(str(cfg.input))
     if not src.exists():
         raise UserError(f"input={src}: no such file or folder")
     counter = token_counter(cfg.get("tokens", "byte"))  # checked before any work
     folder, glob = (str(src.parent), src.name) if src.is_file() else (str(src), None)
     out = Path(str(cfg.output))
-    ours = [out / n for n in ("filtered", "removed", "dedup", "data", "logs", "report.json")]
-    if any(p.exists() for p in ours):
-        if not cfg.get("overwrite"):
-            raise UserError(f"output={out} already holds a result: choose another folder or overwrite=true")
-        for p in ours:  # datatrove would skip the tasks it finds completed
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    check_output_folder(src, out, bool(cfg.get("overwrite")))
+    scan = None
+    if cfg.get("input_format", "jsonl") == "jsonl" and str(cfg.executor._target_).endswith("LocalPipelineExecutor"):
+        scan = scan_input(src, cfg.text_field, glob or cfg.get("input_glob"))
+        if scan["documents"] == 0:
+            why = (f"{scan['files']} files matched" if scan["files"] else "no file matched "
+                   f"{glob or cfg.get('input_glob') or '*.jsonl*'}")
+            raise UserError(f"input={src}: no document to process ({why}; {scan['malformed_lines']} malformed lines, "
+                            f"{scan['without_text']} without a string {cfg.text_field!r} field"
+                            + (f"; first: {scan['first_problem']}" if scan["first_problem"] else "") + ")")
+        if scan["malformed_lines"] or scan["without_text"]:
+            print(f"llmzoo-data: warning: {scan['malformed_lines']} malformed lines and {scan['without_text']} "
+                  f"documents without a string {cfg.text_field!r} field are skipped (first: {scan['first_problem']})",
+                  file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"written_by": "llmzoo-data", "names": list(WRITTEN),
+                                          "input": str(src.resolve())}))
     logs = out / "logs"
 
     def execute(stage: str, pipeline: list, tasks: int | None = None) -> Any:
@@ -329,6 +427,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         return instantiate(node, pipeline=pipeline, logging_dir=str(logs / stage), **kw).run()
 
     execute("1_filter", [_reader(cfg, folder, glob), *build_filters(cfg, out), _writer(out / "filtered")])
+    if not any(f.stat().st_size for f in (out / "filtered").glob("*.jsonl")):
+        removed = {k: v["removed_documents"] for k, v in make_report(out, counter)["removed"].items()}
+        raise UserError(f"no document is left after the filters (removed: {removed or 'none'}; no document read "
+                        f"from input={src} if that is empty): loosen filter=[...]; what each removed is in "
+                        f"{out / 'removed'}/<filter>/")
     kind = cfg.dedup.kind if cfg.get("dedup") else "none"
     filtered = lambda: _reader(cfg, str(out / "filtered"), "*.jsonl")  # noqa: E731 - the same split in every stage
     if kind == "exact":
@@ -370,6 +473,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     report = make_report(out, counter)
     if selected:
         report["select"] = selected
+    if scan is not None:
+        report["input"] = scan
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

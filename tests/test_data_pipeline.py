@@ -229,3 +229,77 @@ def test_language_filter_refuses_an_unknown_language(tmp_path):
 
     with pytest.raises(UserError, match=r"\['xx'\].*langdetect knows.*'en'"):
         LanguageFilter(languages=["en", "xx"])
+
+
+# ----------------------------------------------------------------------------- never lose a user's file
+def test_output_equal_to_or_inside_the_input_is_refused_and_nothing_is_deleted(tmp_path):
+    from llmzoo.errors import UserError
+
+    rng = random.Random(0)
+    raw = tmp_path / "raw"
+    write(raw / "docs.jsonl", [prose(rng) for _ in range(5)])
+    (raw / "data").mkdir()
+    (raw / "data" / "mine.txt").write_text("the user's own file")
+    for output, why in [(raw, "is the input folder"), (raw / "clean", "inside input=")]:
+        for overwrite in ("false", "true"):
+            cfg = llmzoo.compose("data_pipeline", [f"input={raw}", f"output={output}", f"overwrite={overwrite}"],
+                                 validate=False)
+            with pytest.raises(UserError, match=why):
+                run_pipeline(cfg)
+    # a folder holding a data/ that llmzoo-data did not write: refused even with overwrite=true
+    other = tmp_path / "other"
+    (other / "data").mkdir(parents=True)
+    (other / "data" / "keep.txt").write_text("keep me")
+    cfg = llmzoo.compose("data_pipeline", [f"input={raw}", f"output={other}", "overwrite=true"], validate=False)
+    with pytest.raises(UserError, match="which llmzoo-data did not write"):
+        run_pipeline(cfg)
+    assert (raw / "data" / "mine.txt").read_text() == "the user's own file"
+    assert (other / "data" / "keep.txt").read_text() == "keep me"
+    # its own result, with the marker, is replaced on overwrite=true; a file of the user's beside it stays
+    out = tmp_path / "out"
+    report = run(tmp_path, [prose(rng) for _ in range(5)], "dedup=none", "filter=[]")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds a result"):
+        run(tmp_path, [prose(rng) for _ in range(5)], "dedup=none", "filter=[]")
+    again = run(tmp_path, [prose(rng) for _ in range(3)], "dedup=none", "filter=[]", "overwrite=true")
+    assert report["kept_documents"] == 5 and again["kept_documents"] == 3 and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("docs,overrides,message", [
+    ([], [], "no document to process"),
+    (["{not json"], [], r"1 malformed lines.*docs\.jsonl:1: not a JSON object"),
+    (None, ["text_field=body"], "0 malformed lines, 3 without a string 'body' field"),
+    (None, ["filter=[length]", "filter.length.min_words=100000"], r"no document is left after the filters \(removed: \{'length': 3\}"),
+    (None, ["executor.tasks=0"], r"executor\.tasks=0: must be a whole number >= 1"),
+    (None, ["executor.workers=0"], r"executor\.workers=0: must be a whole number >= 1 \(or -1\)"),
+    (None, ["input_format=xml"], r"input_format='xml' is not one of \['jsonl', 'parquet'\]"),
+    (None, ["dedup.bands=0"], r"dedup\.bands=0"),
+    (None, ["dedup.rows=two"], r"dedup\.rows='two'"),
+])
+def test_inputs_and_settings_that_give_nothing_are_one_message(tmp_path, docs, overrides, message):
+    from llmzoo.errors import UserError
+
+    raw = tmp_path / "raw" / "docs.jsonl"
+    raw.parent.mkdir(parents=True)
+    if docs is None:
+        write(raw, [prose(random.Random(i)) for i in range(3)])
+    else:
+        raw.write_text("".join(d + "\n" for d in docs))
+    cfg = llmzoo.compose("data_pipeline", [f"input={raw.parent}", f"output={tmp_path / 'out'}", "dedup=minhash",
+                                           *overrides], validate=False)
+    with pytest.raises(UserError, match=message):
+        run_pipeline(cfg)
+
+
+def test_malformed_lines_are_counted_and_said(tmp_path, capsys):
+    rng = random.Random(0)
+    raw = tmp_path / "raw" / "docs.jsonl"
+    write(raw, [prose(rng) for _ in range(4)])
+    with open(raw, "a") as fh:
+        fh.write("{broken\n" + json.dumps({"body": "no text"}) + "\n")
+    cfg = llmzoo.compose("data_pipeline", [f"input={raw.parent}", f"output={tmp_path / 'out'}", "dedup=none",
+                                           "filter=[]"], validate=False)
+    report = run_pipeline(cfg)
+    assert report["input"]["documents"] == 4 and report["input"]["malformed_lines"] == 1
+    assert report["input"]["without_text"] == 1 and report["kept_documents"] == 4
+    assert "1 malformed lines and 1 documents without a string 'text' field are skipped" in capsys.readouterr().err
