@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, open_dict
 
-from .config import CONF_PACKAGE, list_options, shadowed_options, validate_config
+from .config import (CONF_PACKAGE, Rule, check_device, check_settings, list_options, shadowed_options,
+                     validate_config)
 from .errors import Interrupted, UserError, debug, reported
 from .plugins import get_plugin_manager
 
@@ -189,21 +190,23 @@ def _generate_app(cfg: DictConfig) -> None:
         _generate(cfg)
 
 
-def _generate(cfg: DictConfig) -> None:
-    import torch
+GENERATE_RULES = {"max_new_tokens": Rule(int, 0), "chat": Rule(bool), "save_quantized": Rule(bool)}
 
+
+def _generate(cfg: DictConfig) -> None:
     from .api import build_decoder, generate_ids, load_run, prompt_ids, ready_decoder
 
     _quiet_libraries()
     if cfg.run_dir is None:
         raise UserError("give run_dir=<folder of a training run>")
+    check_settings(cfg, GENERATE_RULES)
+    device = check_device(cfg.device)
     run = load_run(cfg.run_dir, cfg.checkpoint)
     model, tokenizer, run_cfg = run.model, run.tokenizer, run.cfg
     with open_dict(run_cfg):
         run_cfg.decoder = cfg.decoder
     validate_config(run_cfg)
     decoder = build_decoder(run_cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     if cfg.get("quantize"):
         model = _quantize(model, cfg, Path(cfg.run_dir))

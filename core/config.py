@@ -242,6 +242,48 @@ RULES: dict[str, Rule] = {
 }
 
 
+# Settings whose value is one of a list (Lightning's own names for the trainer's).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "trainer.precision": ("32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed", "bf16", "16-true", "bf16-true",
+                          "64-true", "64", 64, "transformer-engine", "transformer-engine-float16"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu"),
+    "data.sample_by": ("line", "paragraph", "document"),
+}
+
+
+def settings_problems(cfg: DictConfig, rules: dict[str, Rule], choices: dict[str, tuple[Any, ...]]) -> list[str]:
+    """Each present key against its rule or its list of allowed values."""
+    problems = [p for key, rule in rules.items() if (got := _get(cfg, key))[0] and (p := rule.problem(key, got[1]))]
+    for key, allowed in choices.items():
+        present, v = _get(cfg, key)
+        if present and (isinstance(v, bool) or v not in allowed):
+            problems.append(f"{key}={v!r} is not allowed: one of {list(dict.fromkeys(str(a) for a in allowed))}")
+    return problems
+
+
+def check_settings(cfg: DictConfig, rules: dict[str, Rule], choices: dict[str, tuple[Any, ...]] | None = None) -> None:
+    """``settings_problems`` as one ConfigError (for the generate, serve and eval apps)."""
+    if problems := settings_problems(cfg, rules, choices or {}):
+        raise ConfigError(problems)
+
+
+def check_device(device: Any, key: str = "device") -> str:
+    """The torch device to run on: ``device`` (cpu, cuda, cuda:N, mps), or cuda when there
+    is one and cpu otherwise for null; one that this machine lacks is a ConfigError."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise ConfigError([f"{key}={device!r} is not allowed: cpu, cuda, cuda:N, mps or null (the best there is)"])
+    if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
+        raise ConfigError([f"{key}={device!r}: this machine has {torch.cuda.device_count()} CUDA devices"])
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError([f"{key}={device!r}: MPS is not available on this machine"])
+    return str(device)
+
+
 def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
     """(present, value) of a dotted key; an interpolation that fails is a ConfigError."""
     node: Any = cfg
@@ -257,11 +299,7 @@ def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
 
 
 def value_problems(cfg: DictConfig) -> list[str]:
-    problems = []
-    for key, rule in RULES.items():
-        present, v = _get(cfg, key)
-        if present and (p := rule.problem(key, v)):
-            problems.append(p)
+    problems = settings_problems(cfg, RULES, CHOICES)
     present, betas = _get(cfg, "optim.betas")
     if present and not (OmegaConf.is_list(betas) and len(betas) == 2 and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):

@@ -521,6 +521,9 @@ def check_heads(node: DictConfig, cfg: DictConfig) -> list[str]:
                         f"(allowed: {[k for k in range(1, heads + 1) if heads % k == 0]})")
     if node.get("backend", "auto") not in BACKENDS:
         problems.append(f"backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
+    elif node.get("backend") == "flash" and not flash_available():
+        problems.append("backend=flash needs flash-attn with its CUDA extension, which does not import here: "
+                        "use backend=auto (flash where it can run, else sdpa) or sdpa")
     return problems
 
 

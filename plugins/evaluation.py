@@ -214,9 +214,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     problems = [p for name, node in tasks.items() for p in task_problems(name, node)]
     if problems:
         raise UserError("invalid eval config:\n  " + "\n  ".join(problems))
+    from llmzoo.config import Rule, check_device, check_settings
+
+    check_settings(cfg, {"batch_size": Rule(int, 1)})
+    device = check_device(cfg.get("device")) if cfg.get("device") else None
     run = load_run(cfg.run_dir, cfg.get("checkpoint"))
-    if cfg.get("device"):
-        run = run._replace(model=run.model.to(cfg.device))
+    if device:
+        run = run._replace(model=run.model.to(device))
     scorer = Scorer(run, batch_size=cfg.batch_size)
     results: dict[str, Any] = {}
     for name, node in tasks.items():

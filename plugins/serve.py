@@ -549,16 +549,31 @@ async def _racing(gen, watcher: asyncio.Task):
 
 
 # ============================================================================ CLI
+def _serve_rules() -> dict[str, Any]:
+    from llmzoo.config import Rule
+
+    return {"port": Rule(int, 0, 65535), "max_batch": Rule(int, 1), "max_queue": Rule(int, 0),
+            "prefill_batch": Rule(int, 1), "max_len": Rule(int, 1, nullable=True)}
+
+
+SERVE_RULES = _serve_rules()
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def serve(cfg: Any) -> None:
     import uvicorn
 
     from llmzoo.api import load_run
+    from llmzoo.config import check_device, check_settings
     from llmzoo.errors import UserError
 
     if cfg.run_dir is None:
         raise UserError("give run_dir=<folder of a training run>")
+    check_settings(cfg, SERVE_RULES, {"batching": BATCHING, "log_level": LOG_LEVELS})  # before the run loads
+    if not isinstance(cfg.host, str) or not cfg.host:
+        raise UserError(f"host={cfg.host!r}: an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    device = check_device(cfg.device)
     run = load_run(cfg.run_dir, cfg.checkpoint)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         engine = Engine(run.model.to(device), run.tokenizer, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                         max_len=cfg.max_len, batching=cfg.batching, metrics=Metrics(),

@@ -404,6 +404,8 @@ BAD_CONFIGS = [
     "decoder=sample decoder.temperature=-1", "decoder=sample decoder.top_p=2", "decoder=sample decoder.top_k=-3",
     "decoder=sample decoder.top_k=abc", "decoder=medusa", "+decoder.beam=4", "objective=dpo", "objective=sft data=preferences",
     "block=hybrid block.mixers.attention.n_heads=5", "block=moe model.n_heads=5", "block=dense block.backend=magic",
+    "trainer.precision=fp13", "trainer.accelerator=tpu9", "trainer.precision=true", "data.sample_by=word",
+    "block=dense block.backend=flash",  # flash-attn cannot import here (tests/gpu covers where it does)
 ]
 
 
@@ -561,3 +563,37 @@ def test_cli_data_errors_exit_2_naming_file_and_line(tmp_path):
                        check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
         assert expected in proc.stderr
+
+
+APP_ERRORS = [  # (app, override, what the message names): checked before the run is even loaded
+    ("generate", "max_new_tokens=-1", "max_new_tokens"), ("generate", "max_new_tokens=abc", "max_new_tokens"),
+    ("generate", "device=cuda", "CUDA devices"), ("generate", "device=gpu7", "device='gpu7'"),
+    ("generate", "chat=maybe", "chat"),
+    ("serve", "port=70000", "port"), ("serve", "port=-1", "port"), ("serve", "log_level=loud", "log_level"),
+    ("serve", "max_batch=0", "max_batch"), ("serve", "batching=eager", "batching"), ("serve", "device=cuda:3", "CUDA"),
+    ("serve", "max_len=0", "max_len"), ("serve", "prefill_batch=abc", "prefill_batch"),
+    ("eval", "batch_size=0", "batch_size"), ("eval", "device=tpu", "device='tpu'"),
+]
+
+
+def test_app_settings_fuzz_generate_serve_eval_one_message_before_work(tmp_path):
+    from llmzoo.cli import _generate
+    from llmzoo_plugins.evaluation import evaluate
+    from llmzoo_plugins.serve import serve
+
+    apps = {"generate": _generate, "serve": serve, "eval": evaluate}
+    missing = tmp_path / "no_such_run"  # a loaded run would fail differently: the check comes first
+    failures = []
+    for app, override, named in APP_ERRORS:
+        cfg = llmzoo.compose(app, [f"run_dir={missing}", override], validate=False)
+        try:
+            apps[app](cfg)
+            failures.append(f"{app} {override}: accepted")
+        except ConfigError as e:
+            if named not in str(e):
+                failures.append(f"{app} {override}: the message does not name {named!r}: {e}")
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{app} {override}: {type(e).__name__}: {e}")
+    assert not failures, failures
+    proc = run_cli("llmzoo-serve", f"run_dir={missing}", "port=70000", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "port=70000" in proc.stderr
