@@ -143,13 +143,6 @@ def tokenizer_node(folder: Path, hf: dict) -> dict:
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if template is None and (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
-    if template is not None:  # refused here, before any weight is read, if it fails or bombs
-        from llmzoo_plugins.tokenizers import ChatTemplateError, check_chat_template
-
-        try:
-            check_chat_template(template, {"bos": token("bos_token") or eos, "eos": eos})
-        except ChatTemplateError as e:
-            raise HFUnsupported(f"{folder}: the chat template is refused: {e}") from None
     return {"_target_": JSON_TOKENIZER, "path": str(folder.resolve()), "bos_token": token("bos_token") or eos,
             "eos_token": eos, "pad_token": token("pad_token") or eos, "chat_template": template,
             "add_bos": bool(tc.get("add_bos_token", False))}
@@ -165,6 +158,12 @@ def from_hf(folder: str | Path, *, max_seq_len: int | None = None, dtype: str = 
     cfg, arch, hf = import_config(folder, max_seq_len)
     if dtype not in DTYPES:
         raise HFUnsupported(f"dtype={dtype!r} is not one of {list(DTYPES)}")
+    try:  # the tokenizer checks its chat template: refused before any weight is read
+        tokenizer = instantiate(cfg.tokenizer, _convert_="all")
+    except Exception as e:  # noqa: BLE001 - hydra wraps the tokenizer's ValueError
+        cause = e.__cause__ or e
+        raise HFUnsupported(f"{folder}: the chat template is refused: {cause}" if "chat template" in str(cause)
+                            else f"{folder}: the tokenizer cannot be made: {cause}") from None
     weights = Weights(folder)
     with torch.device("meta"):
         model = build_model(cfg, vocab_size=hf["vocab_size"])
@@ -182,7 +181,6 @@ def from_hf(folder: str | Path, *, max_seq_len: int | None = None, dtype: str = 
             done.add(name)
     if set(state) - done:
         raise CheckpointError(f"{folder}: the converter filled no value for {sorted(set(state) - done)[:5]}")
-    tokenizer = instantiate(cfg.tokenizer, _convert_="all")
     if tokenizer.vocab_size > model.vocab_size:
         raise HFUnsupported(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json "
                             f"vocab_size={model.vocab_size}")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
-from llmzoo.api import check_dcp_metadata, safe_torch_load, weights_only_loads
+from llmzoo.shared.safe_load import check_dcp_metadata, safe_torch_load, weights_only_loads
 from llmzoo.config import class_attr, node_class
 from llmzoo.interfaces import Loss, Metric, ModelOutput, as_metric
 from llmzoo.losses import batch_rows, batch_size, batch_weight, model_inputs
