@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, cast
 
 import torch
 from hydra.utils import instantiate
@@ -14,6 +14,8 @@ from torch import nn
 
 from .config import target_class
 from .errors import CheckpointError, UserError
+from .interfaces import (Decoder, DecoderExtras, Objective, ObjectiveExtras, ParallelStrategy, Tokenizer,
+                         TokenizerExtras)
 from .shared.safe_load import check_dcp_metadata, safe_torch_load, weights_only_loads  # noqa: F401 (re-exported)
 from .model import LanguageModel
 
@@ -23,7 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 OBJECTIVE_FILE = "objective.safetensors"  # written when the objective has weights of its own
 
 
-def build_tokenizer(cfg: DictConfig):
+def build_tokenizer(cfg: DictConfig) -> Tokenizer:
     """The configured tokenizer (a BPE one may still need ``fit`` on the training text)."""
     return instantiate(cfg.tokenizer, _convert_="all")
 
@@ -70,41 +72,46 @@ def merged(run: "Run") -> "Run":
     return run._replace(model=adapter.merge(copy.deepcopy(run.model)), cfg=cfg)
 
 
-def build_objective(cfg: DictConfig, model: nn.Module | None = None, tokenizer: Any = None):
+def build_objective(cfg: DictConfig, model: nn.Module | None = None, tokenizer: Tokenizer | None = None) -> Objective:
     """The configured objective; given the model, its optional ``setup(model, tokenizer)`` runs."""
     objective = instantiate(cfg.objective, _convert_="all")
-    if model is not None and hasattr(objective, "setup"):
-        objective.setup(model, tokenizer)
+    setup = ObjectiveExtras.of(objective).setup
+    if model is not None and setup is not None:
+        setup(model, tokenizer)
     return objective
 
 
-def build_decoder(cfg: DictConfig, **overrides: Any):
+def build_decoder(cfg: DictConfig, **overrides: Any) -> Decoder:
     node = OmegaConf.merge(cfg.decoder, overrides) if overrides else cfg.decoder
     return instantiate(node, _convert_="all")
 
 
-def ready_decoder(run: "Run", decoder: Any = None):
+def ready_decoder(run: "Run", decoder: Decoder | None = None) -> Decoder:
     """``decoder`` (default: the one ``run.cfg`` configures) after its optional ``setup(run)``."""
     decoder = build_decoder(run.cfg) if decoder is None else decoder
-    if hasattr(decoder, "setup"):
-        decoder.setup(run)
+    setup = DecoderExtras.of(decoder).setup
+    if setup is not None:
+        setup(run)
     return decoder
 
 
-def prompt_ids(tokenizer: Any, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
+def prompt_ids(tokenizer: Tokenizer, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
     """Token ids of each prompt (bos for an empty one); with ``chat``, as a user turn of the
     tokenizer's chat template ending where the assistant's answer starts."""
+    extras = TokenizerExtras.of(tokenizer)
     if chat:
+        if extras.render_chat is None:
+            raise UserError(f"chat=true: the tokenizer ({type(tokenizer).__name__}) has no chat format (render_chat)")
         try:
-            pieces = [tokenizer.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
+            pieces = [extras.render_chat([{"role": "user", "content": p}], generation_prompt=True) for p in prompts]
         except ValueError as e:  # a template that fails or refuses (a tokenizer's ChatTemplateError)
             raise UserError(f"chat=true: {e}") from None
         return [[tokenizer.bos_id] + [t for text, _ in ps for t in tokenizer.encode(text)] for ps in pieces]
-    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
+    bos = [tokenizer.bos_id] if extras.add_bos else []
     return [bos + tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
 
 
-def generate_ids(run: "Run", decoder: Any, ids: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
+def generate_ids(run: "Run", decoder: Decoder, ids: list[list[int]], *, max_new_tokens: int) -> list[list[int]]:
     """New token ids after each prompt, stopping at the tokenizer's eos; the context must hold them."""
     longest = max(len(i) for i in ids)
     room = run.model.max_seq_len - longest
@@ -114,7 +121,7 @@ def generate_ids(run: "Run", decoder: Any, ids: list[list[int]], *, max_new_toke
     return decoder.generate(run.model, ids, max_new_tokens=max_new_tokens, eos_id=run.tokenizer.eos_id)
 
 
-def generate(run: "Run", decoder: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+def generate(run: "Run", decoder: Decoder | None, prompts: Sequence[str], *, max_new_tokens: int = 64,
              chat: bool = False) -> list[str]:
     """Continue each prompt with ``decoder`` (None: the run's configured one): the one path
     from text to text that the CLI, training samples and benchmarks share.
@@ -127,19 +134,19 @@ def generate(run: "Run", decoder: Any, prompts: Sequence[str], *, max_new_tokens
     return [run.tokenizer.decode(o) for o in outs]
 
 
-def build_strategy(cfg: DictConfig):
+def build_strategy(cfg: DictConfig) -> ParallelStrategy:
     return instantiate(cfg.parallel, _convert_="all")
 
 
 # ----------------------------------------------------------------------------- runs and checkpoints
 class Run(NamedTuple):
     model: LanguageModel
-    tokenizer: Any
+    tokenizer: Tokenizer
     cfg: DictConfig
     objective: Any = None  # the trained objective when it has weights (Medusa heads, value head)
 
 
-def tokenizer_files(tokenizer: Any) -> dict[str, str]:
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
     """The tokenizer as {file name: text}, for storing inside a checkpoint."""
     import tempfile
 
@@ -195,7 +202,7 @@ def check_stored_config(cfg: Any, where: Any) -> DictConfig:
                     raise CheckpointError(
                         f"{where}: refused: the stored config names {key}._target_={v!r}, which is not a class "
                         "that an installed llmzoo plugin registers (only those may be instantiated from a file)")
-                walk(v, f"{key}.{k}" if key else str(k))
+                walk(v, f"{key}.{k!s}" if key else str(k))
         elif isinstance(node, (list, tuple)) or OmegaConf.is_list(node):
             for i, v in enumerate(node):
                 walk(v, f"{key}[{i}]")
@@ -339,14 +346,14 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Run:
     model = build_model(cfg, vocab_size=vocab_size)
     _load_safetensors(model, weights)
     objective = None
-    if (run_dir / OBJECTIVE_FILE).exists():
-        objective = build_objective(cfg, model, tokenizer)
+    if (run_dir / OBJECTIVE_FILE).exists():  # an objective with weights: an nn.Module
+        objective = cast(nn.Module, build_objective(cfg, model, tokenizer))
         _load_safetensors(objective, run_dir / OBJECTIVE_FILE)
         objective.eval()
     return Run(model.eval(), tokenizer, cfg, objective)
 
 
-def save_final(run_dir: Path, model: LanguageModel, objective: Any = None) -> None:
+def save_final(run_dir: Path, model: LanguageModel, objective: Objective | None = None) -> None:
     """Final weights as safetensors plus the vocabulary size needed to rebuild the model;
     the objective's own weights (if any) beside them."""
     from safetensors.torch import save_model
@@ -367,8 +374,5 @@ def save_final(run_dir: Path, model: LanguageModel, objective: Any = None) -> No
 def frozen_reference(model: nn.Module, path: str | None = None) -> nn.Module:
     """The frozen model a loss compares against: ``path`` (a run folder, ``.ckpt`` or
     ``hf:<folder>``, loaded without running code) or a copy of ``model`` as training starts."""
-    if path:
-        ref = load_any(path).model
-    else:
-        ref = copy.deepcopy(model)
+    ref: nn.Module = load_any(path).model if path else copy.deepcopy(model)
     return ref.eval().requires_grad_(False)

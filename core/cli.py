@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 from .config import (CONF_PACKAGE, Rule, check_device, check_settings, list_options, shadowed_options,
                      validate_config)
 from .errors import Interrupted, UserError, debug, reported
+from .interfaces import DecoderExtras, Quantizer
 from .plugins import get_plugin_manager
 
 log = logging.getLogger("llmzoo")
@@ -55,7 +56,8 @@ def _quiet_libraries() -> None:
 
 def _is_multirun() -> bool:
     try:
-        return HydraConfig.get().mode.name == "MULTIRUN"
+        mode = HydraConfig.get().mode
+        return mode is not None and mode.name == "MULTIRUN"
     except ValueError:
         return False
 
@@ -69,7 +71,7 @@ def _train_app(cfg: DictConfig) -> dict[str, Any] | float:
 
 def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]], prog: str) -> dict[str, Any] | float:
     """Run one job (a training run or a benchmark) in its Hydra folder; in a sweep a
-    failure is recorded and the sweep goes on."""
+    failure is recorded and the sweep goes on. ``work`` validates the config itself."""
     global _ENTERED
     _ENTERED = True
     _quiet_libraries()
@@ -79,8 +81,7 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]], prog:
     run_dir = Path(cfg.run_dir)
     overrides = list(hc.overrides.task)
     try:
-        validate_config(cfg)
-        summary = work(cfg)
+        summary = work(cfg)  # which validates the config (once: llmzoo.train does)
     except Interrupted as e:
         if _is_multirun():  # the sweep stops here; its summary says which jobs did not finish
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]], prog:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "FAILED").write_text(traceback.format_exc())
         log.error("job in %s failed: %s: %s", run_dir, type(e).__name__, e)
-        result = {"status": "failed", "overrides": overrides, "run_dir": str(run_dir),
+        result: dict[str, Any] = {"status": "failed", "overrides": overrides, "run_dir": str(run_dir),
                   "error": f"{type(e).__name__}: {e}"}
     else:
         result = {"status": "ok", "overrides": overrides, "run_dir": str(run_dir),
@@ -224,7 +225,7 @@ def _generate(cfg: DictConfig) -> None:
         print(p + tokenizer.decode(o))
     n = sum(len(o) for o in outs)
     # every figure the decoder reports (DecoderExtras.stats), e.g. "accepted per step 2.41"
-    extra = "".join(f", {k.replace('_', ' ')} {v:.2f}" for k, v in getattr(decoder, "stats", {}).items()
+    extra = "".join(f", {k.replace('_', ' ')} {v:.2f}" for k, v in DecoderExtras.of(decoder).stats.items()
                     if isinstance(v, (int, float)))
     print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
 
@@ -234,7 +235,7 @@ def _quantize(model, cfg: DictConfig, run_dir: Path):
     quantized weights stored in the run folder."""
     from hydra.utils import instantiate
 
-    quantizer = instantiate(cfg.quantize, _convert_="all")
+    quantizer: Quantizer = instantiate(cfg.quantize, _convert_="all")
     path = run_dir / f"model-{quantizer.name}.safetensors"
     if path.exists() and cfg.checkpoint is None:
         print(f"[loading quantized weights from {path}]", file=sys.stderr)

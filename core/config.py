@@ -11,12 +11,12 @@ import importlib
 import importlib.resources as resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
-from .interfaces import implied
+from .interfaces import BlockExtras, implied
 from .plugins import get_plugin_manager
 
 CONF_PACKAGE = "llmzoo_conf"
@@ -119,7 +119,7 @@ def block_capabilities(cfg: DictConfig) -> dict[str, frozenset[str]] | None:
     cls = node_class(node)
     if cls is None:
         return None
-    parts = getattr(cls, "part_capabilities", None)
+    parts = BlockExtras.of(cls).part_capabilities
     if parts is not None:
         return {part: implied(caps) for part, caps in parts(node).items()}
     caps = class_attr(node, "capabilities")
@@ -149,10 +149,11 @@ def core_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.seq_len={seq_len} is longer than model.max_seq_len={m.max_seq_len}")
     needs, provides = class_attr(cfg.objective, "needs"), class_attr(cfg.data, "provides")
     if needs is not None and provides is not None and not needs <= provides:
+        wanted, provided = needs, provides
         fits = [f"data={d.name}" for d in conf_docs() if d.group == "data"
-                and needs <= (class_attr(OmegaConf.create(d.doc), "provides") or set())]
-        problems.append(f"objective={_choice(cfg, 'objective')} needs batch fields {sorted(needs - provides)}, which "
-                        f"data={_choice(cfg, 'data')} does not provide (it provides {sorted(provides)}); "
+                and wanted <= (class_attr(OmegaConf.create(d.doc), "provides") or set())]
+        problems.append(f"objective={_choice(cfg, 'objective')} needs batch fields {sorted(wanted - provided)}, which "
+                        f"data={_choice(cfg, 'data')} does not provide (it provides {sorted(provided)}); "
                         + (f"use {' or '.join(fits)}" if fits else "choose a data module that provides them"))
     owners = [g for g in ("objective", "parallel") if _owns_step(cfg[g])]
     if len(owners) > 1:
@@ -160,12 +161,12 @@ def core_problems(cfg: DictConfig) -> list[str]:
                         "training step (a train_step of their own): only one may; choose another parallel strategy "
                         "or objective")
     for group in ("decoder", "parallel"):  # what the decoder / the strategy needs from the blocks
-        needs = class_attr(cfg[group], "requires")
-        for part, caps in (block_capabilities(cfg) or {}).items() if needs else ():
-            if not needs <= caps:
+        required = class_attr(cfg[group], "requires") or frozenset()
+        for part, caps in (block_capabilities(cfg) or {}).items() if required else ():
+            if not required <= caps:
                 problems.append(
-                    f"{group}={_choice(cfg, group)} requires block capabilities {sorted(needs)}, "
-                    f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(needs - caps)} (it has {sorted(caps)})"
+                    f"{group}={_choice(cfg, group)} requires block capabilities {sorted(required)}, "
+                    f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(required - caps)} (it has {sorted(caps)})"
                 )
     return problems
 
@@ -345,11 +346,11 @@ def unknown_key_problems(cfg: DictConfig) -> list[str]:
     """Keys that no option defines (a typo, or ``+trainer.logger=wandb``), for the nodes
     without a class of their own (those are checked against the class's arguments)."""
     known = known_keys()
-    problems = _unknown("", [k for k in cfg if not str(k).startswith("_")], known[""])
+    problems = _unknown("", [str(k) for k in cfg if not str(k).startswith("_")], known[""])
     for name in ("model", "trainer", "optim", "sample"):
         node = cfg.get(name)
         if isinstance(node, DictConfig) and "_target_" not in node and name in known:
-            problems += _unknown(name, node.keys(), known[name])
+            problems += _unknown(name, [str(k) for k in node.keys()], known[name])
     return problems
 
 
@@ -359,9 +360,9 @@ def _target_nodes(node: Any, key: str = "") -> Iterable[tuple[str, DictConfig]]:
         if "_target_" in node and key:
             yield key, node
         for k in node.keys():
-            child = node._get_node(k)
+            child: Any = node._get_node(k)
             if isinstance(child, (DictConfig, ListConfig)):
-                yield from _target_nodes(child, f"{key}.{k}" if key else str(k))
+                yield from _target_nodes(child, f"{key}.{k!s}" if key else str(k))
     elif isinstance(node, ListConfig):
         for i in range(len(node)):
             child = node._get_node(i)
@@ -389,10 +390,12 @@ def _type_problem(key: str, annotation: Any, v: Any) -> str | None:
 
 def node_problems(cfg: DictConfig) -> list[str]:
     """Each ``_target_`` node against its class: keys it does not take, values of the
-    wrong simple type, and the class's own ``check(node, cfg)`` where it defines one."""
+    wrong simple type, then -- once every node has passed those, so that a check may rely on
+    its values' types -- the class's own ``check(node, cfg)`` where it defines one."""
     import inspect
 
     problems: list[str] = []
+    checks: list[tuple[str, Any, Callable[..., Any]]] = []
     for key, node in _target_nodes(cfg):
         if key.split(".")[0] == "hydra":
             continue
@@ -407,7 +410,7 @@ def node_problems(cfg: DictConfig) -> list[str]:
         except (TypeError, ValueError):  # no signature to check against
             params = {"_": inspect.Parameter("_", inspect.Parameter.VAR_KEYWORD)}
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            problems += _unknown(key, [k for k in node.keys() if not str(k).startswith("_")], set(params))
+            problems += _unknown(key, [str(k) for k in node.keys() if not str(k).startswith("_")], set(params))
         for k, p in params.items():
             if k in node and p.annotation is not inspect.Parameter.empty:
                 present, v = _get(cfg, f"{key}.{k}") if "[" not in key else (True, node[k])
@@ -415,8 +418,10 @@ def node_problems(cfg: DictConfig) -> list[str]:
                     problems.append(problem)
         check = getattr(cls, "check", None)
         if callable(check):
-            problems += [f"{key}: {p}" for p in check(node, cfg) or []]
-    return problems
+            checks.append((key, node, check))
+    if problems:
+        return problems
+    return [f"{key}: {p}" for key, node, check in checks for p in check(node, cfg) or []]
 
 
 @dataclass(frozen=True)

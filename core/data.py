@@ -7,167 +7,24 @@ the bad records are dropped and counted, never silently.
 
 from __future__ import annotations
 
-import glob as globlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, cast
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .errors import DataError  # noqa: F401 - plugins import it from here
+from .interfaces import Tokenizer, TokenizerExtras, TrainableTokenizer
+# Finding and checking input files is shared with the plugins' data modules:
+from .shared.files import (FORMATS, SAVED, ScanReport, all_formats, check_files, is_saved_dataset,  # noqa: F401
+                           plugin_formats, resolve_files)  # (their old home)
 from .shared.chat import ChatTemplate  # noqa: F401 - its old home
 
-
 log = logging.getLogger(__name__)
-
-FORMATS = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",),
-           "arrow": (".arrow",)}
-SAVED = "hf_disk"  # a folder written by datasets' save_to_disk
-
-
-def plugin_formats() -> dict:
-    """{name: (extensions, reader)} of the formats plugins add (``llmzoo_data_formats``)."""
-    from .plugins import get_plugin_manager
-
-    return {k: v for found in get_plugin_manager().hook.llmzoo_data_formats() for k, v in found.items()}
-
-
-def all_formats() -> dict[str, tuple[str, ...]]:
-    return {**FORMATS, **{k: tuple(v[0]) for k, v in plugin_formats().items()}}
-
-
-def is_saved_dataset(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    p = Path(path)
-    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
-
-
-
-# ----------------------------------------------------------------------------- finding files
-def resolve_files(path: str | os.PathLike, fmt: str | None) -> tuple[list[str], str]:
-    """A file, a folder (searched recursively) or a glob -> (sorted files, format)."""
-    p = str(path)
-    if any(c in p for c in "*?["):
-        files = sorted(f for f in globlib.glob(p, recursive=True) if os.path.isfile(f))
-    elif os.path.isdir(p):
-        files = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and not f.name.startswith("."))
-    elif os.path.isfile(p):
-        files = [p]
-    else:
-        raise DataError(f"data.path={p!r}: no such file or folder")
-    formats = all_formats()
-    if fmt in (None, "auto"):
-        found = {name for f in files for name, exts in formats.items() if f.endswith(exts)}
-        if len(found) != 1:
-            raise DataError(f"data.path={p!r}: cannot tell the format from the file names (found {sorted(found) or 'none'}); "
-                            f"set data.format to one of {list(formats)}")
-        fmt = found.pop()
-    if fmt not in formats:
-        raise DataError(f"data.format={fmt!r} is not one of {[*formats, SAVED]}")
-    if os.path.isdir(p):  # a folder may hold other files: keep the ones of this format
-        files = [f for f in files if f.endswith(formats[fmt])]
-    if not files:
-        raise DataError(f"data.path={p!r}: no {fmt} files found")
-    return files, fmt
-
-
-# ----------------------------------------------------------------------------- checking records
-@dataclass
-class ScanReport:
-    records: int = 0
-    bad: list[str] = field(default_factory=list)  # "file:line: reason"
-
-
-def _scan_lines(file: str, fmt: str, text_field: str, report: ScanReport, keep: list[str] | None) -> None:
-    with open(file, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
-            except UnicodeDecodeError as e:
-                report.bad.append(f"{file}:{n}: bytes are not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if "\x00" in line:
-                report.bad.append(f"{file}:{n}: contains a NUL character (a binary file?)")
-                continue
-            if fmt == "jsonl":
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    report.bad.append(f"{file}:{n}: not valid JSON ({e.msg})")
-                    continue
-                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                    report.bad.append(f"{file}:{n}: record has no string field {text_field!r} (set data.text_field)")
-                    continue
-                if "\x00" in rec[text_field]:
-                    report.bad.append(f"{file}:{n}: field {text_field!r} contains a NUL character")
-                    continue
-            report.records += 1
-            if keep is not None:
-                keep.append(line)
-
-
-def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, clean_dir: Path) -> list[str]:
-    """Validate every record; return the files to load (cleaned copies if records were skipped)."""
-    for f in files:
-        if os.path.getsize(f) == 0:
-            raise DataError(f"{f}: file is empty")
-    if fmt == "arrow":  # binary tables: their column is checked once loaded (TextDataModule._text_column)
-        return files
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        import pyarrow as pa
-
-        out = []
-        for i, f in enumerate(files):
-            try:
-                table = pq.read_table(f, columns=None)
-            except Exception as e:  # noqa: BLE001 - not parquet, truncated
-                raise DataError(f"{f}: not a readable parquet file ({type(e).__name__}: {e})") from None
-            if text_field not in table.column_names:
-                raise DataError(f"{f}: no column {text_field!r} (columns: {table.column_names}); set data.text_field")
-            col = table.column(text_field)
-            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-                raise DataError(f"{f}: column {text_field!r} holds {col.type}, not text; set data.text_field to a "
-                                "string column")
-            nulls = col.null_count
-            if nulls and not skip_bad:
-                first = col.to_pylist().index(None)
-                raise DataError(f"{f}: row {first}: {text_field!r} is null ({nulls} of {len(col)} rows are); fix "
-                                "them, or set data.skip_bad_records=true to drop them")
-            if nulls:
-                log.warning("skipped %d of %d rows of %s: %r is null", nulls, len(col), f, text_field)
-                clean_dir.mkdir(parents=True, exist_ok=True)
-                f = str(clean_dir / f"{i:04d}_{Path(f).name}")
-                pq.write_table(table.filter(pa.compute.is_valid(col)).select([text_field]), f)
-            out.append(f)
-        return out
-    out = []
-    for i, f in enumerate(files):
-        report = ScanReport()
-        keep: list[str] | None = [] if skip_bad else None
-        _scan_lines(f, fmt, text_field, report, keep)
-        if report.bad and not skip_bad:
-            more = f" (and {len(report.bad) - 5} more)" if len(report.bad) > 5 else ""
-            raise DataError("bad input records:\n  " + "\n  ".join(report.bad[:5]) + more
-                            + "\nfix them, or set data.skip_bad_records=true to drop them")
-        if report.bad:
-            log.warning("skipped %d bad records in %s: %s", len(report.bad), f, "; ".join(report.bad[:10]))
-            clean_dir.mkdir(parents=True, exist_ok=True)
-            clean = clean_dir / f"{i:04d}_{Path(f).name}"
-            clean.write_text("".join(keep or []), encoding="utf-8")
-            f = str(clean)
-        if report.records == 0:
-            raise DataError(f"{f}: no usable records")
-        out.append(f)
-    return out
 
 
 def _read_records(fmt: str, files: list[str], skip_bad: bool, options: dict, stamp: Any) -> Iterator[dict]:
@@ -231,7 +88,7 @@ class TextDataModule(L.LightningDataModule):
 
     provides = frozenset({"input_ids", "labels"})
 
-    def __init__(self, tokenizer: Any, *, path: str, format: str | None = "auto", text_field: str = "text",
+    def __init__(self, tokenizer: Tokenizer, *, path: str, format: str | None = "auto", text_field: str = "text",
                  seq_len: int = 128, batch_size: int = 16, val_fraction: float = 0.05, max_val_sequences: int = 256,
                  num_workers: int = 0, skip_bad_records: bool = False, cache_dir: str | None = None,
                  sample_by: str = "line", seed: int = 0, work_dir: str | None = None,
@@ -243,7 +100,8 @@ class TextDataModule(L.LightningDataModule):
         self.num_workers, self.skip_bad_records, self.cache_dir = num_workers, skip_bad_records, cache_dir
         self.sample_by, self.seed, self.format_options = sample_by, seed, format_options or {}
         self.work_dir = Path(work_dir or ".")
-        self.train_ds = self.val_ds = None
+        self.train_ds: Any = None  # datasets.Dataset once setup() ran
+        self.val_ds: Any = None
         self.train_sampler: ResumableSampler | None = None
 
     # raw records -------------------------------------------------------------
@@ -357,9 +215,9 @@ class TextDataModule(L.LightningDataModule):
 
     def _build(self) -> None:
         raw = self.load_raw()
-        if getattr(self.tokenizer, "is_trained", True) is False:
+        if not TokenizerExtras.of(self.tokenizer).is_trained:
             log.info("training the tokenizer on %d records", len(raw))
-            self.tokenizer.fit(raw["text"])
+            cast(TrainableTokenizer, self.tokenizer).fit(raw["text"])
         n_val = 0 if self.val_fraction <= 0 or len(raw) < 2 else max(1, int(len(raw) * self.val_fraction))
         split = raw.train_test_split(test_size=n_val, seed=self.seed, shuffle=True) if n_val else {"train": raw}
         self.train_ds = self._pack(split["train"], "train")
@@ -371,9 +229,9 @@ class TextDataModule(L.LightningDataModule):
 
     def _pack(self, ds, name: str):
         tok, eos, L_ = self.tokenizer, self.tokenizer.eos_id, self.seq_len
-        encode_batch = getattr(tok, "encode_batch", None) or (lambda texts: [tok.encode(t) for t in texts])
-
-        bos = [tok.bos_id] if getattr(tok, "add_bos", False) else []  # as the tokenizer says (add_bos_token)
+        extras = TokenizerExtras.of(tok)
+        encode_batch = extras.encode_batch or (lambda texts: [tok.encode(t) for t in texts])
+        bos = [tok.bos_id] if extras.add_bos else []  # as the tokenizer says (add_bos_token)
 
         def tokenize(batch):
             return {"ids": [bos + ids + [eos] for ids in encode_batch(batch["text"])]}

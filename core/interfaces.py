@@ -7,9 +7,9 @@ members, it never needs to inherit from anything here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,6 +22,20 @@ from .errors import UserError
 Batch = dict[str, torch.Tensor]
 
 IGNORE_INDEX = -100
+
+E = TypeVar("E", bound="Extras")
+
+
+class Extras:
+    """Base of the records that list an interface's optional members with their defaults
+    (``ObjectiveExtras``, ``StrategyExtras``, ...). ``XExtras.of(thing)`` is the one place
+    core reads them: each field is ``thing``'s member when it has one, else the default
+    (None for an absent method). A plugin never inherits these; it has the members."""
+
+    @classmethod
+    def of(cls: type[E], thing: Any) -> E:
+        return cls(**{f.name: getattr(thing, f.name) for f in fields(cls)  # type: ignore[arg-type]
+                      if hasattr(thing, f.name)})
 
 
 class ConfigChecked(Protocol):
@@ -52,10 +66,33 @@ class DataModule(Protocol):
 
     provides: frozenset[str]
 
-    def every_batch(self) -> Iterable[Batch]:
-        """Optional: every training and validation row once, in a fixed order, in batches
-        of ``batch_size`` -- for objectives that precompute per-row values before training
-        (DPO's reference log-probs with ``precompute_reference``). Called after ``setup``."""
+
+@runtime_checkable
+class TrainSampler(Protocol):
+    """A sampler that resumes mid-epoch (``llmzoo.data.ResumableSampler``): core sets
+    ``start_batch`` (batches of this epoch already trained) and ``epoch_offset`` (epochs
+    Lightning does not count, after a run stopped at max_steps) before training resumes."""
+
+    batch_size: int
+    start_batch: int
+    epoch_offset: int
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DataModuleExtras(Extras):
+    """Optional members of a DataModule."""
+
+    #: the training sampler, set by ``setup``: resumed runs continue mid-epoch with it.
+    train_sampler: TrainSampler | None = None
+    #: ``every_batch()``: every training and validation row once, in a fixed order, in
+    #: batches of ``batch_size`` -- for objectives that precompute per-row values before
+    #: training (DPO's reference log-probs with ``precompute_reference``). After ``setup``.
+    every_batch: Callable[[], Iterable[Batch]] | None = None
+    #: a static ``provides_for(node) -> frozenset[str]``: the batch fields, when they depend
+    #: on the config (``provides`` otherwise); read at compose time.
+    provides_for: Callable[[Any], frozenset[str]] | None = None
 
 
 @dataclass
@@ -135,7 +172,10 @@ class Tokenizer(Protocol):
 
 class TrainableTokenizer(Tokenizer, Protocol):
     """A tokenizer that must see the training text first (BPE). ``is_trained`` is
-    False until ``fit`` ran or a trained vocabulary was loaded."""
+    False until ``fit`` ran or a trained vocabulary was loaded. ``fit(texts)`` gets the
+    text the model will see, in the units it will be encoded in: pretraining documents as
+    they are; for chat data (``data=instructions``, ``preferences``, ``prompts``) each piece
+    of the rendered chat, its markers included (``render_chat``), never the raw records."""
 
     is_trained: bool
 
@@ -169,7 +209,7 @@ class Block(Protocol):
 
 
 # Capability names blocks declare and decoders / strategies check.
-KV_CACHE = "kv_cache"  # state is a key/value cache; it has rewind(n): forget the last n tokens
+KV_CACHE = "kv_cache"  # state is a key/value cache, a ``RewindableState``
 RECURRENT = "recurrent"  # state is fixed-size (conv + SSM state)
 STATEFUL = "stateful"  # any decode-time state: KV_CACHE or RECURRENT imply it
 # init_state(..., static=True) gives a state whose tensors keep their shapes and
@@ -177,16 +217,11 @@ STATEFUL = "stateful"  # any decode-time state: KV_CACHE or RECURRENT imply it
 # a decode step over it compiles once (torch.compile, CUDA graphs). A static state
 # that has ``rewind(n)`` rewinds in place (compiled speculative decoding).
 STATIC_STATE = "static_state"
-# the state takes a candidate tree: set ``state.tree`` to a (T, T) bool ancestor mask
-# before a forward of T candidates, then ``state.keep(start, index)`` keeps the
-# accepted ones (Medusa's one-forward verification). With STATIC_STATE too, a static
-# state takes them as well, keeping its shapes (compiled Medusa, ``decoder.compile``).
+# the state takes a candidate tree (``TreeState``: Medusa's one-forward verification);
+# with STATIC_STATE too, a static state keeps its shapes doing so (compiled Medusa).
 TREE_MASK = "tree_mask"
 # init_state(..., rows=True) gives a state whose rows are independent sequences, each at
-# its own position (a server's continuous batching): ``state.put(row, other, other_row=0)``
-# makes row ``row`` a copy of ``other``'s row (a state of the same block, e.g. a batch-1
-# prefill), and ``state.head(b)`` is the first b rows as a state sharing storage (a forward
-# of b rows through it advances them in place). Checked by llmzoo.testing.check_row_state.
+# its own position (``RowsState``: a server's continuous batching); llmzoo.testing.check_row_state.
 ROW_STATE = "row_state"
 # the block has a ``tensor_parallel_plan``: {submodule name: "colwise" | "rowwise" | "norm"}
 # whose column-/row-wise split keeps the math unchanged (parallel=tp; a mixer or ffn
@@ -228,14 +263,7 @@ class ParallelStrategy(Protocol):
     ``model`` in place); strategies that leave the model alone return it unchanged.
     ``requires`` lists the block capabilities the strategy needs (checked at config time).
 
-    Optional members, used when present:
-      uses_device_mesh = True      parallelize() runs in LightningModule.configure_model
-                                   with Lightning's device mesh (FSDP, TP, pipeline)
-      train_step(module, batch)    the whole optimizer step of one batch, under manual
-      eval_step(module, batch)     optimization (a pipeline schedule); return ``Loss``.
-                                   The objective's ``loss`` computes the loss either way.
-      full_state_dict(model)       the complete weights on global rank 0 (a collective),
-                                   when the model is split in a way DTensor does not describe
+    Optional members: ``StrategyExtras``.
     """
 
     requires: frozenset[str]
@@ -267,47 +295,47 @@ class Objective(Protocol):
         ``weight(batch)`` units (so a strategy can split the batch and weight the parts)."""
 
 
-class ObjectiveExtras(Protocol):
-    """Optional members of an Objective; core uses each one when present."""
+@dataclass(frozen=True)
+class ObjectiveExtras(Extras):
+    """Optional members of an Objective, with the defaults core uses when one is absent."""
 
-    #: ModelOutput fields ``loss`` reads; default {"logits", "aux_loss"}. Without "logits",
-    #: core runs ``model(ids, logits=False)`` and the loss gets "hidden" and "head_weight"
-    #: instead (fused linear cross-entropy); a static ``reads_for(node)`` answers at compose
-    #: time when it depends on the config. A strategy that computes only logits on its last
-    #: stage (pipeline) or splits the head (tensor parallel) refuses objectives that read
-    #: "hidden" or not "logits".
-    reads: frozenset[str]
+    #: ModelOutput fields ``loss`` reads. Without "logits", core runs ``model(ids,
+    #: logits=False)`` and the loss gets "hidden" and "head_weight" instead (fused linear
+    #: cross-entropy); a static ``reads_for(node)`` answers at compose time when it depends
+    #: on the config. A strategy that computes only logits on its last stage (pipeline) or
+    #: splits the head (tensor parallel) refuses objectives that read "hidden" or not "logits".
+    reads: frozenset[str] = frozenset({"logits", "aux_loss"})
     #: multiplier of the blocks' auxiliary loss (MoE balance); a pipeline applies it per stage.
-    aux_loss_weight: float
+    aux_loss_weight: float = 1.0
     #: True when ``train_step`` owns the optimizer step (PPO's epochs over a rollout). At most
     #: one of the objective and the parallel strategy may own the step (compose-time check).
-    manual_optimization: bool
-
-    def setup(self, model: nn.Module, tokenizer: Tokenizer) -> None:
-        """Called once with the built model (before sharding) and the tokenizer, before
-        training or loading: size heads, copy a frozen reference model."""
-
-    def inputs(self, batch: Batch) -> torch.Tensor:
-        """(k * B, T) token ids the model runs on, the k rows of each batch row consecutive
-        (DPO: chosen, rejected, chosen, ...), so that splitting both along dim 0 into
-        micro-batches keeps them aligned. Default: ``batch["input_ids"]``."""
-
-    def weight(self, batch: Batch) -> torch.Tensor:
-        """Scalar count that ``loss`` averages over (labelled tokens for cross-entropy);
-        default: the number of rows. A micro-batched step weights each part by it, so
-        its loss and gradients equal one step on the whole batch."""
-
-    def prepare(self, model: nn.Module, batch: Batch) -> Batch:
-        """Runs the whole model before ``inputs``/``loss`` (no gradients): RL objectives
-        sample and score responses here and return the batch the loss reads. Strategies
-        that split the model across processes refuse objectives with ``prepare``."""
-
-    def on_fit_start(self, module: Any) -> None:
-        """When training starts, with the LightningModule (e.g. precompute reference log-probs)."""
-
-    def train_step(self, module: Any, batch: Batch) -> Loss:
-        """The whole optimizer step of one batch under manual optimization:
-        ``module.optimizers()``, ``module.manual_backward(loss)``, ``module.clip_and_step()``."""
+    manual_optimization: bool = False
+    #: ``setup(model, tokenizer)``: once with the built model (before sharding) and the
+    #: tokenizer, before training or loading: size heads, copy a frozen reference model.
+    setup: Callable[[nn.Module, Tokenizer | None], None] | None = None
+    #: ``inputs(batch) -> (k * B, T)`` token ids the model runs on, the k rows of each batch
+    #: row consecutive (DPO: chosen, rejected, chosen, ...), so that splitting both along
+    #: dim 0 into micro-batches keeps them aligned. Default: ``batch["input_ids"]``.
+    inputs: Callable[[Batch], torch.Tensor] | None = None
+    #: ``weight(batch) ->`` the scalar count ``loss`` averages over (labelled tokens for
+    #: cross-entropy); default: the number of rows. A micro-batched step weights each part
+    #: by it, so its loss and gradients equal one step on the whole batch.
+    weight: Callable[[Batch], torch.Tensor] | None = None
+    #: ``prepare(model, batch) -> batch``: runs the whole model before ``inputs``/``loss``
+    #: (no gradients): RL objectives sample and score responses here. Strategies that split
+    #: the model across processes refuse objectives with ``prepare``.
+    prepare: Callable[[nn.Module, Batch], Batch] | None = None
+    #: ``on_fit_start(module)``: when training starts, with the LightningModule (e.g.
+    #: precompute reference log-probs).
+    on_fit_start: Callable[[Any], None] | None = None
+    #: ``train_step(module, batch) -> Loss``: the whole optimizer step of one batch under
+    #: manual optimization: ``module.optimizers()``, ``module.manual_backward(loss)``,
+    #: ``module.clip_and_step()``.
+    train_step: Callable[[Any, Batch], Loss] | None = None
+    #: static ``needs_for(node)`` / ``reads_for(node) -> frozenset[str]``: ``needs`` and
+    #: ``reads`` when they depend on the config; read at compose time.
+    needs_for: Callable[[Any], frozenset[str]] | None = None
+    reads_for: Callable[[Any], frozenset[str]] | None = None
 
 
 @runtime_checkable
@@ -332,19 +360,22 @@ class Decoder(Protocol):
     ) -> list[list[int]]: ...
 
 
-class DecoderExtras(Protocol):
+@dataclass(frozen=True)
+class DecoderExtras(Extras):
     """Optional members of a Decoder."""
 
     #: figures of the last ``generate`` (``accepted_per_step`` for speculative and Medusa
     #: decoding, ``compile_s``); benchmarks record every numeric entry.
-    stats: dict[str, float]
+    stats: dict[str, float] = field(default_factory=dict)
     #: the token sampler (``llmzoo.shared.decoding.Sampler``); RL rollouts reseed it per rollout.
-    sampler: Any
-
-    def setup(self, run: Any) -> None:
-        """Called with the loaded run (``llmzoo.api.Run``: model, tokenizer, cfg, objective)
-        before ``generate``, by decoders that need more than the model (Medusa heads from
-        the run's objective, a draft model)."""
+    sampler: Any = None
+    #: ``setup(run)``: called with the loaded run (``llmzoo.api.Run``: model, tokenizer, cfg,
+    #: objective) before ``generate``, by decoders that need more than the model (Medusa
+    #: heads from the run's objective, a draft model).
+    setup: Callable[[Any], None] | None = None
+    #: a static ``requires_for(node) -> frozenset[str]``: the capabilities it needs when they
+    #: depend on its config (``requires`` otherwise); read at compose time.
+    requires_for: Callable[[Any], frozenset[str]] | None = None
 
 
 class DecodeState(Protocol):
@@ -358,64 +389,117 @@ class DecodeState(Protocol):
         """Keep batch rows ``index`` (B',) long, in that order -- rows may repeat (beam
         search duplicates a beam) or drop; the batch size becomes B'."""
 
-    # Where the block can: ``rewind(n)`` forgets the last n tokens (KV caches), with
-    # TREE_MASK ``tree`` / ``keep(start, index)`` verify a candidate tree, and with
-    # ROW_STATE ``put(row, other, other_row)`` / ``head(b)`` (see the capability names above).
-    # A rows=True state that has ``rewind`` also takes one count per row: ``rewind([n_0,
-    # ..., n_{B-1}])`` (batched speculative decoding, ``llmzoo.shared.decoding.RowStreams``).
-    # With TREE_MASK too, a rows=True state takes one ``tree`` for every row (candidates
-    # stored after each row's own tokens) and ``keep(starts, indexes)`` with one start and
-    # one index tensor per row (batched Medusa).
+    # Where the block can: ``RewindableState`` (KV_CACHE), ``TreeState`` (TREE_MASK),
+    # ``RowsState`` (ROW_STATE).
 
 
-class TokenizerExtras(Protocol):
+@dataclass(frozen=True)
+class TokenizerExtras(Extras):
     """Optional members of a Tokenizer."""
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """``[encode(t) for t in texts]``, faster (the data pipeline uses it when present)."""
-
-    def render_chat(self, messages: Sequence[dict[str, str]], generation_prompt: bool = False
-                    ) -> list[tuple[str, bool]]:
-        """Messages ({"role": system|user|assistant, "content": str}) as (text, trained)
-        pieces in this tokenizer's chat format -- inherit ``llmzoo.ChatTemplate`` for the
-        default one; with ``generation_prompt`` they end where the assistant's answer starts."""
-
-    add_bos: bool
-    """Whether a prompt starts with ``bos_id`` (as Llama's tokenizers say in
-    ``add_bos_token``); absent means no."""
-
-    def hf_tokenizer(self) -> Any:
-        """This tokenizer as a Hugging Face ``tokenizers.Tokenizer`` (what ``llmzoo
-        export-hf`` writes as tokenizer.json); tokenizers without one cannot be exported."""
-
-    def chat_template_jinja(self) -> str:
-        """Its chat format as a Jinja template (tokenizer_config.json's ``chat_template``)."""
+    #: ``encode_batch(texts) -> [encode(t) for t in texts]``, faster (data modules use it).
+    encode_batch: Callable[[Sequence[str]], list[list[int]]] | None = None
+    #: ``render_chat(messages, generation_prompt=False) -> [(text, trained), ...]``: messages
+    #: ({"role": system|user|assistant, "content": str}) as pieces in this tokenizer's chat
+    #: format -- inherit ``llmzoo.ChatTemplate`` for the default one; with
+    #: ``generation_prompt`` they end where the assistant's answer starts.
+    render_chat: Callable[..., list[tuple[str, bool]]] | None = None
+    #: whether a prompt starts with ``bos_id`` (as Llama's tokenizers say in ``add_bos_token``).
+    add_bos: bool = False
+    #: False until ``fit`` ran or a trained vocabulary was loaded (``TrainableTokenizer``).
+    is_trained: bool = True
+    #: ``hf_tokenizer()``: this tokenizer as a Hugging Face ``tokenizers.Tokenizer`` (what
+    #: ``llmzoo export-hf`` writes as tokenizer.json); without it a run cannot be exported.
+    hf_tokenizer: Callable[[], Any] | None = None
+    #: ``chat_template_jinja()``: its chat format as a Jinja template (``chat_template``).
+    chat_template_jinja: Callable[[], str] | None = None
 
 
-class BlockExtras(Protocol):
-    """Optional members of a Block (and of the mixers and FFNs inside ``ResidualBlock``)."""
+@dataclass(frozen=True)
+class BlockExtras(Extras):
+    """Optional members of a Block, and of the mixers and FFNs inside ``ResidualBlock``
+    (where ``init_state`` and ``aux_loss`` are optional too)."""
 
     #: with TENSOR_PARALLEL: {submodule name: "colwise" | "rowwise" | "norm"}
-    tensor_parallel_plan: dict[str, str]
+    tensor_parallel_plan: dict[str, str] | None = None
+    #: ``flops_per_token(seq_len) -> float``: forward matmul/conv FLOPs per token (2 per
+    #: multiply-add; elementwise work not counted). None: the count is unknown (no MFU).
+    flops_per_token: Callable[[int], float | None] | None = None
+    #: ``metrics() -> {name: tensor | Metric}``: figures of the last forward, logged every
+    #: training step and averaged over layers unless ``summed`` (MoE expert load, drops).
+    metrics: Callable[[], dict[str, Any]] | None = None
+    #: ``reset_extra_parameters()``: initialise parameters that are not Linear/Embedding
+    #: weights (SSM ``A_log``, router biases); called by ``LanguageModel.reset_parameters``.
+    #: A Linear whose output joins the residual stream sets ``linear.residual_out = True``
+    #: to be initialised with std / sqrt(2 * n_layers).
+    reset_extra_parameters: Callable[[], None] | None = None
+    #: a static ``part_capabilities(node) -> {part: capabilities}``, from the config node
+    #: alone (hybrid stacks, configurable mixers); read at compose time.
+    part_capabilities: Callable[[Any], dict[str, frozenset[str]]] | None = None
+    #: a mixer's ``init_state(batch_size, max_len, *, device, dtype, **kw)`` (Block's).
+    init_state: Callable[..., Any] | None = None
+    #: a part's ``aux_loss()`` (Block's).
+    aux_loss: Callable[[], torch.Tensor | None] | None = None
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward matmul/conv FLOPs per token (2 per multiply-add; elementwise work not counted)."""
 
-    def metrics(self) -> dict[str, "torch.Tensor | Metric"]:
-        """Figures of the last forward, logged every training step and averaged over
-        layers unless they are ``summed`` (e.g. MoE expert load, dropped tokens)."""
+@dataclass(frozen=True)
+class StrategyExtras(Extras):
+    """Optional members of a ParallelStrategy."""
 
-    def reset_extra_parameters(self) -> None:
-        """Initialise parameters that are not Linear/Embedding weights (SSM ``A_log``,
-        router biases); called by ``LanguageModel.reset_parameters``. A Linear whose
-        output joins the residual stream sets ``linear.residual_out = True`` to be
-        initialised with std / sqrt(2 * n_layers)."""
+    #: parallelize() runs in LightningModule.configure_model with Lightning's device mesh
+    #: (FSDP, TP, pipeline); False: with None, before training.
+    uses_device_mesh: bool = False
+    #: ``train_step(module, batch) -> Loss``: the whole optimizer step of one batch under
+    #: manual optimization (a pipeline schedule); the objective's ``loss`` scores it.
+    train_step: Callable[[Any, Batch], Loss] | None = None
+    #: ``eval_step(module, batch) -> Loss``: one validation batch, likewise.
+    eval_step: Callable[[Any, Batch], Loss] | None = None
+    #: ``full_state_dict(model) -> dict``: the complete weights on global rank 0 (a
+    #: collective), when the model is split in a way DTensor does not describe.
+    full_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    #: a static ``requires_for(node) -> frozenset[str]``, as a decoder's.
+    requires_for: Callable[[Any], frozenset[str]] | None = None
 
-    @staticmethod
-    def part_capabilities(node: Any) -> dict[str, frozenset[str]]:
-        """Capabilities per part, from the config node alone (hybrid stacks, configurable mixers)."""
+
+class RewindableState(Protocol):
+    """A KV_CACHE state: ``rewind(n)`` forgets the last n tokens; a rows=True state takes
+    one count per row (batched speculative decoding, ``llmzoo.shared.decoding.RowStreams``)."""
+
+    def rewind(self, n: int | Sequence[int]) -> None: ...
 
 
+class TreeState(Protocol):
+    """A TREE_MASK state: set ``tree`` to a (T, T) bool ancestor mask before a forward of T
+    candidates, then ``keep(start, index)`` keeps the accepted ones. A rows=True state takes
+    one tree for every row and ``keep(starts, indexes)`` with one of each per row."""
+
+    tree: torch.Tensor | None
+
+    def keep(self, start: Any, index: Any) -> None: ...
+
+
+class RowsState(Protocol):
+    """A ROW_STATE state (``init_state(..., rows=True)``): rows at their own positions.
+    ``put(row, other, other_row=0)`` copies ``other``'s row into ``row``; ``head(b)`` is the
+    first b rows as a state sharing storage (a forward of b rows advances them in place)."""
+
+    def put(self, row: int, other: Any, other_row: int = 0) -> None: ...
+
+    def head(self, b: int) -> Any: ...
+
+
+class Quantizer(Protocol):
+    """A ``quantize=`` option of ``llmzoo-generate`` (``llmzoo_plugins.quantize``):
+    ``quantizer(model)`` returns the quantized model; ``save``/``load`` write and read its
+    weights (``<run>/model-<name>.safetensors``) so a run is quantized once."""
+
+    name: str
+
+    def __call__(self, model: nn.Module) -> nn.Module: ...
+
+    def save(self, model: nn.Module, path: Path) -> None: ...
+
+    def load(self, model: nn.Module, path: Path) -> nn.Module: ...
 
 
 class HFUnsupported(UserError, ValueError):

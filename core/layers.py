@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .interfaces import capabilities_of
+from .interfaces import BlockExtras, capabilities_of
 
 
 class RMSNorm(nn.Module):
@@ -47,7 +47,7 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
-        self.down.residual_out = True  # scaled at init, see LanguageModel.reset_parameters
+        setattr(self.down, "residual_out", True)  # scaled at init, see LanguageModel.reset_parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -67,14 +67,14 @@ class ResidualBlock(nn.Module):
     def __init__(self, mixer: nn.Module, ffn: nn.Module | None, dim: int, norm_eps: float = 1e-5):
         super().__init__()
         self.mixer_norm = RMSNorm(dim, norm_eps)
-        self.mixer = mixer
+        self.mixer: Any = mixer  # parts with Block's members (and BlockExtras')
         self.ffn_norm = RMSNorm(dim, norm_eps) if ffn is not None else None
-        self.ffn = ffn
+        self.ffn: Any = ffn
 
     @property
     def capabilities(self) -> frozenset[str]:
         caps = capabilities_of(self.mixer)
-        if self.ffn is not None and not hasattr(self.ffn, "tensor_parallel_plan"):
+        if self.ffn is not None and BlockExtras.of(self.ffn).tensor_parallel_plan is None:
             caps -= {"tensor_parallel"}  # the mixer alone cannot make the block tensor-parallel
         return caps
 
@@ -82,27 +82,42 @@ class ResidualBlock(nn.Module):
     def tensor_parallel_plan(self) -> dict[str, str]:
         """The mixer's and the ffn's plans under their names here, the norms as "norm"
         (sharded along the sequence under sequence parallelism)."""
-        plan = {"mixer_norm": "norm", **{f"mixer.{k}": v for k, v in self.mixer.tensor_parallel_plan.items()}}
+        # the parts are read when asked: adapters (peft) may have replaced them since
+        mixer, ffn = BlockExtras.of(self.mixer), BlockExtras.of(self.ffn)
+        plan = {"mixer_norm": "norm", **{f"mixer.{k}": v for k, v in (mixer.tensor_parallel_plan or {}).items()}}
         if self.ffn is not None:
-            plan.update({"ffn_norm": "norm", **{f"ffn.{k}": v for k, v in self.ffn.tensor_parallel_plan.items()}})
+            plan.update({"ffn_norm": "norm", **{f"ffn.{k}": v for k, v in (ffn.tensor_parallel_plan or {}).items()}})
         return plan
 
     def forward(self, x: torch.Tensor, *, state: Any = None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), state=state)
-        if self.ffn is not None:
+        if self.ffn_norm is not None:  # with the ffn
             x = x + self.ffn(self.ffn_norm(x))
         return x
 
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, **kw: Any) -> Any:
-        init = getattr(self.mixer, "init_state", None)
-        return init(batch_size, max_len, device=device, dtype=dtype, **kw) if init else None
+        init = BlockExtras.of(self.mixer).init_state
+        return init(batch_size, max_len, device=device, dtype=dtype, **kw) if init is not None else None
 
     def aux_loss(self) -> torch.Tensor | None:
+        # BlockExtras.aux_loss, read with getattr (not BlockExtras.of) so that a compiled
+        # (fullgraph) decode step traces through it; the ffn may be an adapter's wrapper by now
         fn = getattr(self.ffn, "aux_loss", None)
         return fn() if fn is not None else None
 
     def flops_per_token(self, seq_len: int) -> float | None:
         """Forward matmul FLOPs per token of the mixer and the ffn (norms not counted);
         None if a part does not say (``flops_per_token`` is optional)."""
-        counts = [getattr(p, "flops_per_token", lambda _: None)(seq_len) for p in (self.mixer, self.ffn) if p is not None]
-        return None if None in counts else sum(counts)
+        return flops_of([self.mixer] + ([self.ffn] if self.ffn is not None else []), seq_len)
+
+
+def flops_of(parts: Any, seq_len: int) -> float | None:
+    """The sum of the parts' ``flops_per_token(seq_len)``; None if one does not say."""
+    total = 0.0
+    for part in parts:
+        count = BlockExtras.of(part).flops_per_token
+        n = count(seq_len) if count is not None else None
+        if n is None:
+            return None
+        total += n
+    return total

@@ -5,16 +5,17 @@ DeprecationWarning, until contract 4."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .interfaces import Batch, Loss
+from .interfaces import Batch, Loss, Objective, ObjectiveExtras
 from .shared import moved
 
 
-
-def model_inputs(objective, batch: Batch) -> torch.Tensor:
+def model_inputs(objective: Objective, batch: Batch) -> torch.Tensor:
     """The (k * B, T) token ids the model runs on for ``objective`` (default ``input_ids``)."""
-    inputs = getattr(objective, "inputs", None)
+    inputs = ObjectiveExtras.of(objective).inputs
     return inputs(batch) if inputs is not None else batch["input_ids"]
 
 
@@ -29,21 +30,21 @@ def batch_rows(batch: Batch, index) -> Batch:
     return {k: v[index] if torch.is_tensor(v) and v.dim() and len(v) == n else v for k, v in batch.items()}
 
 
-def batch_weight(objective, batch: Batch) -> torch.Tensor:
+def batch_weight(objective: Objective, batch: Batch) -> torch.Tensor:
     """What the objective's loss averages over (default: the number of batch rows)."""
-    weight = getattr(objective, "weight", None)
+    weight = ObjectiveExtras.of(objective).weight
     return weight(batch) if weight is not None else torch.tensor(float(batch_size(batch)))
 
 
-def run_objective(model, objective, batch: Batch) -> Loss:
+def run_objective(model: Any, objective: Objective, batch: Batch) -> Loss:
     """The one path from a batch to a loss: prepare (optional), run the model, score it.
     An objective whose ``reads`` leaves out ``"logits"`` gets ``hidden`` and ``head_weight``
     instead (``model(ids, logits=False)``): its loss forms the logits itself, in chunks."""
-    prepare = getattr(objective, "prepare", None)
-    if prepare is not None:
+    extras = ObjectiveExtras.of(objective)
+    if extras.prepare is not None:
         with torch.no_grad():
-            batch = prepare(model, batch)
-    kwargs = {} if "logits" in getattr(objective, "reads", ("logits",)) else {"logits": False}
+            batch = extras.prepare(model, batch)
+    kwargs = {} if "logits" in extras.reads else {"logits": False}
     return objective.loss(model(model_inputs(objective, batch), **kwargs), batch)
 
 

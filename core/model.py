@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .interfaces import ModelOutput, capabilities_of
-from .layers import RMSNorm
+from .interfaces import BlockExtras, ModelOutput, capabilities_of
+from .layers import RMSNorm, flops_of
 
 
 class LanguageModel(nn.Module):
@@ -57,15 +57,18 @@ class LanguageModel(nn.Module):
         stream (marked ``residual_out``) scaled by 1/sqrt(2 * n_layers)."""
         scaled = self.init_std / math.sqrt(2 * max(1, len(self.blocks)))
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, scaled if getattr(m, "residual_out", False) else self.init_std)
-                if getattr(m, "bias", None) is not None:
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, self.init_std)
         # Then parameters with a special init (SSM decay rates, dt biases, expert weights),
         # which may override the generic init of their own linears.
         for m in self.modules():
-            if m is not self and hasattr(m, "reset_extra_parameters"):
-                m.reset_extra_parameters()
+            reset = BlockExtras.of(m).reset_extra_parameters if m is not self else None
+            if reset is not None:
+                reset()
 
     def forward(self, input_ids: torch.Tensor, *, states: list[Any] | None = None,
                 logits: bool = True) -> ModelOutput:
@@ -98,15 +101,16 @@ class LanguageModel(nn.Module):
         kw = {"static": True} if static else {}
         if rows:
             kw["rows"] = True
-        return [b.init_state(batch_size, max_len, device=device, dtype=dtype, **kw) for b in self.blocks]
+        blocks: Iterable[Any] = self.blocks  # modules with Block's members
+        return [b.init_state(batch_size, max_len, device=device, dtype=dtype, **kw) for b in blocks]
 
     def flops_per_token(self, seq_len: int) -> float | None:
         """Forward FLOPs per token at context ``seq_len``: every block's own count plus the
         vocabulary head (matmuls and convolutions, 2 FLOPs per multiply-add; elementwise
         work and the embedding lookup are not counted). Training is ~3x this. None when
         a block does not implement the optional ``flops_per_token``."""
-        counts = [getattr(b, "flops_per_token", lambda _: None)(seq_len) for b in self.blocks]
-        return None if None in counts else sum(counts) + 2 * self.dim * self.vocab_size
+        blocks = flops_of(self.blocks, seq_len)
+        return None if blocks is None else blocks + 2 * self.dim * self.vocab_size
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -114,5 +118,7 @@ class LanguageModel(nn.Module):
 
 
 def _aux(block: nn.Module) -> torch.Tensor | None:
+    # Block.aux_loss, read with getattr (not BlockExtras.of) so that a compiled
+    # (fullgraph) decode step traces through it.
     fn: Callable[[], Any] | None = getattr(block, "aux_loss", None)
     return fn() if fn is not None else None

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import pluggy
 
@@ -110,7 +111,7 @@ class PluginManager(pluggy.PluginManager):
         out = []
         for impl in self.hook.llmzoo_conf_path.get_hookimpls():  # in registration order
             info = self.infos.get(self.get_name(impl.plugin) or "")
-            path = impl.function()
+            path = cast("str | None", impl.function())
             if path and info:
                 if not path.startswith(("pkg://", "file://")):
                     path = "file://" + str(Path(path).resolve())

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import lightning as L
 import torch
@@ -32,7 +32,9 @@ from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_adapter, build_model, b
 from .config import validate_config
 from .data import data_rank
 from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError, UserError
-from .interfaces import Metric, as_metric
+from .model import LanguageModel
+from .interfaces import (BlockExtras, DataModuleExtras, Metric, Objective, ObjectiveExtras, ParallelStrategy,
+                         StrategyExtras, Tokenizer, TokenizerExtras, TrainSampler, as_metric)
 from .losses import model_inputs, run_objective
 from .shared.sharding import clip_grad_norm_
 from .plugins import get_plugin_manager
@@ -67,7 +69,7 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def compile_blocks(model: nn.Module) -> nn.Module:
+def compile_blocks(model: LanguageModel) -> LanguageModel:
     """``torch.compile`` each block in place: parameter names (and so checkpoints) do not
     change, and a block that cannot be compiled falls back to eager inside dynamo."""
     for block in model.blocks:
@@ -76,12 +78,24 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def metric_sources(model: nn.Module) -> list[nn.Module]:
+def ready_model(model: LanguageModel, strategy: ParallelStrategy, mesh: Any, *, compile: bool) -> LanguageModel:
+    """The one order in which a built model is made ready to train: first the strategy's
+    ``parallelize(model, mesh)`` -- which applies, inside, tensor parallel, then activation
+    checkpointing, then FSDP2 sharding per block (``llmzoo.shared.sharding.shard_stack``), as
+    torchtitan does --, then, with ``trainer.compile``, ``torch.compile`` of each block in
+    place over what the strategy left (torchtitan compiles before FSDP instead; FSDP2
+    supports both, and compiling last keeps strategies free of compile). Parameter names,
+    and so checkpoints, do not change."""
+    model = cast(LanguageModel, strategy.parallelize(model, mesh))  # its blocks stay ``model.blocks``
+    return compile_blocks(model) if compile else model
+
+
+def metric_sources(model: nn.Module) -> list[Any]:
     """The submodules that report training statistics through ``metrics()``."""
-    return [m for m in model.modules() if m is not model and callable(getattr(m, "metrics", None))]
+    return [m for m in model.modules() if m is not model and BlockExtras.of(m).metrics is not None]
 
 
-def block_metrics(sources: list[nn.Module]) -> dict[str, Metric]:
+def block_metrics(sources: list[Any]) -> dict[str, Metric]:
     """What ``sources`` report through ``metrics()`` (e.g. MoE expert load), combined over
     layers as each metric says: averaged, or added up when ``summed``."""
     found: dict[str, list[Metric]] = {}
@@ -99,9 +113,9 @@ class LMModule(L.LightningModule):
     """Model + objective + optimizer. ``run_info`` (resolved config, tokenizer files)
     is stored in every checkpoint so that one ``.ckpt`` rebuilds the run."""
 
-    def __init__(self, model: nn.Module, objective: Any, optim: dict[str, Any], max_steps: int,
+    def __init__(self, model: LanguageModel, objective: Objective, optim: dict[str, Any], max_steps: int,
                  run_info: dict[str, Any] | None = None, clip_val: float | None = None,
-                 strategy: Any = None, compile: bool = False):
+                 strategy: ParallelStrategy | None = None, compile: bool = False):
         super().__init__()
         # Every strategy's parallelize() runs in configure_model (given Lightning's device
         # mesh when it asks for one: FSDP, TP, pipeline); then the blocks are compiled.
@@ -112,10 +126,12 @@ class LMModule(L.LightningModule):
         # batch)``, stepping with module.clip_and_step(loss). So does a
         # strategy whose step is more than forward + backward (a pipeline schedule): its
         # ``train_step(module, batch)`` and ``eval_step(module, batch)`` run the batch.
-        self._step_owner = objective if getattr(objective, "manual_optimization", False) else (
-            strategy if hasattr(strategy, "train_step") else None)
-        self._eval_step = getattr(strategy, "eval_step", None)
-        self.automatic_optimization = self._step_owner is None
+        self._objective_extras, strategy_extras = ObjectiveExtras.of(objective), StrategyExtras.of(strategy)
+        self._uses_mesh = strategy_extras.uses_device_mesh
+        self._train_step = (self._objective_extras.train_step if self._objective_extras.manual_optimization
+                            else strategy_extras.train_step)
+        self._eval_step = strategy_extras.eval_step
+        self.automatic_optimization = self._train_step is None
         self.clip_val = clip_val
         # An objective with its own parameters (value head, Medusa heads) trains with the model.
         self.objective_module = objective if isinstance(objective, nn.Module) else None
@@ -129,11 +145,12 @@ class LMModule(L.LightningModule):
             loss = run_objective(self.model, self.objective, batch)
             self.last_loss = loss.value.detach()  # read by callbacks before the optimizer step (NaN guard)
         else:
-            loss = self._step_owner.train_step(self, batch)
+            assert self._train_step is not None
+            loss = self._train_step(self, batch)
         self.log("train_loss", loss.value, prog_bar=True, sync_dist=self.trainer.world_size > 1)
         self.log_metrics("train/", loss.metrics)
         self.log_metrics("", block_metrics(self._metric_sources))
-        if not hasattr(self.objective, "prepare"):  # throughput: the tokens the model reads
+        if self._objective_extras.prepare is None:  # throughput: the tokens the model reads
             inputs = model_inputs(self.objective, batch)
             self._width = inputs.shape[1]
             self._tokens = (self._tokens or 0) + inputs.numel() * data_rank(self.trainer)[1]
@@ -159,6 +176,7 @@ class LMModule(L.LightningModule):
         ``trainer.gradient_clip_val`` (over every process of ``group`` when the model is
         split across it), step the optimizer and the LR schedule."""
         opt, sched = self.optimizers(), self.lr_schedulers()
+        assert not isinstance(opt, list) and isinstance(sched, torch.optim.lr_scheduler.LRScheduler)  # one each
         if loss is not None:
             opt.zero_grad()
             self.manual_backward(loss)
@@ -166,7 +184,9 @@ class LMModule(L.LightningModule):
             if group is not None or self._mixed_layouts:
                 clip_grad_norm_(self.parameters(), self.clip_val, group=group)
             else:
-                self.clip_gradients(opt, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
+                # Lightning's own pattern passes its LightningOptimizer wrapper here
+                self.clip_gradients(opt, gradient_clip_val=self.clip_val,  # type: ignore[arg-type]
+                                    gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
 
@@ -189,15 +209,13 @@ class LMModule(L.LightningModule):
     def configure_model(self):
         if self._strategy is None:  # already done (configure_model may be called again)
             return
-        mesh = self.device_mesh if getattr(self._strategy, "uses_device_mesh", False) else None
-        self.model = self._strategy.parallelize(self.model, mesh)
-        if self._compile:
-            compile_blocks(self.model)
+        mesh = self.device_mesh if self._uses_mesh else None
+        self.model = ready_model(self.model, self._strategy, mesh, compile=self._compile)
         self._strategy = None
         self._metric_sources = metric_sources(self.model)  # the blocks this process still holds
 
     def on_fit_start(self):
-        hook = getattr(self.objective, "on_fit_start", None)  # e.g. DPO precomputing reference log-probs
+        hook = self._objective_extras.on_fit_start  # e.g. DPO precomputing reference log-probs
         if hook is not None:
             hook(self)
 
@@ -234,12 +252,12 @@ class LMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # Resume at the data position: skip the batches of this epoch that the run already saw.
-        dm = getattr(self.trainer, "datamodule", None)
-        sampler = getattr(dm, "train_sampler", None)
+        sampler = DataModuleExtras.of(getattr(self.trainer, "datamodule", None)).train_sampler
+        sampler = sampler if isinstance(sampler, TrainSampler) else None  # a plain one cannot resume mid-epoch
         # `processed` counts batches whose step ran (checkpoints are written before
         # `completed` is incremented, so that one lags by a batch).
-        seen = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if sampler is not None and self.automatic_optimization and self.global_step and hasattr(sampler, "epoch_offset"):
+        seen = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
+        if sampler is not None and self.automatic_optimization and self.global_step:
             # The position follows from the optimizer steps taken: Lightning counts an epoch as
             # done when a run stops at max_steps, so a finished run trained further would
             # otherwise start a fresh epoch instead of going on with the one it was in.
@@ -248,7 +266,7 @@ class LMModule(L.LightningModule):
             sampler.epoch_offset = epoch - self.current_epoch
         if sampler is not None and seen:
             sampler.start_batch = seen
-            log.info("resuming at epoch %d, batch %d", self.current_epoch + getattr(sampler, "epoch_offset", 0), seen)
+            log.info("resuming at epoch %d, batch %d", self.current_epoch + sampler.epoch_offset, seen)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["llmzoo"] = self.run_info
@@ -339,7 +357,7 @@ class RunLock:
     holding the owner's pid and host for the message a second run gets."""
 
     def __init__(self, run_dir: Path):
-        self.path, self.fh = run_dir / LOCK_FILE, None
+        self.path, self.fh = run_dir / LOCK_FILE, cast("IO[str] | None", None)
 
     def __enter__(self) -> "RunLock":
         import fcntl
@@ -436,7 +454,7 @@ def check_resume(cfg: DictConfig) -> tuple[int | None, dict[str, float] | None]:
     stored = (ckpt.get("llmzoo") or {}).get("config")
     if not isinstance(stored, dict):
         return step, pending
-    now = OmegaConf.to_container(cfg, resolve=True)
+    now = cast(dict, OmegaConf.to_container(cfg, resolve=True))
     if cfg.get("init_from") and not Path(cfg.init_from).exists():
         # a source a plugin resolved (hf:<folder>) set these when the run began
         now.update({k: stored.get(k) for k in ("model", "block", "tokenizer")})
@@ -469,10 +487,11 @@ class _AppendingWriter(ExperimentWriter):
             return
         col = self.metrics_keys.index("step")
         kept = [r for r in rows[1:] if not (len(r) > col and r[col].isdigit() and int(r[col]) >= self.resume_step)]
-        restore = self.pending and str(self.pending["step"]) not in {r[col] for r in kept if len(r) > col}
+        pending = self.pending or {}
+        restore = bool(pending) and str(pending["step"]) not in {r[col] for r in kept if len(r) > col}
         if restore:  # killed between the checkpoint and the logging of its step's row
-            self.metrics_keys += [k for k in self.pending if k not in self.metrics_keys]
-            kept.append(["" if self.pending.get(k) is None else str(self.pending[k]) for k in self.metrics_keys])
+            self.metrics_keys += [k for k in pending if k not in self.metrics_keys]
+            kept.append(["" if pending.get(k) is None else str(pending[k]) for k in self.metrics_keys])
         if len(kept) < len(rows) - 1 or restore:
             tmp = path.with_name(f".{path.name}.tmp")
             with open(tmp, "w", newline="") as fh:
@@ -493,14 +512,14 @@ class RunCSVLogger(CSVLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
+    def experiment(self) -> Any:  # an _AppendingWriter
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(self.log_dir, self.resume_step, self.pending)
         return self._experiment
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, strategy: Any, manual: bool = False,
+def build_trainer(cfg: DictConfig, run_dir: Path, strategy: ParallelStrategy, manual: bool = False,
                   resume: tuple[int | None, dict | None] = (None, None)) -> L.Trainer:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
@@ -597,7 +616,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None
             start = load_local(cfg.init_from)
     tokenizer = start.tokenizer if start else build_tokenizer(cfg)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
-    if getattr(tokenizer, "is_trained", True) is False:
+    if not TokenizerExtras.of(tokenizer).is_trained:
         data.prepare_data()  # trains the tokenizer; its vocabulary size sizes the model
     tokenizer.save(run_dir / TOKENIZER_DIR)
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -612,10 +631,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None
                                                              if p.requires_grad) / 1e6)
     strategy = build_strategy(cfg)
     log.info("model: %.3fM parameters (%s)", model.num_parameters() / 1e6, cfg.block._target_)
-    run_info = {"config": OmegaConf.to_container(cfg, resolve=True), "tokenizer": tokenizer_files(tokenizer),
+    run_info = {"config": cast(dict, OmegaConf.to_container(cfg, resolve=True)), "tokenizer": tokenizer_files(tokenizer),
                 "vocab_size": model.vocab_size}
     objective = build_objective(cfg, model, tokenizer)
-    module = LMModule(model, objective, OmegaConf.to_container(cfg.optim, resolve=True), cfg.trainer.max_steps,
+    module = LMModule(model, objective, cast(dict, OmegaConf.to_container(cfg.optim, resolve=True)), cfg.trainer.max_steps,
                       run_info, clip_val=cfg.trainer.gradient_clip_val, strategy=strategy,
                       compile=bool(cfg.trainer.get("compile")))
     trainer = build_trainer(cfg, run_dir, strategy, manual=not module.automatic_optimization,
@@ -637,19 +656,20 @@ def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None
     if torch.cuda.is_available() and str(trainer.strategy.root_device).startswith("cuda"):
         memory["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     summary = {"run_dir": str(run_dir), "step": trainer.global_step, "parameters": n_params, **memory,
+               "data_parallel": data_rank(trainer)[1],  # replicas that each read their own batches
                "tokens_seen": trainer.global_step * d.batch_size * d.seq_len * cfg.trainer.accumulate_grad_batches
                * data_rank(trainer)[1], "flops_per_token": model.flops_per_token(d.seq_len),
                **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
     summary.update(per_process_memory(module))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # collective: every rank calls it
-    model = unsharded(module.model, cfg, strategy)  # collective for sharded models; the model itself otherwise
+    final = unsharded(module.model, cfg, strategy)  # collective for sharded models; the model itself otherwise
     if trainer.is_global_zero:
-        save_final(run_dir, model, objective)
+        save_final(run_dir, final, objective)
         if adapter:
-            adapter.save(model, run_dir / "adapter")
+            adapter.save(final, run_dir / "adapter")
         (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if cfg.get("sample") and cfg.sample.get("prompts"):
-            summary["samples"] = sample_text(model, tokenizer, cfg, objective)
+            summary["samples"] = sample_text(final, tokenizer, cfg, objective)
     return summary
 
 
@@ -657,7 +677,7 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nelement() * t.element_size() for t in tensors)
 
 
-def per_process_memory(module: L.LightningModule) -> dict[str, float]:
+def per_process_memory(module: LMModule) -> dict[str, float]:
     """Bytes of parameters and optimizer state this process holds (its shards under FSDP)."""
     opt = module.trainer.optimizers[0] if module.trainer.optimizers else None
     states = [v for s in (opt.state.values() if opt else []) for v in s.values() if torch.is_tensor(v)]
@@ -665,13 +685,13 @@ def per_process_memory(module: L.LightningModule) -> dict[str, float]:
             "optimizer_mb_per_process": _local_bytes(states) / 2**20}
 
 
-def unsharded(model: nn.Module, cfg: DictConfig, strategy: Any = None) -> nn.Module:
+def unsharded(model: LanguageModel, cfg: DictConfig, strategy: ParallelStrategy | None = None) -> LanguageModel:
     """A plain single-process copy of a sharded (DTensor) or pipelined model, gathered on
     rank 0 (a collective); an unsharded model is returned as it is. A strategy that
     splits the model otherwise gathers it with its ``full_state_dict(model)``."""
     from torch.distributed.tensor import DTensor
 
-    gather = getattr(strategy, "full_state_dict", None)
+    gather = StrategyExtras.of(strategy).full_state_dict
     if gather is None and not any(isinstance(p, DTensor) for p in model.parameters()):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -698,7 +718,7 @@ def init_weights(model: nn.Module, source: nn.Module, where: str) -> None:
     log.info("initialised from %s", where)
 
 
-def sample_text(model: nn.Module, tokenizer: Any, cfg: DictConfig, objective: Any = None) -> list[str]:
+def sample_text(model: LanguageModel, tokenizer: Tokenizer, cfg: DictConfig, objective: Objective | None = None) -> list[str]:
     """Continue each of ``cfg.sample.prompts`` with the configured decoder and print it."""
     run = Run(model.eval(), tokenizer, cfg, objective if isinstance(objective, nn.Module) else None)
     room = model.max_seq_len - max(len(p) for p in prompt_ids(tokenizer, cfg.sample.prompts))

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmzoo.shared.flops import device_description
 from llmzoo.cli import CONF, hydra_entry, run_job
+from llmzoo.config import validate_config
 from llmzoo.errors import UserError
 
 KINDS = ("train", "decode", "memory")
@@ -135,6 +136,8 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     b = cfg.bench
     if b.kind not in KINDS:
         raise UserError(f"bench.kind={b.kind!r} is not one of {list(KINDS)}")
+    if b.kind != "train":  # llmzoo.train validates the config of a training benchmark
+        validate_config(cfg)
     figures = bench_train(cfg) if b.kind == "train" else bench_decode(cfg, b) if b.kind == "decode" \
         else bench_memory(cfg, b)
     record = {"benchmark": "llmzoo-bench", "kind": b.kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

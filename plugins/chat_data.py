@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmzoo.data import DataError, ResumableSampler, data_rank, resolve_files
-from llmzoo.interfaces import IGNORE_INDEX
+from llmzoo.interfaces import IGNORE_INDEX, TokenizerExtras
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,18 @@ def prompt_pieces(tokenizer, prompt: str) -> list[tuple[str, bool]]:
     return tokenizer.render_chat([{"role": "user", "content": prompt}], generation_prompt=True)
 
 
+def record_texts(tokenizer, rec: dict, kind: str) -> list[str]:
+    """The texts ``encode_record`` encodes, piece by piece and rendered in the tokenizer's
+    chat format (markers included): what a tokenizer that learns its vocabulary is fitted on."""
+    if kind == "instructions":
+        pieces = tokenizer.render_chat(_messages(rec))
+    else:
+        pieces = prompt_pieces(tokenizer, rec["prompt"])
+        if kind == "preferences":
+            pieces = pieces + [(rec["chosen"], True), (rec["rejected"], True)]
+    return [text for text, _ in pieces]
+
+
 def encode_record(tokenizer, rec: dict, kind: str, seq_len: int) -> dict[str, list[int]] | None:
     if kind == "instructions":
         ids, labels = encode_pieces(tokenizer, tokenizer.render_chat(_messages(rec)), seq_len, eos=True)
@@ -171,12 +183,13 @@ class RecordsDataModule(L.LightningDataModule):
         self.train_sampler: ResumableSampler | None = None
 
     def texts(self) -> list[str]:
-        """All text of the records (a BPE tokenizer trains on it)."""
+        """The text of every record as the model will see it (``record_texts``): a BPE
+        tokenizer trains on it."""
         files, _ = resolve_files(self.path, "jsonl")
-        return [json.dumps(r) for r in read_records(files, self.kind, self.skip_bad)]
+        return [t for r in read_records(files, self.kind, self.skip_bad) for t in record_texts(self.tokenizer, r, self.kind)]
 
     def prepare_data(self) -> None:
-        if getattr(self.tokenizer, "is_trained", True) is False:
+        if not TokenizerExtras.of(self.tokenizer).is_trained:
             self.tokenizer.fit(self.texts())
 
     def setup(self, stage: str | None = None) -> None:

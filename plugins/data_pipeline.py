@@ -308,6 +308,9 @@ MARKER = ".llmzoo-data.json"
 INPUT_FORMATS = ("jsonl", "parquet")
 
 
+DEDUP_KINDS = ("none", "exact", "minhash")
+
+
 def check_pipeline_config(cfg: DictConfig) -> None:
     """Every setting a user may mistype, checked before any work (one message each)."""
     def whole(key: str, value: Any, low: int, also: tuple = ()) -> None:
@@ -329,6 +332,8 @@ def check_pipeline_config(cfg: DictConfig) -> None:
     if "workers" in ex:
         whole("executor.workers", ex.workers, 1, also=(-1,))
     d = cfg.get("dedup")
+    if d is not None and d.get("kind") not in DEDUP_KINDS:
+        raise UserError(f"dedup.kind={d.get('kind')!r} is not one of {list(DEDUP_KINDS)}")
     if d is not None and d.get("kind") == "minhash":
         for key in ("n_grams", "bands", "rows"):
             whole(f"dedup.{key}", d.get(key), 1)
@@ -466,7 +471,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     elif kind == "none":
         execute("2_copy", [filtered(), _writer(out / "data")])
     else:
-        raise UserError(f"dedup.kind={kind!r} is not one of ['none', 'exact', 'minhash']")
+        raise UserError(f"dedup.kind={kind!r} is not one of {list(DEDUP_KINDS)}")
     selected = None
     if cfg.get("select"):  # global: over everything the stages kept
         selected = run_selection(instantiate(cfg.select, _convert_="all"), out / "data", out / "removed" / "select")

@@ -35,6 +35,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
+from llmzoo import hookimpl
+from llmzoo.config import node_class
 from llmzoo.shared.decoding import (RowStreams, Sampler, StaticStates, Stream, accept, ancestor_mask, check_prompts, finish,
                                     has_rows, one_at_a_time)
 from llmzoo.interfaces import (KV_CACHE, ROW_STATE, STATEFUL, STATIC_STATE, TREE_MASK,
@@ -142,15 +144,6 @@ class Eagle:
     def requires_for(node: DictConfig) -> frozenset[str]:
         """``compile: true`` verifies over static KV caches that rewind."""
         return frozenset({STATEFUL, STATIC_STATE, KV_CACHE}) if node.get("compile") else Eagle.requires
-
-    @staticmethod
-    def check(node: DictConfig, cfg: DictConfig) -> list[str]:
-        obj = cfg.get("objective")
-        target = obj.get("_target_", "") if isinstance(obj, DictConfig) else ""
-        if not target.endswith(".EagleObjective"):
-            return ["decoder=eagle drafts with the head that objective=eagle trains "
-                    f"(objective._target_={target or None!r}); train with objective=eagle, or choose another decoder"]
-        return []
 
     def __init__(self, k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, head: EagleHead | EagleObjective | None = None,
@@ -384,3 +377,16 @@ class Eagle:
             done = done or len(seq) >= max_len
             target.rollback(len(seq) - 1)
         return out, steps
+
+
+@hookimpl
+def llmzoo_validate(cfg: DictConfig) -> list[str]:
+    """decoder=eagle drafts with the head objective=eagle trains (a rule between two groups)."""
+    decoder, objective = node_class(cfg.get("decoder")), node_class(cfg.get("objective"))
+    if not (isinstance(decoder, type) and issubclass(decoder, Eagle)):
+        return []
+    if isinstance(objective, type) and issubclass(objective, EagleObjective):
+        return []
+    target = cfg.objective.get("_target_") if isinstance(cfg.get("objective"), DictConfig) else None
+    return ["decoder=eagle drafts with the head that objective=eagle trains "
+            f"(objective._target_={target!r}); train with objective=eagle, or choose another decoder"]

@@ -33,6 +33,7 @@ from torch import nn
 
 from llmzoo.shared.decoding import take_rows
 from llmzoo.interfaces import RECURRENT, ROW_STATE, STATEFUL, STATIC_STATE
+from llmzoo.config import node_class
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -179,15 +180,22 @@ def ssd_fla(x, dt, a, B, C, heads_per_group: int, state=None):  # pragma: no cov
 
 # ============================================================================ shared pieces
 def mamba_problems(node: DictConfig, cfg: DictConfig) -> list[str]:
-    """Config checks shared by the Mamba mixers and blocks (``check`` on each class)."""
-    problems = []
+    """Config checks shared by the Mamba mixers and blocks (``check`` on each class). The
+    blocks pass their mixer's settings on as ``**kwargs``, so their types are checked here."""
+    problems = [f"{k}={node[k]!r} is not allowed: a whole number >= 1"
+                for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "dt_rank")
+                if k in node and node[k] is not None and (isinstance(node[k], bool) or not isinstance(node[k], int)
+                                                          or node[k] < 1)]
+    if problems:
+        return problems
+    mamba2 = issubclass(node_class(node) or object, (Mamba2Mixer, Mamba2Block))
     if node.get("backend", "auto") not in BACKENDS:
         problems.append(f"backend={node.get('backend')!r} is not one of {list(BACKENDS)}")
-    if node.get("backend") == "triton" and "Mamba2" not in node._target_:
+    if node.get("backend") == "triton" and not mamba2:
         problems.append("backend='triton' (fla-core's chunked kernel) is for block=mamba2 only")
-    if node.get("backend") == "compile" and "Mamba2" in node._target_:
+    if node.get("backend") == "compile" and mamba2:
         problems.append("backend='compile' (a torch.compile'd scan) is for block=mamba (Mamba-1) only")
-    if "Mamba2" in node._target_:
+    if mamba2:
         inner, hd = node.get("expand", 2) * node.get("dim"), node.get("headdim", 32)
         if inner % hd:
             problems.append(f"mamba2 needs expand * dim = {inner} to be a multiple of headdim = {hd}")

@@ -42,6 +42,8 @@ from llmzoo.shared.decoding import (RowStreams, Sampler, StaticStates, ancestor_
                                     one_at_a_time)
 from llmzoo.interfaces import (IGNORE_INDEX, STATEFUL, STATIC_STATE, TREE_MASK,
                                Batch, Loss, ModelOutput, capabilities_of)
+from llmzoo import hookimpl
+from llmzoo.config import node_class
 from llmzoo.shared.losses import shifted_labels
 
 
@@ -162,18 +164,9 @@ class Medusa:
     @staticmethod
     def check(node: DictConfig, cfg: DictConfig) -> list[str]:
         try:
-            tree = Tree(node.get("tree") or DEFAULT_TREE)
+            Tree(node.get("tree") or DEFAULT_TREE)
         except ValueError as e:
             return [str(e)]
-        obj = cfg.get("objective")
-        heads = obj.get("n_heads") if isinstance(obj, DictConfig) and obj.get("_target_", "").endswith(
-            ".MedusaObjective") else None
-        if heads is None:
-            return ["decoder=medusa decodes with Medusa heads, which only objective=medusa trains "
-                    f"(objective._target_={obj.get('_target_') if isinstance(obj, DictConfig) else None!r}); "
-                    "train with objective=medusa, or choose another decoder"]
-        if tree.max_depth > heads:
-            return [f"decoder.tree is {tree.max_depth} deep but objective.n_heads={heads}"]
         return []
 
     def __init__(self, tree: Sequence[Sequence[int]] | None = None, temperature: float = 0.0,
@@ -440,3 +433,22 @@ class Medusa:
                 if not done:
                     res = model(torch.tensor([[token]], device=device), states=states)
         return out, steps
+
+
+@hookimpl
+def llmzoo_validate(cfg: DictConfig) -> list[str]:
+    """decoder=medusa decodes with the heads objective=medusa trains, at most as deep as
+    there are heads (a rule between two groups, so a hook rather than ``Medusa.check``)."""
+    decoder, objective = node_class(cfg.get("decoder")), node_class(cfg.get("objective"))
+    if not (isinstance(decoder, type) and issubclass(decoder, Medusa)):
+        return []
+    if not (isinstance(objective, type) and issubclass(objective, MedusaObjective)):
+        target = cfg.objective.get("_target_") if isinstance(cfg.get("objective"), DictConfig) else None
+        return ["decoder=medusa decodes with Medusa heads, which only objective=medusa trains "
+                f"(objective._target_={target!r}); train with objective=medusa, or choose another decoder"]
+    try:
+        depth = Tree(cfg.decoder.get("tree") or DEFAULT_TREE).max_depth
+    except ValueError:
+        return []  # Medusa.check reports it
+    heads = cfg.objective.get("n_heads")
+    return [f"decoder.tree is {depth} deep but objective.n_heads={heads}"] if isinstance(heads, int) and depth > heads else []

@@ -276,14 +276,20 @@ def test_new_objectives_pass_the_objective_check(name):
 
 
 def test_each_new_objective_trains_from_the_cli(tmp_path):
-    """Three steps of each through llmzoo-train: configs, data, validation and saving; the
-    first run is the distillation teacher."""
+    """Three steps of each: configs, data, validation and saving -- the first through the
+    llmzoo-train command, the others through ``llmzoo.train`` in this process (the same
+    path without the command's start-up); the first run is the distillation teacher."""
     common = ["model=tiny", "trainer.max_steps=3", "trainer.val_every=3", "data.batch_size=4", *FAST]
-    for name, data in [("simpo", "preferences"), ("orpo", "preferences"), ("kto", "preferences"),
-                       ("rloo", "prompts reward=keyword objective.group_size=2 objective.max_new_tokens=8"),
-                       (f"distill objective.teacher={tmp_path / 'simpo'} objective.max_new_tokens=8", "prompts")]:
+    for i, (name, data) in enumerate([
+            ("simpo", "preferences"), ("orpo", "preferences"), ("kto", "preferences"),
+            ("rloo", "prompts reward=keyword objective.group_size=2 objective.max_new_tokens=8"),
+            (f"distill objective.teacher={tmp_path / 'simpo'} objective.max_new_tokens=8", "prompts")]):
         run = tmp_path / name.split()[0]
-        run_cli("llmzoo-train", *f"objective={name} data={data}".split(), f"run_dir={run}", *common)
+        overrides = [*f"objective={name} data={data}".split(), f"run_dir={run}", *common]
+        if i == 0:
+            run_cli("llmzoo-train", *overrides)
+        else:
+            llmzoo.train(llmzoo.compose(overrides=overrides))
         assert (run / "model.safetensors").exists()
         with open(run / "metrics.csv") as fh:
             val = [float(r["val_loss"]) for r in csv.DictReader(fh) if r.get("val_loss")]

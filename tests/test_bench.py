@@ -3,6 +3,7 @@ and the Optuna hyper-parameter search config."""
 
 import json
 
+import pytest
 import yaml
 
 from conftest import FAST, run_cli
@@ -51,6 +52,7 @@ def test_bench_rejects_an_unknown_kind(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # ~11 s: three trials through Hydra's Optuna sweeper
 def test_optuna_search_minimises_validation_loss(tmp_path):
     sweep = tmp_path / "search"
     run_cli("llmzoo-train", "hparams_search=optuna_lr", "hydra.sweeper.n_trials=3", "trainer.max_steps=10",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
+from llmzoo.testing import check_strategy
 
 COMMON = [*FAST, "trainer.max_steps=2", "trainer.val_every=0", "trainer.log_every_n_steps=1",
           "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3"]
@@ -18,15 +19,12 @@ def first_losses(run_dir):
 
 @pytest.mark.distributed
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    run_cli("llmzoo-train", "parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'single'}", *COMMON)
-    run_cli("llmzoo-train", "parallel=ddp", "trainer.devices=2", "data.batch_size=4", f"run_dir={tmp_path / 'ddp'}",
-            *COMMON)
-    single, ddp = first_losses(tmp_path / "single"), first_losses(tmp_path / "ddp")
-    assert len(single) == len(ddp) == 2
-    # fp32, same global batch of 8 sequences: the mean of two rank means equals the full mean
-    assert abs(single[0] - ddp[0]) < 1e-5, (single, ddp)
-    assert abs(single[1] - ddp[1]) < 1e-4, (single, ddp)
-    a = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    # llmzoo.testing.check_strategy: 4 rows on each of 2 processes against 8 on one (it
+    # reads the 2 data-parallel replicas from the run summary); fp32, so the mean of two
+    # rank means equals the full mean
+    pairs = check_strategy(["parallel=ddp", "trainer.devices=2"], tmp_path, batch_size=4, atol=1e-4)
+    assert abs(pairs[0][0] - pairs[0][1]) < 1e-5, pairs
+    a = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "strategy" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=f"parameters differ at {k}")

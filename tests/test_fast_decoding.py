@@ -12,7 +12,7 @@ import torch
 from scipy.stats import chisquare
 
 import llmzoo
-from conftest import FAST, run_cli, tiny_cfg
+from conftest import FAST, run_cli, tiny_cfg, train_run
 from llmzoo.api import build_model
 from llmzoo.config import ConfigError
 from llmzoo_plugins.medusa import Medusa, MedusaObjective, Tree
@@ -45,6 +45,7 @@ def _compiled_once(decoder, model, prompts, n):
     return first, second, counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow  # ~19 s of inductor compiles; the default run compiles Medusa's tree step with inductor
 def test_static_cache_inductor_compiles_once_and_equals_greedy():
     model = random_model("dense")
     ref = Greedy().generate(model, PROMPTS, max_new_tokens=24)
@@ -348,7 +349,7 @@ def test_medusa_heads_trained_on_the_corpus_accept_more_than_1_5_tokens_per_step
 
 
 def test_medusa_decoder_needs_a_medusa_run(tmp_path):
-    run_cli("llmzoo-train", f"run_dir={tmp_path}", "trainer.max_steps=2", *FAST)
+    llmzoo.train(llmzoo.compose(overrides=[f"run_dir={tmp_path}", "trainer.max_steps=2", "trainer.val_every=0", *FAST]))
     out = run_cli("llmzoo-generate", f"run_dir={tmp_path}", "decoder=medusa", check=False)
     assert out.returncode != 0 and "objective=medusa" in out.stderr
 
@@ -356,8 +357,8 @@ def test_medusa_decoder_needs_a_medusa_run(tmp_path):
 # ----------------------------------------------------------------------------- quantization
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("q") / "run"
-    run_cli("llmzoo-train", f"run_dir={run}", "trainer.max_steps=200", "model.dim=128", "model.n_heads=4", *FAST)
+    run = tmp_path_factory.mktemp("q") / "run"  # dim=128: int4 (per group of inputs) holds within 10 % here
+    train_run(f"run_dir={run}", "trainer.max_steps=200", "model.dim=128", "model.n_heads=4", *FAST)
     return run
 
 
@@ -410,3 +411,35 @@ def test_generate_cli_quantizes_and_reuses_saved_weights(trained):
     assert (trained / "model-int8.safetensors").exists() and "saved" in first.stderr
     second = run_cli("llmzoo-generate", f"run_dir={trained}", "quantize=int8", "max_new_tokens=20")
     assert "loading quantized weights" in second.stderr and second.stdout == first.stdout
+
+
+def test_medusa_typical_acceptance_equals_the_papers_rule_on_fixed_distributions():
+    """Medusa's typical acceptance (Cai et al. 2024, eq. in section 2.3.1): a guess x is
+    accepted when p(x) > min(epsilon, delta * exp(-H(p))), computed here independently with
+    ``math`` on fixed distributions; a node is accepted when every guess on its path is."""
+    import math
+
+    from llmzoo.shared.decoding import ancestor_mask
+
+    dec = Medusa(heads=None, temperature=1.0, seed=0, posterior_threshold=0.09, posterior_alpha=0.3)
+    flat = [0.3, 0.25, 0.2, 0.15, 0.1]  # high entropy: the threshold is delta * exp(-H) < epsilon
+    peaked = [0.9, 0.04, 0.03, 0.02, 0.01]  # low entropy: the threshold is epsilon
+    for p in (flat, peaked):
+        h = -sum(q * math.log(q) for q in p)
+        threshold = min(0.09, 0.3 * math.exp(-h))
+        want = [q > threshold for q in p]
+        got = dec._good(torch.tensor([p] * len(p)), torch.arange(len(p))).tolist()
+        assert got == want, (p, threshold, got)
+    assert dec._good(torch.tensor(flat), torch.tensor(4)).item() is True  # 0.1 > 0.3 * e^-H = 0.064
+    assert dec._good(torch.tensor(peaked), torch.tensor(1)).item() is False  # 0.04 < min(0.09, 0.21)
+    # a tree: root 0 -> node 1 -> node 2, and node 3 a sibling of node 1; the distributions
+    # at each node's parent judge its guess
+    parents = [-1, 0, 1, 0]
+    probs = torch.tensor([flat, peaked, flat, flat])  # at nodes 0..3
+    nodes = torch.tensor([0, 4, 0, 1])  # guesses: node 1 guesses 4 (0.1 under flat: kept)
+    mask = ancestor_mask(parents)
+    accepted = dec._accepted(probs, nodes, torch.tensor([0, 0, 1, 0]), mask).tolist()
+    # node 2 guesses 0 under node 1's peaked distribution (0.9: kept); node 3 guesses 1 under flat (0.25)
+    assert accepted == [True, True, True, True]
+    nodes = torch.tensor([0, 4, 1, 1])  # node 2 now guesses 1 under peaked (0.04: refused)
+    assert dec._accepted(probs, nodes, torch.tensor([0, 0, 1, 0]), mask).tolist() == [True, True, False, True]

@@ -8,19 +8,22 @@ import torch
 from safetensors.torch import load_file
 
 import llmzoo
-from conftest import PARALLEL_COMMON, run_cli, tiny_cfg
+from conftest import PARALLEL_COMMON, run_cli, tiny_cfg, train_run
 from conftest import logged as losses
 from llmzoo.config import ConfigError
+from llmzoo.testing import check_strategy
 
 COMMON = PARALLEL_COMMON
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, single_process_run):
+def runs(tmp_path_factory):
+    """FSDP over 2 processes (4 rows each) and one process (8 rows), through the
+    conformance kit's check_strategy: their losses already agree within 1e-4."""
     root = tmp_path_factory.mktemp("fsdp")
-    (root / "single").symlink_to(single_process_run)
-    run_cli("llmzoo-train", "parallel=fsdp", "trainer.devices=2", "data.batch_size=4", f"run_dir={root / 'fsdp'}",
-            *COMMON)
+    check_strategy(["parallel=fsdp", "trainer.devices=2"], root, batch_size=4, atol=1e-4)
+    (root / "single").symlink_to(root / "one")
+    (root / "fsdp").symlink_to(root / "strategy")
     return root
 
 
@@ -93,7 +96,7 @@ def test_fsdp_config_errors_name_the_keys():
 @pytest.mark.slow  # for time: FSDP shards every block the same way (fully_shard per block); dense runs by default
 @pytest.mark.parametrize("block", ["moe", "mamba"])
 def test_fsdp_shards_moe_and_mamba_blocks_too(tmp_path, block):
-    run_cli("llmzoo-train", f"block={block}", "parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'one'}",
+    train_run(f"block={block}", "parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'one'}",
             *COMMON)
     run_cli("llmzoo-train", f"block={block}", "parallel=fsdp", "trainer.devices=2", "data.batch_size=4",
             f"run_dir={tmp_path / 'two'}", *COMMON)

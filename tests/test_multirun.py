@@ -56,6 +56,7 @@ def test_every_block_trains_with_falling_loss_in_one_sweep(tmp_path):
         assert len(rows) == 2 and rows[1] < rows[0] < 5.6, (j["overrides"], rows)
 
 
+@pytest.mark.slow  # ~16 s; the default run sweeps with Hydra's basic launcher
 def test_parallel_sweep_with_the_joblib_launcher(tmp_path):
     """Jobs run in worker processes; the summary is still complete (it is built from files)."""
     run_cli("llmzoo-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",

@@ -59,7 +59,7 @@ def test_labels_default_to_input_ids():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from conftest import PARALLEL_COMMON, logged, run_cli, tiny_cfg  # noqa: E402
+from conftest import PARALLEL_COMMON, logged, run_cli, tiny_cfg, train_run  # noqa: E402
 from llmzoo.shared.losses import linear_cross_entropy  # noqa: E402
 from llmzoo_plugins.sft import SFT  # noqa: E402
 
@@ -144,8 +144,8 @@ def test_model_without_logits_returns_hidden_and_head_weight():
 @pytest.mark.slow  # for time: the FSDP test runs fused training end to end against full logits
 def test_fused_ce_training_equals_the_logits_path(tmp_path):
     for name, extra in (("plain", []), ("fused", ["objective.fused_ce=true", "objective.fused_chunk=7"])):
-        run_cli("llmzoo-train", "parallel=single", "data.batch_size=4", f"run_dir={tmp_path / name}",
-                *PARALLEL_COMMON, *extra)
+        train_run("parallel=single", "data.batch_size=4", f"run_dir={tmp_path / name}",
+ *PARALLEL_COMMON, *extra)
     plain, fused = logged(tmp_path / "plain"), logged(tmp_path / "fused")
     assert [s for s, _ in plain] == [s for s, _ in fused] == [0, 1]
     for (_, a), (_, b) in zip(plain, fused):

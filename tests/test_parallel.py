@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import llmzoo
-from conftest import PARALLEL_COMMON, run_cli, tiny_cfg
+from conftest import PARALLEL_COMMON, run_cli, tiny_cfg, train_run
 from conftest import logged as losses
 from llmzoo.config import ConfigError
 from llmzoo_plugins.pipeline import balanced_split
@@ -70,7 +70,7 @@ def test_pipeline_runs_the_objectives_own_loss(tmp_path, objective, data):
     reference on the last stage) under a 2-stage pipeline: the same losses as one process,
     because each micro-batch's loss is weighted by its share of the batch's tokens/pairs."""
     common = [*COMMON, f"objective={objective}", f"data={data}", "data.batch_size=4"]
-    run_cli("llmzoo-train", "parallel=single", f"run_dir={tmp_path / 'one'}", *common)
+    train_run("parallel=single", f"run_dir={tmp_path / 'one'}", *common)
     run_cli("llmzoo-train", "parallel=pipeline", "trainer.devices=2", "parallel.microbatches=2",
             f"run_dir={tmp_path / 'pp'}", *common)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "pp")
@@ -103,7 +103,7 @@ def test_fsdp_times_pipeline_on_four_processes(single, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize("schedule", ["gpipe", "interleaved_1f1b"])
 def test_other_pipeline_schedules(tmp_path, schedule):
-    run_cli("llmzoo-train", "parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'single'}", *LAYERS4)
+    train_run("parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'single'}", *LAYERS4)
     extra = ["parallel.stages_per_process=2"] if schedule == "interleaved_1f1b" else ["parallel.split=[1,3]"]
     run_cli("llmzoo-train", "parallel=pipeline", "trainer.devices=2", f"parallel.schedule={schedule}", *extra,
             "data.batch_size=8", f"run_dir={tmp_path / schedule}", *LAYERS4)
@@ -115,7 +115,7 @@ def test_other_pipeline_schedules(tmp_path, schedule):
 @pytest.mark.parametrize("block", ["moe", "mamba"])
 def test_pipeline_runs_moe_and_mamba(tmp_path, block):
     common = COMMON
-    run_cli("llmzoo-train", f"block={block}", "parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'one'}",
+    train_run(f"block={block}", "parallel=single", "data.batch_size=8", f"run_dir={tmp_path / 'one'}",
             *common)
     run_cli("llmzoo-train", f"block={block}", "parallel=pipeline", "trainer.devices=2", "data.batch_size=8",
             f"run_dir={tmp_path / 'pp'}", *common)

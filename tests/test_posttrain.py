@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import llmzoo
-from conftest import FAST, ROOT, run_cli, tiny_cfg
+from conftest import FAST, ROOT, run_cli, tiny_cfg, train_run
 from llmzoo.data import DataError
 from llmzoo.interfaces import IGNORE_INDEX
 from llmzoo.shared.losses import sequence_logprobs
@@ -185,9 +185,18 @@ def test_pretrain_sft_dpo_and_reward_chain(tmp_path, pretrained):
     ppo = tmp_path / "ppo"
     run_cli("llmzoo-train", "experiment=ppo_after_reward", f"init_from={sft}", f"objective.reward_model={rm}",
             f"run_dir={ppo}", "trainer.max_steps=8", "data.batch_size=8", "trainer.log_every_n_steps=1", *FAST)
-    rewards = [float(r["train/reward"]) for r in read_metrics(ppo) if r.get("train/reward")]
+    rows = [r for r in read_metrics(ppo) if r.get("train/reward")]
+    rewards = [float(r["train/reward"]) for r in rows]
     assert rewards and all(math.isfinite(x) for x in rewards)
-    assert llmzoo.load_run(ppo).objective.value_head is not None  # the value head is saved
+    assert len(set(rewards)) > 1, f"the reward model gives every rollout the same score: {rewards}"
+    # the policy moved away from the SFT start, but stays near it (KL-penalised, clipped)
+    kls = [float(r["train/kl"]) for r in rows]
+    assert all(math.isfinite(k) and k > -1e-3 for k in kls) and max(kls) < 1.0, kls
+    assert any(float(r["train/clipfrac"]) >= 0 for r in rows) and all(math.isfinite(float(r["train/vf_loss"])) for r in rows)
+    start, end = llmzoo.load_run(sft).model.state_dict(), llmzoo.load_run(ppo)
+    moved = max((end.model.state_dict()[k] - v).abs().max().item() for k, v in start.items())
+    assert 0 < moved < 1.0, f"PPO changed the weights by at most {moved}"
+    assert end.objective.value_head is not None  # the value head is saved
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -238,7 +247,7 @@ def test_grpo_raises_a_rule_based_reward(tmp_path, block, pretrained):
     from llmzoo_plugins.rewards import Keyword
 
     pre, rl = pretrained(block, 150), tmp_path / "grpo"
-    run_cli("llmzoo-train", f"block={block}", "objective=grpo", "data=prompts", "reward=keyword", "reward.word=the", f"init_from={pre}",
+    train_run(f"block={block}", "objective=grpo", "data=prompts", "reward=keyword", "reward.word=the", f"init_from={pre}",
             f"run_dir={rl}", "trainer.max_steps=40", "trainer.val_every=0", "data.batch_size=8", "optim.lr=1e-3",
             "optim.warmup_steps=5", *FAST)
     before, after = mean_reward(pre, Keyword("the")), mean_reward(rl, Keyword("the"))
@@ -284,7 +293,7 @@ def test_ppo_raises_a_rule_based_reward(tmp_path, block, pretrained):
     from llmzoo_plugins.rewards import Keyword
 
     pre, rl = pretrained(block, 150), tmp_path / "ppo"
-    run_cli("llmzoo-train", f"block={block}", "objective=ppo", "data=prompts", "reward=keyword", "reward.word=the",
+    train_run(f"block={block}", "objective=ppo", "data=prompts", "reward=keyword", "reward.word=the",
             f"init_from={pre}", f"run_dir={rl}", "trainer.max_steps=100", "trainer.val_every=0",
             "data.batch_size=16", "optim.lr=2e-4", "optim.warmup_steps=5", *FAST)
     before, after = mean_reward(pre, Keyword("the")), mean_reward(rl, Keyword("the"))

@@ -324,16 +324,17 @@ def _rows(run_dir):
         return [(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(fh)]
 
 
-def _interrupt_then_resume(run, common, sig, rng):
-    """Start a run, send ``sig`` at a random moment once it has checkpointed (mid-step,
-    mid-validation or mid-write), check how it ended, resume it; False if it had finished."""
+def _interrupt_then_resume(run, common, sig, rng, longest=1.0):
+    """Start a run, send ``sig`` at a random moment (up to ``longest`` s) once it has
+    checkpointed (mid-step, mid-validation or mid-write), check how it ended, resume it;
+    False if it had finished."""
     proc = subprocess.Popen([str(BIN / "llmzoo-train"), f"run_dir={run}", *common], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ready = run / "checkpoints" / ("last.ckpt" if sig == signal.SIGKILL else "")
     deadline = time.time() + 120
     while not ready.exists() and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 1.0))
+    time.sleep(rng.uniform(0.0, longest))
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     if "max_steps=" in err and "reached" in err:  # the signal came after the last step
@@ -345,19 +346,27 @@ def _interrupt_then_resume(run, common, sig, rng):
     return True
 
 
-def test_signals_and_kill_then_resume_give_the_rows_of_an_uninterrupted_run(tmp_path):
-    common = [*FAST, "trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.val_every=7",
-              "trainer.limit_val_batches=2", "trainer.checkpoint_every=3", "optim.warmup_steps=5"]
-    run_cli("llmzoo-train", f"run_dir={tmp_path / 'straight'}", *common)
-    expected = _rows(tmp_path / "straight")
-    rng = random.Random(0)
-    resumed = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
-        run = tmp_path / sig.name
-        if _interrupt_then_resume(run, common, sig, rng):
-            assert _rows(run) == expected, f"{sig.name}: resumed rows differ from the uninterrupted run"
-            resumed.append(sig.name)
-    assert len(resumed) >= 2, f"only {resumed} were interrupted before the run ended"
+SIGNAL_COMMON = [*FAST, "trainer.max_steps=30", "trainer.log_every_n_steps=1", "trainer.val_every=7",
+                 "trainer.limit_val_batches=2", "trainer.checkpoint_every=3", "optim.warmup_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("signals") / "straight"
+    run_cli("llmzoo-train", f"run_dir={run}", *SIGNAL_COMMON)
+    return _rows(run)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])  # SIGINT: SIGTERM's path
+def test_signals_and_kill_then_resume_give_the_rows_of_an_uninterrupted_run(tmp_path, uninterrupted, sig):
+    rng = random.Random(int(sig))
+    for attempt in range(4):  # a signal that came after the last step is sent again, sooner
+        run = tmp_path / f"{sig.name}_{attempt}"
+        if _interrupt_then_resume(run, SIGNAL_COMMON, sig, rng, longest=1.0 / 2**attempt):
+            assert _rows(run) == uninterrupted, f"{sig.name}: resumed rows differ from the uninterrupted run"
+            return
+    pytest.fail(f"{sig.name} never interrupted the run before it ended (4 tries)")
 
 
 @pytest.mark.slow  # ~50 s; signals are tested on one process by default, FSDP resume by test_fsdp
@@ -426,23 +435,91 @@ def test_config_fuzz_every_bad_config_is_one_message_naming_the_key():
     assert not silent and not crashed, f"passed silently: {silent}; crashed: {crashed}"
 
 
+def _numeric_leaves(node, key):
+    """(dotted key, value) of every int / float / bool leaf under ``node`` (interpolations
+    and ``_target_`` keys left out)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            if str(k).startswith("_") or OmegaConf.is_interpolation(node, k):
+                continue
+            yield from _numeric_leaves(node._get_node(k), f"{key}.{k}")
+    elif isinstance(node, ListConfig):
+        return  # list-valued settings (betas, prompts) have rules of their own
+    else:
+        value = node._value() if hasattr(node, "_value") else node
+        if isinstance(value, (int, float, bool)):
+            yield key, value
+
+
+def test_config_fuzz_every_numeric_key_of_every_training_option_is_type_checked():
+    """Generated, not hand-listed: for every option of every training config group, each
+    of its numeric or boolean settings set to a word is one ConfigError naming that key --
+    never accepted, never a traceback later."""
+    from omegaconf import OmegaConf, open_dict
+
+    from llmzoo.config import list_options, validate_config
+
+    groups = ("block", "objective", "decoder", "parallel", "data", "tokenizer", "model", "trainer", "optim")
+    pairs, rl = ["data=preferences"], ["data=prompts", "reward=keyword"]
+    companions = {  # what an option needs beside it to make a valid config
+        **{("objective", o): pairs for o in ("dpo", "kto", "orpo", "simpo", "reward")},
+        **{("objective", o): rl for o in ("grpo", "ppo", "rloo")}, ("objective", "distill"): rl,
+        ("data", "preferences"): ["objective=dpo"], ("data", "prompts"): ["objective=grpo", "reward=keyword"],
+        ("decoder", "eagle"): ["objective=eagle"], ("decoder", "medusa"): ["objective=medusa"],
+        ("parallel", "fsdp_tp"): ["trainer.devices=4"]}
+    options = [o for o in list_options() if o.group in groups]
+    assert len(options) > 40
+    checked, silent, crashed, alone = 0, [], [], []
+    for opt in options:
+        cfg = llmzoo.compose(overrides=["model=tiny", f"{opt.group}={opt.name}",
+                                        *companions.get((opt.group, opt.name), [])], validate=False)
+        try:
+            validate_config(cfg)
+        except ConfigError:  # an option that needs other settings with it (data=prompts, distill)
+            alone.append(f"{opt.group}={opt.name}")
+            continue
+        for key, value in list(_numeric_leaves(cfg[opt.group], opt.group)):
+            bad = OmegaConf.create(OmegaConf.to_container(cfg))
+            with open_dict(bad):
+                OmegaConf.update(bad, key, "not-a-number", force_add=True)
+            checked += 1
+            try:
+                validate_config(bad)
+                silent.append(f"{opt.group}={opt.name} {key}")
+            except ConfigError as e:
+                if key not in str(e) and key.split(".", 1)[1] not in str(e):
+                    silent.append(f"{opt.group}={opt.name} {key}: the message does not name it: {e}")
+            except Exception as e:  # noqa: BLE001
+                crashed.append(f"{opt.group}={opt.name} {key}: {type(e).__name__}: {e}")
+    assert checked > 150 and len(alone) <= 1, (checked, alone)  # distill needs a teacher run
+    assert not crashed, "\n".join(crashed)
+    assert not silent, f"{len(silent)} of {checked} accepted a word:\n" + "\n".join(silent)
+
+
 @pytest.mark.parametrize("override,expected", [
-    ("model.dim=abc", "model.dim must be a positive integer"),
-    ("+trainer.logger=wandb", "trainer.logger is not a known setting"),
-    ("block=nope", "Could not find 'block/nope'"),          # Hydra's own message: exit 2 as well
-    ("decoder=sample", None),                               # not an error: only checks it is accepted
+    ("model.dim=abc", "model.dim must be a positive integer"),  # llmzoo's ConfigError
+    ("block=nope", "Could not find 'block/nope'"),          # Hydra's own message (listing the options): exit 2
 ])
 def test_cli_config_errors_exit_2_without_traceback(tmp_path, override, expected):
-    args = ["llmzoo-train", f"run_dir={tmp_path / 'run'}", *FAST, "trainer.max_steps=1", "trainer.val_every=0"]
-    if expected is None:
-        args += [override, "decoder.top_p=3"]
-        expected = "top_p=3 is not allowed"
-    else:
-        args.append(override)
+    args = ["llmzoo-train", f"run_dir={tmp_path / 'run'}", *FAST, "trainer.max_steps=1", "trainer.val_every=0",
+            override]
     proc = run_cli(*args, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout and expected in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+    if override.startswith("block="):
+        assert "dense" in proc.stderr  # the valid options are listed
+
+
+@pytest.mark.parametrize("overrides,expected", [  # the command prints these ConfigErrors as above
+    (["+trainer.logger=wandb"], "trainer.logger is not a known setting"),
+    (["decoder=sample", "decoder.top_p=3"], "top_p=3 is not allowed"),
+])
+def test_config_errors_say_what_is_wrong(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        llmzoo.compose(overrides=overrides)
 
 
 def _write(path, data):
@@ -559,10 +636,15 @@ def test_cli_data_errors_exit_2_naming_file_and_line(tmp_path):
                                 (["data=instructions", f"data.path={chat}", "objective=sft"],
                                  f"{chat}:1: messages[0] must be"),
                                 ([f"data.path={tmp_path / 'p.parquet'}"], "row 1: 'text' is null")]:
-        proc = run_cli("llmzoo-train", f"run_dir={tmp_path / 'run'}", *FAST, "trainer.max_steps=1", *overrides,
-                       check=False)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
-        assert expected in proc.stderr
+        args = [f"run_dir={tmp_path / 'run'}", *FAST, "trainer.max_steps=1", "overwrite=true", *overrides]
+        if "p.parquet" in overrides[0]:  # the command: exit 2, one message, no traceback
+            proc = run_cli("llmzoo-train", *args, check=False)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+            assert expected in proc.stderr
+        else:  # the same DataError (a UserError: what the command prints) from llmzoo.train
+            with pytest.raises(DataError) as e:
+                llmzoo.train(llmzoo.compose(overrides=args))
+            assert expected in str(e.value)
 
 
 APP_ERRORS = [  # (app, override, what the message names): checked before the run is even loaded

@@ -11,7 +11,7 @@ from omegaconf import open_dict
 import llmzoo
 from llmzoo.errors import UserError
 from llmzoo.plugins import get_plugin_manager
-from conftest import FAST, run_cli, tiny_cfg
+from conftest import FAST, run_cli, tiny_cfg, train_run
 
 
 def cfg_for(run_dir, *overrides):
@@ -118,8 +118,8 @@ def test_checkpoint_alone_rebuilds_the_run_and_generate_cli(tmp_path):
         from_run.model, [from_run.tokenizer.encode("Once upon")], max_new_tokens=12)[0])
     assert out.stdout.strip().startswith("Once upon" + expected.rstrip())
     assert "tokens/s" in out.stderr
-    too_long = run_cli("llmzoo-generate", f"run_dir={run}", "prompt=Once upon", "max_new_tokens=500", check=False)
-    assert too_long.returncode != 0 and "use max_new_tokens <=" in too_long.stderr
+    with pytest.raises(UserError, match="use max_new_tokens <="):  # what the command prints, exit 2
+        llmzoo.generate(from_run, None, ["Once upon"], max_new_tokens=500)
 
 
 @pytest.mark.parametrize("experiment", [o.name for o in llmzoo.list_options() if o.group == "experiment"])
@@ -215,9 +215,37 @@ def test_init_from_a_run_of_another_block_is_one_message_exit_2(tmp_path):
     from conftest import FAST, run_cli
 
     first = tmp_path / "dense"
-    run_cli("llmzoo-train", f"run_dir={first}", *FAST, "model=tiny", "trainer.max_steps=1", "trainer.val_every=0")
+    train_run(f"run_dir={first}", *FAST, "model=tiny", "trainer.max_steps=1", "trainer.val_every=0")
     out = run_cli("llmzoo-train", "block=mamba", f"init_from={first}", f"run_dir={tmp_path / 'mamba'}", *FAST,
                   "model=tiny", "trainer.max_steps=1", "trainer.val_every=0", check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"init_from={first}: its model does not fit this config" in out.stderr and "missing:" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_ready_model_parallelizes_the_plain_blocks_then_compiles_them():
+    """The one documented order (llmzoo.training.ready_model): the strategy sees blocks
+    that are not compiled yet; the blocks it returns are then compiled in place, so
+    parameter names (and so checkpoints) are those of the plain model."""
+    from llmzoo.training import ready_model
+
+    model = llmzoo.build_model(tiny_cfg())
+    names = [n for n, _ in model.named_parameters()]
+    seen = []
+
+    class Recording:
+        requires = frozenset()
+
+        def lightning_strategy(self):
+            return "auto"
+
+        def parallelize(self, m, mesh):
+            seen.append([getattr(b, "_compiled_call_impl", None) is None for b in m.blocks])
+            return m
+
+    out = ready_model(model, Recording(), None, compile=True)
+    assert seen == [[True] * len(model.blocks)]
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in out.blocks)
+    assert [n for n, _ in out.named_parameters()] == names
+    plain = ready_model(llmzoo.build_model(tiny_cfg()), Recording(), None, compile=False)
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in plain.blocks)

@@ -2,7 +2,8 @@
 
 A library plugins may use -- decode loops and streams (``decoding``), cross-entropy,
 fused cross-entropy and log-prob helpers (``losses``), FSDP2 sharding and clipping
-(``sharding``), FLOPs and MFU (``flops``), the default chat format (``chat``). It is
+(``sharding``), FLOPs and MFU (``flops``), the default chat format (``chat``), loading
+files without running code (``safe_load``), finding and checking data files (``files``). It is
 not contract: names here may change between minor versions (CHANGELOG.md says when),
 while ``llmzoo.interfaces`` and ``llmzoo.hookspecs`` keep the compatibility promise.
 """

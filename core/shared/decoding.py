@@ -12,13 +12,16 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..interfaces import ROW_STATE, STATEFUL, capabilities_of
 from .losses import prompt_response_batch, token_logprobs
+
+if TYPE_CHECKING:
+    from ..model import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ class StepDecoder:
         self.stats: dict[str, float] = {}
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+    def generate(self, model: LanguageModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos_id: int | None = None) -> list[list[int]]:
         check_prompts(prompts)
         self.sampler.reset()  # each call starts again from the seed
@@ -139,7 +142,7 @@ class StepDecoder:
             logits = self.step(model, nxt[:, None], states)
         return out
 
-    def init_states(self, model: nn.Module, batch_size: int, max_len: int, device) -> list:
+    def init_states(self, model: LanguageModel, batch_size: int, max_len: int, device) -> list:
         return model.init_states(batch_size, max_len, device=device)
 
     def step(self, model: nn.Module, tokens: torch.Tensor, states: list) -> torch.Tensor:
@@ -161,7 +164,7 @@ class StaticStates:
         self._states: dict[tuple, list] = {}  # (model id, batch size, device) -> states
         self.compile_s = 0.0
 
-    def get(self, model: nn.Module, batch_size: int, device) -> list:
+    def get(self, model: LanguageModel, batch_size: int, device) -> list:
         """The states of ``model`` for ``batch_size`` rows, empty (allocated on first use)."""
         key = (id(model), batch_size, str(device))
         states = self._states.get(key)
@@ -184,7 +187,7 @@ class StaticStates:
         since CUDA graphs reuse their output buffers at the next replay."""
         if not self.compile_enabled:
             return fn
-        kw = {"mode": self.mode} if self.backend == "inductor" and self.mode else {}
+        kw: dict[str, Any] = {"mode": self.mode} if self.backend == "inductor" and self.mode else {}
         compiled: list = []  # made at the first call
 
         def call(*args: Any) -> Any:
@@ -277,13 +280,13 @@ class Stream:
     at most ``compiled_upto`` tokens go through ``compiled`` (``static.compile`` of a
     function like ``logits_of``); longer feeds -- the prompt -- run eagerly."""
 
-    def __init__(self, model: nn.Module, max_len: int, device, static: StaticStates | None = None,
+    def __init__(self, model: LanguageModel, max_len: int, device, static: StaticStates | None = None,
                  compiled: Callable[..., torch.Tensor] | None = None, compiled_upto: int = 0):
-        self.model, self.seen = model, []
+        self.model, self.seen = model, []  # type: tuple[LanguageModel, list[int]]
         self.states = static.get(model, 1, device) if static else model.init_states(1, max_len, device=device)
         self.device = device
         self.rewindable = all(s is None or hasattr(s, "rewind") for s in self.states)
-        self._saved: tuple[list, int] | None = None
+        self._saved: tuple[list | None, int] | None = None
         self.compiled, self.compiled_upto = compiled, compiled_upto
 
     def feed(self, tokens: list[int]) -> torch.Tensor:
@@ -307,9 +310,10 @@ class Stream:
                     s.rewind(drop)
             del self.seen[keep:]
             return
+        assert self._saved is not None, "rollback() before mark()"
         saved_states, saved_len = self._saved
         refeed = self.seen[saved_len:keep]
-        self.states, self.seen = copy.deepcopy(saved_states), self.seen[:saved_len]
+        self.states, self.seen = copy.deepcopy(saved_states or []), self.seen[:saved_len]
         if refeed:
             self.feed(refeed)
 
@@ -352,7 +356,7 @@ class RowStreams:
     ``rollback`` puts each row's copy back (``put``).
     """
 
-    def __init__(self, model: nn.Module, prefixes: Sequence[Sequence[int]], max_len: int, device):
+    def __init__(self, model: LanguageModel, prefixes: Sequence[Sequence[int]], max_len: int, device):
         self.model, self.device = model, device
         self.states = model.init_states(len(prefixes), max_len, device=device, rows=True)
         self.seen = [list(p) for p in prefixes]
@@ -388,11 +392,11 @@ class RowStreams:
             outs = [self.model(ids, states=self.states)]
         else:
             outs = []
-            for t in range(ids.shape[1]):  # one token at a time, a copy after each
-                outs.append(self.model(ids[:, t:t + 1], states=self.states))
+            for i in range(ids.shape[1]):  # one token at a time, a copy after each
+                outs.append(self.model(ids[:, i:i + 1], states=self.states))
                 self._copies.append(self._copy())
-        hidden = [getattr(o, "hidden", None) for o in outs]
-        self.hidden = None if hidden[0] is None else torch.cat(hidden, 1)
+        hidden = [o.hidden for o in outs if not isinstance(o, torch.Tensor) and o.hidden is not None]
+        self.hidden = torch.cat(hidden, 1) if len(hidden) == len(outs) else None
         return torch.cat([(o if isinstance(o, torch.Tensor) else o.logits).float() for o in outs], 1)
 
     def rollback(self, keep: Sequence[int]) -> None:
@@ -403,6 +407,7 @@ class RowStreams:
                 state.rewind(drop)
         for row, (n, k) in enumerate(zip(drop, keep)):
             if n > 0 and self.copied:
+                assert self._marked is not None, "rollback() before mark()"
                 saved = self._copies[k - self._marked[row]]
                 for j, i in enumerate(self.copied):
                     self.states[i].put(row, saved[j], row)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..model import LanguageModel
 from ..shared.decoding import ancestor_mask
 
 BlockFactory = Callable[[], nn.Module]
@@ -35,7 +36,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def check_causality(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 2) -> None:
+def check_causality(block: Any, dim: int, seq_len: int = 16, batch: int = 2) -> None:
     """Changing the input at position t changes no output before t."""
     block.eval()
     x = _randn(batch, seq_len, dim)
@@ -54,7 +55,7 @@ def check_causality(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 
 
 
 @torch.no_grad()
-def check_stateful_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 2,
+def check_stateful_decode(block: Any, dim: int, seq_len: int = 16, batch: int = 2,
                           atol: float = 1e-5, chunks: tuple[int, ...] = (1, 3)) -> None:
     """Feeding the sequence in pieces through ``init_state`` equals one full forward (fp32),
     on the device of the block's parameters."""
@@ -70,7 +71,7 @@ def check_stateful_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: 
 
 
 @torch.no_grad()
-def check_state_reorder(block: nn.Module, dim: int, seq_len: int = 12, atol: float = 1e-5) -> None:
+def check_state_reorder(block: Any, dim: int, seq_len: int = 12, atol: float = 1e-5) -> None:
     """``state.reorder(index)`` moves the state to other rows (here: [1, 0, 0], a swap and
     a duplicate): decoding on from there equals the full forward of those rows."""
     block.eval()
@@ -88,7 +89,7 @@ def check_state_reorder(block: nn.Module, dim: int, seq_len: int = 12, atol: flo
 
 
 @torch.no_grad()
-def check_row_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (3, 7, 5), steps: int = 4,
+def check_row_state(block: Any, dim: int, lengths: tuple[int, ...] = (3, 7, 5), steps: int = 4,
                     atol: float = 1e-5) -> None:
     """For blocks with ``row_state``: rows of ``init_state(..., rows=True)`` are independent
     sequences at their own positions. Each row's prompt is prefilled alone and ``put``
@@ -148,7 +149,7 @@ def _path(parents: tuple[int, ...], i: int) -> list[int]:
 
 
 @torch.no_grad()
-def check_tree_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (5,), rows: bool = False,
+def check_tree_state(block: Any, dim: int, lengths: tuple[int, ...] = (5,), rows: bool = False,
                      atol: float = 1e-5, static: bool = False) -> None:
     """For blocks with ``tree_mask``: after a prefix, one forward over a candidate tree
     (``state.tree`` set) gives at every node the output of a full forward over the prefix
@@ -195,7 +196,7 @@ def check_tree_state(block: nn.Module, dim: int, lengths: tuple[int, ...] = (5,)
 
 
 @torch.no_grad()
-def check_static_decode(block: nn.Module, dim: int, seq_len: int = 16, batch: int = 2, atol: float = 1e-5) -> None:
+def check_static_decode(block: Any, dim: int, seq_len: int = 16, batch: int = 2, atol: float = 1e-5) -> None:
     """For blocks with ``static_state``: a state from ``init_state(..., static=True)`` keeps
     its tensors (same objects, shapes and storage) while decoding, gives the full
     forward's outputs, and after ``reset()`` decodes the same again."""
@@ -240,7 +241,7 @@ def check_state_dict_roundtrip(make_block: BlockFactory, dim: int, seq_len: int 
 
 
 @torch.no_grad()
-def check_dtype_move(block: nn.Module, dim: int, seq_len: int = 8, atol: float = 1e-4) -> None:
+def check_dtype_move(block: Any, dim: int, seq_len: int = 8, atol: float = 1e-4) -> None:
     """``block.to(float64)`` (and to CUDA when present) runs and agrees with float32,
     statefully too."""
     block.eval()
@@ -263,7 +264,7 @@ def check_dtype_move(block: nn.Module, dim: int, seq_len: int = 8, atol: float =
             assert d <= tol, f"stateful decode on {device}/{dtype} differs by {d:.3g} > {tol}"
 
 
-def check_gradients(block: nn.Module, dim: int, seq_len: int = 8) -> None:
+def check_gradients(block: Any, dim: int, seq_len: int = 8) -> None:
     """Every parameter receives a finite gradient from a full forward."""
     block.train()
     x = _randn(2, seq_len, dim, seed=5).requires_grad_(True)
@@ -278,7 +279,7 @@ def check_gradients(block: nn.Module, dim: int, seq_len: int = 8) -> None:
 def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: float = 1e-5) -> None:
     """Run every conformance check on blocks built by ``make_block`` (a no-argument factory)."""
     torch.manual_seed(0)
-    block = make_block()
+    block: Any = make_block()
     assert isinstance(getattr(block, "capabilities", None), frozenset), "block.capabilities must be a frozenset"
     check_causality(block, dim, seq_len)
     if block.init_state(1, 1, device=None, dtype=None) is not None:
@@ -300,7 +301,7 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
 
 
 @torch.no_grad()
-def check_model_decode(model: nn.Module, ids: torch.Tensor, prefill: int, atol: float = 1e-5) -> None:
+def check_model_decode(model: LanguageModel, ids: torch.Tensor, prefill: int, atol: float = 1e-5) -> None:
     """A whole LanguageModel: prefill ``prefill`` tokens, then one token at a time through
     ``init_states``; the logits must equal one full forward. ids: (B, T) token ids."""
     model.eval()
@@ -313,7 +314,7 @@ def check_model_decode(model: nn.Module, ids: torch.Tensor, prefill: int, atol: 
     assert d <= atol, f"model decode (prefill {prefill}, then single tokens) differs from the full forward by {d:.3g}"
 
 
-def check_kernels(kernels: Any, model: nn.Module, ids: torch.Tensor, *, atol: float = 1e-5) -> None:
+def check_kernels(kernels: Any, model: LanguageModel, ids: torch.Tensor, *, atol: float = 1e-5) -> None:
     """A ``kernels=`` option (``llmzoo.interfaces.Kernels``) on a LanguageModel, on the
     device of ``model`` and ``ids``: the state-dict names and values stay as they were, the
     logits of a forward and the gradients of every parameter equal the reference model's
@@ -377,7 +378,7 @@ def check_tokenizer(tokenizer: Any, texts: list[str] | None = None) -> None:
 
 # ============================================================================ decoders
 @torch.no_grad()
-def slow_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
+def slow_greedy(model: LanguageModel, prompt: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
     """The reference: one full forward over the whole sequence per new token, no state."""
     seq, out = list(prompt), []
     for _ in range(max_new_tokens):
@@ -390,7 +391,7 @@ def slow_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_id
 
 
 @torch.no_grad()
-def check_decoder(decoder: Any, model: nn.Module, *, equals_greedy: bool = False, max_new_tokens: int = 8,
+def check_decoder(decoder: Any, model: LanguageModel, *, equals_greedy: bool = False, max_new_tokens: int = 8,
                   prompts: list[list[int]] | None = None) -> None:
     """Ragged prompts in one batch; outputs of at most ``max_new_tokens`` ids in the
     vocabulary that stop at eos; the same outputs on a second call (determinism) and
@@ -472,31 +473,41 @@ def check_objective(objective: Any, model: nn.Module, batch: dict[str, Any], *, 
 def check_strategy(overrides: list[str], run_root: Any, *, steps: int = 2, batch_size: int = 8,
                    atol: float = 1e-5, common: list[str] | None = None,
                    env: dict[str, str] | None = None) -> list[tuple[float, float]]:
-    """Train the tiny model for ``steps`` steps on one process and with ``overrides``
-    (e.g. ``["parallel=fsdp", "trainer.devices=2"]``) on the same global batch and seed;
-    every step's loss must agree within ``atol``. Runs ``llmzoo-train`` in subprocesses
-    under ``run_root`` (``env``: extra environment variables); returns [(one process,
-    strategy)] per step."""
+    """Train the tiny model for ``steps`` steps with ``overrides`` (e.g. ``["parallel=fsdp",
+    "trainer.devices=2"]``), ``batch_size`` rows per process, and on one process with the
+    same global batch (``batch_size`` times the strategy run's data-parallel replicas, read
+    from its run summary) and seed; every step's loss must agree within ``atol``. Both run
+    the ``llmzoo-train`` command as a user would (so Lightning's launcher can start the
+    other processes), under ``run_root/strategy`` and ``run_root/one`` (``env``: extra
+    environment variables). Returns [(one process, strategy)] per step."""
     import csv
+    import json
     import os
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
+    command = Path(sys.executable).with_name("llmzoo-train")
+    train = str(command) if command.exists() else shutil.which("llmzoo-train")
+    assert train, "check_strategy runs the llmzoo-train command: install llmzoo into this environment"
+
     common = list(common or []) + [
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=[]",
         "sample.prompts=[]", f"trainer.max_steps={steps}", "trainer.val_every=0", "trainer.log_every_n_steps=1",
-        "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3", f"data.batch_size={batch_size}", "overwrite=true"]
-    losses = []
-    for name, extra in (("one", ["parallel=single", "trainer.devices=1"]), ("strategy", list(overrides))):
+        "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3", "overwrite=true"]
+    losses = {}
+    replicas = 1
+    for name, extra in (("strategy", list(overrides)), ("one", ["parallel=single", "trainer.devices=1"])):
         run_dir = Path(run_root) / name
-        cmd = [sys.executable, "-c", "from llmzoo.cli import train_main; train_main()", *common, *extra,
-               f"run_dir={run_dir}"]
+        rows = batch_size * (replicas if name == "one" else 1)
+        cmd = [train, *common, f"data.batch_size={rows}", *extra, f"run_dir={run_dir}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
         assert proc.returncode == 0, f"{' '.join(extra)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
         with open(run_dir / "metrics.csv") as fh:
-            losses.append([float(r["train_loss"]) for r in csv.DictReader(fh) if r.get("train_loss")])
-    one, other = losses
+            losses[name] = [float(r["train_loss"]) for r in csv.DictReader(fh) if r.get("train_loss")]
+        replicas = json.loads((run_dir / "run_summary.json").read_text()).get("data_parallel", 1)
+    one, other = losses["one"], losses["strategy"]
     assert len(one) == len(other) == steps, f"logged {len(one)} and {len(other)} steps, expected {steps}"
     for step, (a, b) in enumerate(zip(one, other)):
         assert abs(a - b) <= atol, f"step {step}: loss {b:.7g} with {overrides} vs {a:.7g} on one process"

@@ -1,4 +1,5 @@
-"""parallel=recompute: one device, with activation recomputation on every ``every``-th block.
+"""parallel=recompute: activation recomputation on every ``every``-th block, on one device
+or data-parallel over ``trainer.devices`` processes (Lightning's DDP: gloo on CPU).
 
 A parallel strategy is ``lightning_strategy()`` (what the Trainer gets) and
 ``parallelize(model, device_mesh)``, a plain function over the unchanged model
@@ -17,20 +18,25 @@ from llmzoo.shared.sharding import checkpointed
 class Recompute:
     requires: frozenset[str] = frozenset()  # block capabilities it needs
 
-    def __init__(self, every: int = 1):
-        self.every = every
+    def __init__(self, every: int = 1, devices: int = 1):
+        self.every, self.devices = every, devices
 
     @staticmethod
     def check(node, cfg) -> list[str]:
         problems = []
         if not (isinstance(node.get("every"), int) and node.get("every") >= 1):
             problems.append(f"every={node.get('every')!r} is not allowed: an integer >= 1")
-        if cfg.trainer.get("devices") not in (1, "1", "auto"):
-            problems.append(f"parallel=recompute runs one process, but trainer.devices={cfg.trainer.get('devices')}")
+        if not (isinstance(node.get("devices"), int) and node.get("devices") >= 1):
+            problems.append(f"devices={node.get('devices')!r} is not allowed: an integer >= 1 (trainer.devices)")
         return problems
 
     def lightning_strategy(self):
-        return "auto"
+        if self.devices == 1:
+            return "auto"
+        import torch
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="nccl" if torch.cuda.is_available() else "gloo")
 
     def parallelize(self, model, device_mesh=None):
         for i, block in enumerate(model.blocks):
