@@ -455,9 +455,10 @@ def check_resume(cfg: DictConfig) -> tuple[int | None, dict[str, float] | None]:
     if not isinstance(stored, dict):
         return step, pending
     now = cast(dict, OmegaConf.to_container(cfg, resolve=True))
-    if cfg.get("init_from") and not Path(cfg.init_from).exists():
-        # a source a plugin resolved (hf:<folder>) set these when the run began
-        now.update({k: stored.get(k) for k in ("model", "block", "tokenizer")})
+    if cfg.get("init_from"):  # the starting run set these when the run began: its tokenizer, and
+        # with a source a plugin resolved (hf:<folder>) its model and block as well
+        keys = ("tokenizer",) if Path(cfg.init_from).exists() else ("model", "block", "tokenizer")
+        now.update({k: stored.get(k) for k in keys})
     told, refused = resume_changes(stored, now)
     if refused:
         raise RunFolderError(f"ckpt_path={path}: the resuming run changes settings fixed by the checkpoint:\n  "
@@ -614,6 +615,12 @@ def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None
             log.info("init_from=%s: model, block and tokenizer come from it", cfg.init_from)
         else:
             start = load_local(cfg.init_from)
+            theirs = OmegaConf.to_container(start.cfg.tokenizer, resolve=True)
+            if theirs != OmegaConf.to_container(cfg.tokenizer, resolve=True):
+                log.warning("init_from=%s: training with its tokenizer (%s), not tokenizer=%s; the run records it",
+                            cfg.init_from, start.cfg.tokenizer.get("_target_"), cfg.tokenizer.get("_target_"))
+                with open_dict(cfg):
+                    cfg.tokenizer = start.cfg.tokenizer
     tokenizer = start.tokenizer if start else build_tokenizer(cfg)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
     if not TokenizerExtras.of(tokenizer).is_trained:

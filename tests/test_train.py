@@ -249,3 +249,22 @@ def test_ready_model_parallelizes_the_plain_blocks_then_compiles_them():
     assert [n for n, _ in out.named_parameters()] == names
     plain = ready_model(llmzoo.build_model(tiny_cfg()), Recording(), None, compile=False)
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in plain.blocks)
+
+
+def test_init_from_a_bpe_run_records_its_tokenizer_and_generates_what_the_parent_does(tmp_path):
+    """A later stage started from a run with another tokenizer trains with -- and records --
+    the tokenizer of that run, not the configured default, so loading it decodes right."""
+    parent, child = tmp_path / "bpe", tmp_path / "child"
+    llmzoo.train(cfg_for(parent, "trainer.max_steps=30", "trainer.val_every=0", "tokenizer=bpe",
+                         "tokenizer.vocab_size=300"))
+    # one step at a negligible learning rate: the child's weights are the parent's
+    llmzoo.train(cfg_for(child, f"init_from={parent}", "trainer.max_steps=1", "trainer.val_every=0", "optim.lr=1e-12"))
+    a, b = llmzoo.load_run(parent), llmzoo.load_run(child)
+    assert b.cfg.tokenizer._target_ == a.cfg.tokenizer._target_ == "llmzoo_plugins.tokenizers.BPETokenizer"
+    assert type(b.tokenizer) is type(a.tokenizer) and b.tokenizer.vocab_size == a.tokenizer.vocab_size == 300
+    assert b.tokenizer.encode("the little fox") == a.tokenizer.encode("the little fox")
+    prompt = ["Once upon a time"]
+    assert llmzoo.generate(b, None, prompt, max_new_tokens=16) == llmzoo.generate(a, None, prompt, max_new_tokens=16)
+    # and it resumes: the recorded tokenizer is not a change to refuse
+    llmzoo.train(cfg_for(child, f"init_from={parent}", "trainer.max_steps=2", "trainer.val_every=0", "optim.lr=1e-12",
+                         f"ckpt_path={child / 'checkpoints' / 'last.ckpt'}", "overwrite=true"))
