@@ -267,7 +267,7 @@ def _load_state(module: nn.Module, state: dict[str, Any], where: Any) -> None:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{where}: its weights do not fit the model its config describes: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+                              f"{_load_error(e)}") from None
 
 
 def _load_safetensors(module: nn.Module, path: Path) -> None:
@@ -280,7 +280,13 @@ def _load_safetensors(module: nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     except RuntimeError as e:
         raise CheckpointError(f"{path}: its weights do not fit the model config.yaml describes: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+                              f"{_load_error(e)}") from None
+
+
+def _load_error(e: Exception, limit: int = 1500) -> str:
+    """torch's load_state_dict error on one line, whole (missing and unexpected keys, shapes)."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _prefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -41,9 +41,15 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(dim, norm_eps)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embedding.weight
+        self.tie_embeddings = tie_embeddings
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, make the head's weight the embedding's (one tensor). Moves
+        that make new tensors (``to_empty`` off the meta device) undo the sharing: call again."""
+        if self.tie_embeddings:
+            self.head.weight = self.embedding.weight
 
     @property
     def capabilities(self) -> frozenset[str]:

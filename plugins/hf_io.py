@@ -168,6 +168,7 @@ def from_hf(folder: str | Path, *, max_seq_len: int | None = None, dtype: str = 
     with torch.device("meta"):
         model = build_model(cfg, vocab_size=hf["vocab_size"])
     model = model.to(DTYPES[dtype]).to_empty(device="cpu")
+    model.tie_weights()  # to_empty made the embedding and a tied head two tensors again
     for m in model.modules():  # buffers (RoPE tables) and parameters the checkpoint may not hold
         if m is not model and hasattr(m, "reset_extra_parameters"):
             m.reset_extra_parameters()

@@ -109,6 +109,36 @@ def test_greedy_decoding_of_an_import_equals_transformers_generate(kind, tmp_pat
     assert got == want
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mamba"])
+def test_a_tied_embedding_model_imports_loads_generates_and_exports_with_transformers_logits(kind, tmp_path):
+    """tie_word_embeddings=true (HF Mamba's default): the tie survives the meta-device build,
+    so the imported folder loads (it was refused), decodes as transformers does and exports."""
+    hf, folder = _hf_model(kind, tmp_path, tie_word_embeddings=True)
+    run = llmzoo.load_run(import_hf(folder, tmp_path / "imported"))
+    assert run.model.head.weight is run.model.embedding.weight
+    _same_logits(run.model, hf)
+    prompt = [5, 17, 42, 8]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                       pad_token_id=0)[0, len(prompt):].tolist()
+    assert llmzoo.api.generate_ids(run, llmzoo.build_decoder(run.cfg), [prompt], max_new_tokens=8)[0] == want
+    back = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / "exported")).float().eval()
+    _same_logits(run.model, back)
+
+
+def test_a_load_error_shows_every_key_at_fault(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _hf_model("llama", tmp_path)
+    run_dir = import_hf(folder, tmp_path / "imported")
+    weights = load_file(run_dir / "model.safetensors")
+    weights["blocks.0.extra.weight"] = torch.zeros(1)
+    del weights["norm.weight"]
+    save_file(weights, run_dir / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        llmzoo.load_run(run_dir)
+    assert "blocks.0.extra.weight" in str(e.value) and "norm.weight" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_import_reads_sharded_checkpoints_and_the_tokenizer(tmp_path):
     hf, folder = _hf_model("llama", tmp_path)
     sharded = tmp_path / "sharded"

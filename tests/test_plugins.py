@@ -298,3 +298,20 @@ def test_every_member_core_probes_is_an_extras_field_or_documented():
                            and not re.search(rf"`[^`]*\b{re.escape(name)}\b[^`]*`", doc)})
     assert not undocumented, f"core probes members docs/plugins.md does not name: {undocumented}"
     assert len(probed) <= 20, f"{len(probed)} getattr/hasattr probes in core: read optional members through XExtras.of"
+
+
+def test_built_in_entry_points_are_exactly_the_modules_that_implement_hooks():
+    """An entry point registers a module with pluggy: one without hooks has nothing to
+    register, and a module with hooks but no entry point would never be called."""
+    import ast
+    import importlib.metadata as md
+
+    registered = {ep.value for ep in md.entry_points(group="llmzoo") if ep.value.startswith("llmzoo_plugins")}
+    with_hooks = set()
+    for path in (ROOT / "plugins").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("llmzoo_") and any(
+                    "hookimpl" in ast.unparse(d) for d in node.decorator_list):
+                with_hooks.add("llmzoo_plugins" if path.stem == "__init__" else f"llmzoo_plugins.{path.stem}")
+    assert registered == with_hooks, (f"entry points without hooks: {sorted(registered - with_hooks)}; "
+                                      f"modules with hooks and no entry point: {sorted(with_hooks - registered)}")
