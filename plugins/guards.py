@@ -10,13 +10,12 @@ Two Lightning callbacks, added to every run through ``llmzoo_callbacks``:
   checkpoint at the next step boundary -- the same point as the periodic checkpoints,
   so a resume continues with exactly the step numbers and losses of an uninterrupted
   run -- and then an ``Interrupted`` error: exit code 143 / 130. A second signal of the
-  same kind stops at once.
+  same kind stops at once, mid-step, with the same exit code (the last checkpoint stays whole).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -90,12 +89,10 @@ class GracefulStop(L.Callback):
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum == signum:  # asked twice: stop now
+        if self.signum == signum:  # asked twice: stop now, mid-step (128 + N, as for the first)
             self._restore()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signum)
-            return
+            raise Interrupted(signum, f"stopped at once by a second {signal.Signals(signum).name}, without "
+                                      "finishing the step; the last checkpoint written is whole")
         self.signum = signum
         log.warning("received %s: writing a checkpoint at the end of this step, then stopping (send it again to "
                     "stop at once)", signal.Signals(signum).name)

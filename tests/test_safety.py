@@ -330,7 +330,7 @@ def _interrupt_then_resume(run, common, sig, rng, longest=1.0):
     False if it had finished."""
     proc = subprocess.Popen([str(BIN / "llmzoo-train"), f"run_dir={run}", *common], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    ready = run / "checkpoints" / ("last.ckpt" if sig == signal.SIGKILL else "")
+    ready = run / "checkpoints" / "last.ckpt"  # training has started: the signal handlers are in place
     deadline = time.time() + 120
     while not ready.exists() and time.time() < deadline:
         time.sleep(0.02)
@@ -367,6 +367,32 @@ def test_signals_and_kill_then_resume_give_the_rows_of_an_uninterrupted_run(tmp_
             assert _rows(run) == uninterrupted, f"{sig.name}: resumed rows differ from the uninterrupted run"
             return
     pytest.fail(f"{sig.name} never interrupted the run before it ended (4 tries)")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_second_signal_stops_at_once_with_the_same_exit_code(tmp_path, sig):
+    """A preempted job must never look like success: the second SIGTERM (or Ctrl-C) stops
+    mid-step with 128 + N and one line, and the checkpoint already written still loads."""
+    run = tmp_path / "run"
+    # steps of ~1 s, so both signals (0.3 s apart: Python runs a handler once per delivery it
+    # sees, and two that arrive within one long C call are one) land in the same step
+    slow_steps = ["model.dim=512", "model.n_layers=8", "model.n_heads=8", "data.seq_len=128", "data.batch_size=16"]
+    proc = subprocess.Popen([str(BIN / "llmzoo-train"), f"run_dir={run}", *FAST, *slow_steps, "trainer.max_steps=100000",
+                             "trainer.val_every=0", "trainer.checkpoint_every=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err and f"stopped at once by a second {sig.name}" in err, err[-3000:]
+    assert llmzoo.load_checkpoint(run / "checkpoints" / "last.ckpt").model is not None
 
 
 @pytest.mark.slow  # ~50 s; signals are tested on one process by default, FSDP resume by test_fsdp
