@@ -319,17 +319,28 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+#: OpenAI request fields llmzoo-serve does not implement, with the values that mean "not
+#: asked for": any other value is a 400 naming the field.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "response_format": (None, {"type": "text"}), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,)}
+
+
 def create_app(engine: Engine, model_name: str) -> Any:
     """The FastAPI application over a started (or, in tests, to-be-started) ``engine``."""
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 
     class Sampling(BaseModel):
         model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
         model: str | None = None
         max_tokens: int = Field(16, ge=1)
+        max_completion_tokens: int | None = Field(None, ge=1)  # the chat API's newer name: wins when given
         temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
         top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
         top_k: int | None = Field(None, ge=1)
@@ -340,12 +351,37 @@ def create_app(engine: Engine, model_name: str) -> Any:
         stream_options: dict[str, bool] | None = None  # {"include_usage": true}: a last chunk with usage
         n: Literal[1] = 1
 
+        @model_validator(mode="before")
+        @classmethod
+        def refuse_unsupported(cls, data: Any) -> Any:
+            """OpenAI fields this server does not implement: a 400 naming them, never a silent default."""
+            if isinstance(data, dict):
+                asked = [k for k, default in UNSUPPORTED.items() if k in data and data[k] not in default]
+                if asked:
+                    raise ValueError(f"not supported by llmzoo-serve: {', '.join(asked)} (leave them out)")
+            return data
+
+        @model_validator(mode="after")
+        def completion_tokens(self) -> "Sampling":
+            if self.max_completion_tokens is not None:
+                self.max_tokens = self.max_completion_tokens
+            return self
+
     class Completion(Sampling):
-        prompt: str | list[str] = Field(min_length=1)
+        # text, several texts, token ids, or several lists of token ids (OpenAI's four forms)
+        prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+
+    class Part(BaseModel):
+        type: Literal["text"]  # images and audio: a 400 naming the type
+        text: str
 
     class Message(BaseModel):
-        role: Literal["system", "user", "assistant"]
-        content: str
+        role: Literal["system", "developer", "user", "assistant"]  # developer: the newer name of system
+        content: str | list[Part]
+
+        def plain(self) -> dict[str, str]:
+            text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+            return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
     class Chat(Sampling):
         messages: list[Message] = Field(min_length=1)
@@ -377,12 +413,18 @@ def create_app(engine: Engine, model_name: str) -> Any:
             if render is None:
                 raise BadRequest("this run's tokenizer has no chat template: use /v1/completions")
             try:
-                pieces = render([m.model_dump() for m in body.messages], generation_prompt=True)
+                pieces = render([m.plain() for m in body.messages], generation_prompt=True)
             except ValueError as e:  # the template failed, refused the conversation or ran past its budget
                 raise BadRequest(str(e)) from None
             ids = [[tok.bos_id] + [t for text, _ in pieces for t in tok.encode(text)]]
-        else:
+        elif isinstance(body.prompt, str) or isinstance(body.prompt[0], str):
             ids = prompt_ids(tok, [body.prompt] if isinstance(body.prompt, str) else body.prompt)
+        else:  # token ids, used as given
+            ids = [body.prompt] if isinstance(body.prompt[0], int) else body.prompt
+            bad = [t for p in ids for t in p if not 0 <= t < tok.vocab_size]
+            if bad or not all(ids):
+                raise BadRequest(f"prompt: token ids must lie in [0, {tok.vocab_size}) and lists be non-empty"
+                                 + (f" (got {bad[:5]})" if bad else ""))
         for p in ids:
             if len(p) + body.max_tokens > engine.max_len:
                 raise BadRequest(f"the prompt has {len(p)} tokens; with max_tokens={body.max_tokens} it needs "

@@ -175,6 +175,9 @@ BAD = [
     ({"prompt": "a" * 100, "max_tokens": 100}, "this server's context is 128"),
     ({"prompt": ["a", "b"], "stream": True}, "stream=true takes one prompt"),
     ({"prompt": "a", "stop": [""]}, "stop strings must not be empty"),
+    ({"prompt": "a", "logprobs": 2}, "not supported by llmzoo-serve: logprobs"),
+    ({"prompt": "a", "echo": True, "frequency_penalty": 0.5}, "not supported by llmzoo-serve: echo, frequency_penalty"),
+    ({"prompt": [1, 2, 10**6]}, "token ids must lie in [0, 259)"),
 ]
 
 
@@ -192,6 +195,35 @@ def test_bad_requests_are_400_with_the_reason(body, message, bad_request_server)
 def test_bad_chat_request_is_400(bad_request_server):
     r = bad_request_server.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
     assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+
+
+def test_openai_fields_are_honoured_not_ignored(bad_request_server):
+    """max_completion_tokens, the developer role, content as parts and token-id prompts
+    do what the OpenAI API says; content parts other than text are a 400 naming the type."""
+    client = bad_request_server
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+            "max_tokens": 16, "ignore_eos": True, "temperature": 0}
+    plain = client.post("/v1/chat/completions", json={**chat, "max_tokens": 5}).json()
+    newer = client.post("/v1/chat/completions", json={
+        **chat, "max_completion_tokens": 5,
+        "messages": [{"role": "developer", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]})
+    assert newer.status_code == 200, newer.text
+    newer = newer.json()
+    assert newer["usage"]["completion_tokens"] == 5  # not max_tokens=16
+    assert newer["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    image = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert image.status_code == 400 and "messages.0.content" in image.json()["error"]["message"]
+    text = client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 6, "ignore_eos": True,
+                                                 "temperature": 0}).json()
+    from llmzoo.api import prompt_ids
+    from llmzoo_plugins.tokenizers import ByteTokenizer  # the test runs' tokenizer
+
+    ids = prompt_ids(ByteTokenizer(), ["Once upon"])[0]  # token ids are used as given
+    tokens = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "ignore_eos": True,
+                                                   "temperature": 0}).json()
+    assert tokens["choices"][0]["text"] == text["choices"][0]["text"]
 
 
 @pytest.fixture(scope="module")
