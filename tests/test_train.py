@@ -176,7 +176,10 @@ def test_wandb_offline_and_mlflow_local_receive_metrics_and_the_config(tmp_path,
     data = record.read_bytes()
     assert b"optim/lr" in data and b"0.0123" in data and b"DenseBlock" in data
     assert data.count(b"train_loss") >= 4
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard: the config in the HParams tab (its experiment and session records), linked to the losses
+    events = b"".join(f.read_bytes() for f in (tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert b"_hparams_/experiment" in events and b"_hparams_/session_start_info" in events
+    assert b"optim/lr" in events and b"val_loss" in events
 
 
 def test_a_logger_whose_library_is_missing_is_one_clear_error(tmp_path, monkeypatch):
