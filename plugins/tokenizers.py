@@ -238,7 +238,15 @@ class JsonTokenizer(ChatTemplate):
     def _jinja(self) -> Callable[[Sequence[dict], bool], str]:
         render = compile_chat_template(str(self.chat_template))
         names = {f"{k}_token": v for k, v in self.tokens.items()}
-        return lambda msgs, gen: render(messages=list(msgs), add_generation_prompt=gen, **names)
+        bos = self.tokens["bos"]
+
+        def rendered(msgs: Sequence[dict], gen: bool) -> str:
+            # A template that opens with bos_token (Llama's, an llmzoo export's): llmzoo puts the
+            # bos id before every chat itself, so the text starts after it (one bos, not two).
+            text = render(messages=list(msgs), add_generation_prompt=gen, **names)
+            return text[len(bos):] if bos and text.startswith(bos) else text
+
+        return rendered
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)

@@ -213,8 +213,12 @@ def test_export_loads_in_transformers_with_the_same_logits_and_ids(name, tmp_pat
     assert hf_tok(text)["input_ids"] == run.tokenizer.encode(text)
     assert hf_tok.decode(run.tokenizer.encode(text)) == text
     chat = [{"role": "user", "content": "hi"}]
-    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == hf_tok.bos_token + \
         "".join(t for t, _ in run.tokenizer.render_chat(chat, generation_prompt=True))
+    # token for token, <bos> included: what llmzoo's SFT rows and chat prompts start with
+    ids = hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert ids == llmzoo.api.prompt_ids(run.tokenizer, ["hi"], chat=True)[0] and ids[0] == run.tokenizer.bos_id
     # and back: import(export(run)) is the same model
     again = from_hf(out)
     assert again.model.state_dict().keys() == run.model.state_dict().keys()

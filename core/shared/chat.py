@@ -28,11 +28,14 @@ class ChatTemplate:
         return pieces
 
     def chat_template_jinja(self) -> str:
-        """The same format as a Jinja chat template (what ``llmzoo export-hf`` writes)."""
+        """The same format as a Jinja chat template (what ``llmzoo export-hf`` writes). It starts
+        with ``bos_token``, which llmzoo puts before every chat (SFT rows, chat prompts), so
+        ``transformers``' ``apply_chat_template`` gives llmzoo's token ids."""
         def literal(text: str) -> str:
             return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
         head, tail = self.ROLE.split("{role}")
         turn = f"{literal(head)} + message['role'] + {literal(tail)} + message['content'] + {literal(self.END)}"
-        return ("{% for message in messages %}{{ " + turn + " }}{% endfor %}{% if add_generation_prompt %}{{ "
+        return ("{{ bos_token }}{% for message in messages %}{{ " + turn + " }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ "
                 + literal(self.ROLE.format(role="assistant")) + " }}{% endif %}")
