@@ -216,7 +216,7 @@ def _generate(cfg: DictConfig) -> None:
         decoder = ready_decoder(run, decoder)
     except ValueError as e:
         raise UserError(str(e)) from None
-    prompts = list(cfg.prompts) if cfg.prompts else [cfg.prompt]
+    prompts = _prompts(cfg)
     ids = prompt_ids(tokenizer, prompts, chat=bool(cfg.get("chat")))
     t0 = time.perf_counter()
     outs = generate_ids(run, decoder, ids, max_new_tokens=cfg.max_new_tokens)
@@ -247,8 +247,60 @@ def _quantize(model, cfg: DictConfig, run_dir: Path):
     return model
 
 
+_TYPED_PROMPT: str | None = None  # the prompt as typed on the command line (``--`` or ``prompt=``)
+
+
+def typed_prompt(args: list[str]) -> tuple[list[str], str | None]:
+    """(the arguments Hydra parses, the prompt as typed): the words after ``--``, or the
+    value of a ``prompt=...`` argument taken verbatim -- so ``12 + 7 =`` needs no Hydra
+    quoting (one layer of quotes around it, Hydra's style, is removed)."""
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], " ".join(args[i + 1:])
+    kept, prompt = [], None
+    for a in args:
+        if a.startswith("prompt="):
+            prompt = a[len("prompt="):]
+            if len(prompt) >= 2 and prompt[0] == prompt[-1] and prompt[0] in "'\"":
+                prompt = prompt[1:-1]
+        else:
+            kept.append(a)
+    return kept, prompt
+
+
+def _prompts(cfg: DictConfig) -> list[str]:
+    """The prompts, the first of: the typed prompt, ``prompt_file=``, ``prompts=[...]``,
+    standard input when text is piped in, ``prompt`` (the config's default)."""
+    if _TYPED_PROMPT is not None:
+        return [_TYPED_PROMPT]
+    if cfg.get("prompt_file"):
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt_file={cfg.prompt_file}: no such file")
+        return [path.read_text(encoding="utf-8").rstrip("\n")]
+    if cfg.prompts:
+        return list(cfg.prompts)
+    piped = _piped_stdin()
+    return [piped] if piped else [cfg.prompt]
+
+
+def _piped_stdin() -> str | None:
+    """Text piped to standard input (``echo "12 + 7 =" | llmzoo-generate ...``); None for a
+    terminal or an input with nothing ready (never waits)."""
+    import select
+
+    try:
+        if sys.stdin is None or sys.stdin.isatty() or not select.select([sys.stdin], [], [], 0)[0]:
+            return None
+        return sys.stdin.read().rstrip("\n") or None
+    except (OSError, ValueError):  # no usable stdin (closed, not selectable)
+        return None
+
+
 def generate_main() -> None:
-    """llmzoo-generate run_dir=<folder> prompt="..." max_new_tokens=N decoder=greedy|sample"""
+    """llmzoo-generate run_dir=<folder> [prompt=... | -- free text | prompt_file=...] max_new_tokens=N ..."""
+    global _TYPED_PROMPT
+    sys.argv[1:], _TYPED_PROMPT = typed_prompt(sys.argv[1:])
     hydra_entry("llmzoo-generate", _generate_app)
 
 

@@ -271,3 +271,31 @@ def test_init_from_a_bpe_run_records_its_tokenizer_and_generates_what_the_parent
     # and it resumes: the recorded tokenizer is not a change to refuse
     llmzoo.train(cfg_for(child, f"init_from={parent}", "trainer.max_steps=2", "trainer.val_every=0", "optim.lr=1e-12",
                          f"ckpt_path={child / 'checkpoints' / 'last.ckpt'}", "overwrite=true"))
+
+
+def test_a_prompt_is_taken_as_typed_after_dashes_from_a_file_or_from_stdin(tmp_path):
+    """`llmzoo-generate run_dir=... -- 12 + 7 =`, `echo "12 + 7 =" | llmzoo-generate ...`,
+    prompt_file= and prompt=12 + 7 = (no Hydra quoting) all generate what the quoted form does."""
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from conftest import BIN
+    from llmzoo.cli import _prompts, typed_prompt
+
+    run = tmp_path / "run"
+    train_run(f"run_dir={run}", *FAST, "trainer.max_steps=20", "trainer.val_every=0")
+    text = "12 + 7 ="
+    loaded = llmzoo.load_run(run)
+    want = text + llmzoo.generate(loaded, None, [text], max_new_tokens=8)[0]
+    dashes = run_cli("llmzoo-generate", f"run_dir={run}", "max_new_tokens=8", "--", "12", "+", "7", "=")
+    piped = subprocess.run([str(BIN / "llmzoo-generate"), f"run_dir={run}", "max_new_tokens=8"], input=text + "\n",
+                           capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert dashes.stdout.strip() == piped.stdout.strip() == want.strip()
+    for typed in (f"prompt={text}", f"prompt='{text}'"):  # as typed, or with Hydra's quotes
+        assert typed_prompt([f"run_dir={run}", typed, "max_new_tokens=8"]) == ([f"run_dir={run}", "max_new_tokens=8"], text)
+    (tmp_path / "p.txt").write_text(text + "\n")
+    assert _prompts(OmegaConf.create({"prompt_file": str(tmp_path / "p.txt"), "prompts": None, "prompt": "x"})) == [text]
+    with pytest.raises(UserError, match="prompt_file=.*no such file"):
+        _prompts(OmegaConf.create({"prompt_file": str(tmp_path / "nope.txt"), "prompts": None, "prompt": "x"}))
