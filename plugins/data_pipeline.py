@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from llmzoo.errors import UserError
 
@@ -340,11 +340,20 @@ def check_pipeline_config(cfg: DictConfig) -> None:
         whole("dedup.seed", d.get("seed"), 0)
 
 
-def check_output_folder(src: Path, out: Path, overwrite: bool) -> None:
+def settings_key(cfg: DictConfig) -> str:
+    """What makes two llmzoo-data runs the same run: every setting but ``overwrite``."""
+    import hashlib
+
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("overwrite", "hydra")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_output_folder(src: Path, out: Path, overwrite: bool, key: str | None = None) -> bool:
     """The output is not the input, not inside it (its files would be read as input next
     time) and does not hold it; a result already there is replaced only with
     ``overwrite=true`` and only where a previous llmzoo-data run left its marker, and
-    then only the names it writes (``WRITTEN``)."""
+    then only the names it writes (``WRITTEN``). True when the folder holds an unfinished
+    run of the same settings (``key``): it resumes, datatrove skipping the tasks it finished."""
     folder = (src if src.is_dir() else src.parent).resolve()
     o = out.resolve()
     if o == folder or (src.is_dir() and folder in o.parents):
@@ -354,15 +363,25 @@ def check_output_folder(src: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"input={src} is inside output={out}: choose an output folder that does not hold the input")
     found = [n for n in WRITTEN if (out / n).exists()]
     if not found:
-        return
+        return False
     if not (out / MARKER).is_file():
         raise UserError(f"output={out} already holds {found}, which llmzoo-data did not write (no {MARKER}): "
                         "choose another folder; llmzoo-data never deletes files it did not write")
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        marker = {}
+    unfinished = marker.get("finished") is False
+    if unfinished and key is not None and marker.get("settings") == key and not overwrite:
+        print(f"llmzoo-data: resuming the unfinished run in {out} (its completed tasks are skipped)", file=sys.stderr)
+        return True
     if not overwrite:
-        raise UserError(f"output={out} already holds a result: choose another folder or overwrite=true")
+        raise UserError(f"output={out} already holds " + ("an unfinished run with other settings" if unfinished
+                                                         else "a result") + ": choose another folder or overwrite=true")
     for n in found:  # datatrove would skip the tasks it finds completed
         p = out / n
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return False
 
 
 def scan_input(src: Path, text_field: str, glob: str | None) -> dict[str, Any]:
@@ -407,7 +426,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     counter = token_counter(cfg.get("tokens", "byte"))  # checked before any work
     folder, glob = (str(src.parent), src.name) if src.is_file() else (str(src), None)
     out = Path(str(cfg.output))
-    check_output_folder(src, out, bool(cfg.get("overwrite")))
+    key = settings_key(cfg)
+    resumed = check_output_folder(src, out, bool(cfg.get("overwrite")), key)
     scan = None
     if cfg.get("input_format", "jsonl") == "jsonl" and str(cfg.executor._target_).endswith("LocalPipelineExecutor"):
         scan = scan_input(src, cfg.text_field, glob or cfg.get("input_glob"))
@@ -422,8 +442,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                   f"documents without a string {cfg.text_field!r} field are skipped (first: {scan['first_problem']})",
                   file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"written_by": "llmzoo-data", "names": list(WRITTEN),
-                                          "input": str(src.resolve())}))
+    marker = {"written_by": "llmzoo-data", "names": list(WRITTEN), "input": str(src.resolve()), "settings": key}
+    (out / MARKER).write_text(json.dumps({**marker, "finished": False}))  # a kill leaves a run to resume
     logs = out / "logs"
 
     def execute(stage: str, pipeline: list, tasks: int | None = None) -> Any:
@@ -480,7 +500,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         report["select"] = selected
     if scan is not None:
         report["input"] = scan
+    if resumed:
+        report["resumed"] = True
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / MARKER).write_text(json.dumps({**marker, "finished": True}))  # only now does it hold a result
     return report
 
 

@@ -303,3 +303,50 @@ def test_malformed_lines_are_counted_and_said(tmp_path, capsys):
     assert report["input"]["documents"] == 4 and report["input"]["malformed_lines"] == 1
     assert report["input"]["without_text"] == 1 and report["kept_documents"] == 4
     assert "1 malformed lines and 1 documents without a string 'text' field are skipped" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_resumes_and_gives_the_uninterrupted_output(tmp_path, monkeypatch):
+    """Killed after its filter stage, the same command again resumes: datatrove skips the
+    tasks it completed, the output equals one uninterrupted run's, and only a finished run
+    "holds a result" (other settings on the unfinished folder are refused, not mixed in)."""
+    import datatrove.executor.local as local
+
+    from llmzoo.errors import UserError
+    from llmzoo_plugins.data_pipeline import MARKER
+
+    rng = random.Random(5)
+    docs = [prose(rng) for _ in range(20)] + ["short"] * 3
+    docs += docs[:4]
+    for k in range(2):
+        write(tmp_path / "raw" / f"part{k}.jsonl", docs[k::2])
+    args = [f"input={tmp_path / 'raw'}", "dedup=exact", "filter=[length]", "executor.tasks=2"]
+    straight = llmzoo.compose("data_pipeline", [*args, f"output={tmp_path / 'straight'}"], validate=False)
+    run_pipeline(straight)
+
+    cfg = llmzoo.compose("data_pipeline", [*args, f"output={tmp_path / 'out'}"], validate=False)
+    real_run, stages = local.LocalPipelineExecutor.run, []
+
+    def killed_after_the_filter(self):
+        stages.append(self.logging_dir.path)
+        if "2_exact" in self.logging_dir.path:
+            raise KeyboardInterrupt  # as a Ctrl-C between two stages
+        return real_run(self)
+
+    monkeypatch.setattr(local.LocalPipelineExecutor, "run", killed_after_the_filter)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    assert json.loads((tmp_path / "out" / MARKER).read_text())["finished"] is False
+    filtered = {f: f.stat().st_mtime_ns for f in (tmp_path / "out" / "filtered").glob("*.jsonl")}
+    assert len(filtered) == 2
+    other = llmzoo.compose("data_pipeline", [*args, f"output={tmp_path / 'out'}", "filter=[]"], validate=False)
+    with pytest.raises(UserError, match="an unfinished run with other settings"):
+        run_pipeline(other)
+
+    monkeypatch.setattr(local.LocalPipelineExecutor, "run", real_run)
+    report = run_pipeline(cfg)
+    assert report["resumed"] is True and kept(tmp_path / "out") == kept(tmp_path / "straight")
+    assert {f: f.stat().st_mtime_ns for f in filtered} == filtered  # the finished filter tasks were skipped
+    assert len(kept(tmp_path / "straight")) == 20
+    assert json.loads((tmp_path / "out" / MARKER).read_text())["finished"] is True
+    with pytest.raises(UserError, match="already holds a result"):  # finished: a re-run is refused again
+        run_pipeline(cfg)
