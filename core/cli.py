@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -94,6 +95,10 @@ def run_job(cfg: DictConfig, work: Callable[[DictConfig], dict[str, Any]], prog:
             if isinstance(e, UserError) and not debug():
                 print(f"{prog}: {e}", file=sys.stderr)
                 sys.exit(e.exit_code)
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC and not debug():  # metrics, final weights
+                print(f"{prog}: no space left on the device writing {e.filename or 'a file'} (the last checkpoint is "
+                      "whole: free space, then resume with ckpt_path=)", file=sys.stderr)
+                sys.exit(1)
             raise
         # In a sweep one failing job must not stop the others: record it and go on.
         run_dir.mkdir(parents=True, exist_ok=True)

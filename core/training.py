@@ -331,9 +331,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except BaseException as e:
             tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise CheckpointError(f"{path}: no space left on the device while writing a checkpoint; "
-                                      f"the previous one (if any) is unchanged. Free space under {path.parent}") from None
+            # a full disk is ENOSPC from the file, or torch's zip writer failing ("unexpected pos")
+            if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+                    isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e))):
+                raise CheckpointError(f"{path}: the checkpoint could not be written (no space left on the device?: "
+                                      f"{str(e).strip().splitlines()[0][:200]}); the previous one (if any) is "
+                                      f"unchanged. Free space under {path.parent}") from None
             raise
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
