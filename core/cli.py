@@ -22,6 +22,7 @@ from .config import (CONF_PACKAGE, Rule, check_device, check_settings, list_opti
                      validate_config)
 from .errors import Interrupted, UserError, debug, reported
 from .interfaces import DecoderExtras, Quantizer
+from .shared.prompts import prompts_from, typed_prompt
 from .plugins import get_plugin_manager
 
 log = logging.getLogger("llmzoo")
@@ -255,51 +256,8 @@ def _quantize(model, cfg: DictConfig, run_dir: Path):
 _TYPED_PROMPT: str | None = None  # the prompt as typed on the command line (``--`` or ``prompt=``)
 
 
-def typed_prompt(args: list[str]) -> tuple[list[str], str | None]:
-    """(the arguments Hydra parses, the prompt as typed): the words after ``--``, or the
-    value of a ``prompt=...`` argument taken verbatim -- so ``12 + 7 =`` needs no Hydra
-    quoting (one layer of quotes around it, Hydra's style, is removed)."""
-    if "--" in args:
-        i = args.index("--")
-        return args[:i], " ".join(args[i + 1:])
-    kept, prompt = [], None
-    for a in args:
-        if a.startswith("prompt="):
-            prompt = a[len("prompt="):]
-            if len(prompt) >= 2 and prompt[0] == prompt[-1] and prompt[0] in "'\"":
-                prompt = prompt[1:-1]
-        else:
-            kept.append(a)
-    return kept, prompt
-
-
 def _prompts(cfg: DictConfig) -> list[str]:
-    """The prompts, the first of: the typed prompt, ``prompt_file=``, ``prompts=[...]``,
-    standard input when text is piped in, ``prompt`` (the config's default)."""
-    if _TYPED_PROMPT is not None:
-        return [_TYPED_PROMPT]
-    if cfg.get("prompt_file"):
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise UserError(f"prompt_file={cfg.prompt_file}: no such file")
-        return [path.read_text(encoding="utf-8").rstrip("\n")]
-    if cfg.prompts:
-        return list(cfg.prompts)
-    piped = _piped_stdin()
-    return [piped] if piped else [cfg.prompt]
-
-
-def _piped_stdin() -> str | None:
-    """Text piped to standard input (``echo "12 + 7 =" | llmzoo-generate ...``); None for a
-    terminal or an input with nothing ready (never waits)."""
-    import select
-
-    try:
-        if sys.stdin is None or sys.stdin.isatty() or not select.select([sys.stdin], [], [], 0)[0]:
-            return None
-        return sys.stdin.read().rstrip("\n") or None
-    except (OSError, ValueError):  # no usable stdin (closed, not selectable)
-        return None
+    return prompts_from(cfg, _TYPED_PROMPT)
 
 
 def generate_main() -> None:

@@ -27,10 +27,9 @@ E = TypeVar("E", bound="Extras")
 
 
 class Extras:
-    """Base of the records that list an interface's optional members with their defaults
-    (``ObjectiveExtras``, ``StrategyExtras``, ...). ``XExtras.of(thing)`` is the one place
-    core reads them: each field is ``thing``'s member when it has one, else the default
-    (None for an absent method). A plugin never inherits these; it has the members."""
+    """An interface's optional members with their defaults. ``XExtras.of(thing)``, the one place
+    core reads them, gives ``thing``'s member where it has one, else the default (None for an
+    absent method). A plugin never inherits these records: it just has the members."""
 
     @classmethod
     def of(cls: type[E], thing: Any) -> E:
@@ -42,12 +41,11 @@ class ConfigChecked(Protocol):
     """Optional on any class a config node names with ``_target_`` (blocks, mixers,
     decoders, objectives, data modules, strategies), nested nodes included.
 
-    ``check(node, cfg) -> list[str]`` (a staticmethod) returns the problems of its own
-    node -- e.g. ``"n_heads=5 does not divide dim=64"`` -- as sentences; core prefixes
-    each with the node's key (``block.mixers.attention: ...``) and reports them all
-    before anything is built. Core also refuses keys the class's ``__init__`` does not
-    take and values that do not match a simple annotation (``int``, ``float | None``).
-    Rules that span groups go in the ``llmzoo_validate`` hook instead.
+    ``check(node, cfg) -> list[str]`` (a staticmethod) returns the problems of its own node
+    (``"n_heads=5 does not divide dim=64"``), prefixed by core with the node's key, all reported
+    before anything is built -- after core refused keys ``__init__`` does not take and values
+    off a simple annotation (``int``, ``float | None``). It may read plain values of other
+    groups, never another group's class: such rules are the ``llmzoo_validate`` hook's.
     """
 
     @staticmethod
@@ -58,10 +56,9 @@ class DataModule(Protocol):
     """A LightningDataModule named by ``data._target_``, built with ``tokenizer``,
     ``seed`` and ``work_dir`` beside its config keys.
 
-    ``provides: frozenset[str]`` names the batch fields it yields; a module whose
-    fields depend on its config gives a static ``provides_for(node) -> frozenset[str]``
-    instead. At compose time ``objective.needs`` must be a subset, or the run is refused
-    naming the data options that fit (``objective=dpo`` -> ``use data=preferences``).
+    ``provides: frozenset[str]`` names the batch fields it yields (or ``provides_for``, see
+    ``DataModuleExtras``); at compose time ``objective.needs`` must be a subset, or the run is
+    refused naming the data options that fit (``objective=dpo`` -> ``use data=preferences``).
     """
 
     provides: frozenset[str]
@@ -69,9 +66,8 @@ class DataModule(Protocol):
 
 @runtime_checkable
 class TrainSampler(Protocol):
-    """A sampler that resumes mid-epoch (``llmzoo.data.ResumableSampler``): core sets
-    ``start_batch`` (batches of this epoch already trained) and ``epoch_offset`` (epochs
-    Lightning does not count, after a run stopped at max_steps) before training resumes."""
+    """A sampler that resumes mid-epoch (``llmzoo.data.ResumableSampler``): a resume sets
+    ``start_batch`` (batches of the epoch trained) and ``epoch_offset`` (epochs Lightning missed)."""
 
     batch_size: int
     start_batch: int
@@ -86,12 +82,10 @@ class DataModuleExtras(Extras):
 
     #: the training sampler, set by ``setup``: resumed runs continue mid-epoch with it.
     train_sampler: TrainSampler | None = None
-    #: ``every_batch()``: every training and validation row once, in a fixed order, in
-    #: batches of ``batch_size`` -- for objectives that precompute per-row values before
-    #: training (DPO's reference log-probs with ``precompute_reference``). After ``setup``.
+    #: ``every_batch()``: every training and validation row once, in a fixed order, in batches
+    #: (after ``setup``): objectives precompute per-row values with it (DPO's reference log-probs).
     every_batch: Callable[[], Iterable[Batch]] | None = None
-    #: a static ``provides_for(node) -> frozenset[str]``: the batch fields, when they depend
-    #: on the config (``provides`` otherwise); read at compose time.
+    #: a static ``provides_for(node)``: the batch fields when they depend on the config.
     provides_for: Callable[[Any], frozenset[str]] | None = None
 
 
@@ -299,41 +293,32 @@ class Objective(Protocol):
 class ObjectiveExtras(Extras):
     """Optional members of an Objective, with the defaults core uses when one is absent."""
 
-    #: ModelOutput fields ``loss`` reads. Without "logits", core runs ``model(ids,
-    #: logits=False)`` and the loss gets "hidden" and "head_weight" instead (fused linear
-    #: cross-entropy); a static ``reads_for(node)`` answers at compose time when it depends
-    #: on the config. A strategy that computes only logits on its last stage (pipeline) or
-    #: splits the head (tensor parallel) refuses objectives that read "hidden" or not "logits".
+    #: ModelOutput fields ``loss`` reads. Without "logits", core runs ``model(ids, logits=False)``
+    #: and the loss gets "hidden" and "head_weight" (fused linear cross-entropy). Pipeline and
+    #: tensor parallel refuse objectives that read "hidden" or not "logits".
     reads: frozenset[str] = frozenset({"logits", "aux_loss"})
     #: multiplier of the blocks' auxiliary loss (MoE balance); a pipeline applies it per stage.
     aux_loss_weight: float = 1.0
     #: True when ``train_step`` owns the optimizer step (PPO's epochs over a rollout). At most
     #: one of the objective and the parallel strategy may own the step (compose-time check).
     manual_optimization: bool = False
-    #: ``setup(model, tokenizer)``: once with the built model (before sharding) and the
-    #: tokenizer, before training or loading: size heads, copy a frozen reference model.
+    #: ``setup(model, tokenizer)``: once, before sharding, training or loading (size heads, copy a reference).
     setup: Callable[[nn.Module, Tokenizer | None], None] | None = None
-    #: ``inputs(batch) -> (k * B, T)`` token ids the model runs on, the k rows of each batch
-    #: row consecutive (DPO: chosen, rejected, chosen, ...), so that splitting both along
-    #: dim 0 into micro-batches keeps them aligned. Default: ``batch["input_ids"]``.
+    #: ``inputs(batch) -> (k * B, T)`` ids the model runs on, each row's k consecutive (DPO: chosen,
+    #: rejected, ...) so micro-batches split along dim 0 stay aligned. Default ``batch["input_ids"]``.
     inputs: Callable[[Batch], torch.Tensor] | None = None
-    #: ``weight(batch) ->`` the scalar count ``loss`` averages over (labelled tokens for
-    #: cross-entropy); default: the number of rows. A micro-batched step weights each part
-    #: by it, so its loss and gradients equal one step on the whole batch.
+    #: ``weight(batch)``: the count ``loss`` averages over (labelled tokens; default: rows), so a
+    #: micro-batched step weighting its parts by it equals one step on the whole batch.
     weight: Callable[[Batch], torch.Tensor] | None = None
-    #: ``prepare(model, batch) -> batch``: runs the whole model before ``inputs``/``loss``
-    #: (no gradients): RL objectives sample and score responses here. Strategies that split
-    #: the model across processes refuse objectives with ``prepare``.
+    #: ``prepare(model, batch) -> batch``: the whole model, no gradients, before ``loss`` (RL samples
+    #: and scores here); strategies that split the model refuse it.
     prepare: Callable[[nn.Module, Batch], Batch] | None = None
-    #: ``on_fit_start(module)``: when training starts, with the LightningModule (e.g.
-    #: precompute reference log-probs).
+    #: ``on_fit_start(module)``: when training starts, with the LightningModule (precomputations).
     on_fit_start: Callable[[Any], None] | None = None
-    #: ``train_step(module, batch) -> Loss``: the whole optimizer step of one batch under
-    #: manual optimization: ``module.optimizers()``, ``module.manual_backward(loss)``,
-    #: ``module.clip_and_step()``.
+    #: ``train_step(module, batch) -> Loss``: a whole manual optimizer step (``module.optimizers()``,
+    #: ``module.manual_backward(loss)``, ``module.clip_and_step()``).
     train_step: Callable[[Any, Batch], Loss] | None = None
-    #: static ``needs_for(node)`` / ``reads_for(node) -> frozenset[str]``: ``needs`` and
-    #: ``reads`` when they depend on the config; read at compose time.
+    #: static ``needs_for(node)`` / ``reads_for(node)``: ``needs`` / ``reads`` when they depend on the config.
     needs_for: Callable[[Any], frozenset[str]] | None = None
     reads_for: Callable[[Any], frozenset[str]] | None = None
 
@@ -373,8 +358,7 @@ class DecoderExtras(Extras):
     #: objective) before ``generate``, by decoders that need more than the model (Medusa
     #: heads from the run's objective, a draft model).
     setup: Callable[[Any], None] | None = None
-    #: a static ``requires_for(node) -> frozenset[str]``: the capabilities it needs when they
-    #: depend on its config (``requires`` otherwise); read at compose time.
+    #: a static ``requires_for(node)``: the capabilities it needs when they depend on the config.
     requires_for: Callable[[Any], frozenset[str]] | None = None
 
 
@@ -422,19 +406,14 @@ class BlockExtras(Extras):
 
     #: with TENSOR_PARALLEL: {submodule name: "colwise" | "rowwise" | "norm"}
     tensor_parallel_plan: dict[str, str] | None = None
-    #: ``flops_per_token(seq_len) -> float``: forward matmul/conv FLOPs per token (2 per
-    #: multiply-add; elementwise work not counted). None: the count is unknown (no MFU).
+    #: ``flops_per_token(seq_len)``: forward matmul/conv FLOPs per token (2 per multiply-add).
     flops_per_token: Callable[[int], float | None] | None = None
-    #: ``metrics() -> {name: tensor | Metric}``: figures of the last forward, logged every
-    #: training step and averaged over layers unless ``summed`` (MoE expert load, drops).
+    #: ``metrics()``: figures of the last forward, logged each step, averaged over layers unless ``summed``.
     metrics: Callable[[], dict[str, Any]] | None = None
-    #: ``reset_extra_parameters()``: initialise parameters that are not Linear/Embedding
-    #: weights (SSM ``A_log``, router biases); called by ``LanguageModel.reset_parameters``.
-    #: A Linear whose output joins the residual stream sets ``linear.residual_out = True``
-    #: to be initialised with std / sqrt(2 * n_layers).
+    #: ``reset_extra_parameters()``: init what is not a Linear/Embedding weight (SSM ``A_log``);
+    #: a Linear into the residual stream sets ``linear.residual_out = True`` (std / sqrt(2 L)).
     reset_extra_parameters: Callable[[], None] | None = None
-    #: a static ``part_capabilities(node) -> {part: capabilities}``, from the config node
-    #: alone (hybrid stacks, configurable mixers); read at compose time.
+    #: a static ``part_capabilities(node) -> {part: capabilities}`` (hybrid stacks, configurable mixers).
     part_capabilities: Callable[[Any], dict[str, frozenset[str]]] | None = None
     #: a mixer's ``init_state(batch_size, max_len, *, device, dtype, **kw)`` (Block's).
     init_state: Callable[..., Any] | None = None
@@ -446,16 +425,13 @@ class BlockExtras(Extras):
 class StrategyExtras(Extras):
     """Optional members of a ParallelStrategy."""
 
-    #: parallelize() runs in LightningModule.configure_model with Lightning's device mesh
-    #: (FSDP, TP, pipeline); False: with None, before training.
+    #: parallelize() gets Lightning's device mesh in configure_model (FSDP, TP, pipeline); else None.
     uses_device_mesh: bool = False
-    #: ``train_step(module, batch) -> Loss``: the whole optimizer step of one batch under
-    #: manual optimization (a pipeline schedule); the objective's ``loss`` scores it.
+    #: ``train_step(module, batch) -> Loss``: a whole manual optimizer step (a pipeline schedule).
     train_step: Callable[[Any, Batch], Loss] | None = None
     #: ``eval_step(module, batch) -> Loss``: one validation batch, likewise.
     eval_step: Callable[[Any, Batch], Loss] | None = None
-    #: ``full_state_dict(model) -> dict``: the complete weights on global rank 0 (a
-    #: collective), when the model is split in a way DTensor does not describe.
+    #: ``full_state_dict(model)``: all weights on rank 0 (a collective) where DTensor cannot say.
     full_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
     #: a static ``requires_for(node) -> frozenset[str]``, as a decoder's.
     requires_for: Callable[[Any], frozenset[str]] | None = None
@@ -469,9 +445,8 @@ class RewindableState(Protocol):
 
 
 class TreeState(Protocol):
-    """A TREE_MASK state: set ``tree`` to a (T, T) bool ancestor mask before a forward of T
-    candidates, then ``keep(start, index)`` keeps the accepted ones. A rows=True state takes
-    one tree for every row and ``keep(starts, indexes)`` with one of each per row."""
+    """A TREE_MASK state: ``tree`` = a (T, T) bool ancestor mask before a forward of T candidates,
+    then ``keep(start, index)`` keeps the accepted ones (rows=True: one of each per row)."""
 
     tree: torch.Tensor | None
 
@@ -479,9 +454,8 @@ class TreeState(Protocol):
 
 
 class RowsState(Protocol):
-    """A ROW_STATE state (``init_state(..., rows=True)``): rows at their own positions.
-    ``put(row, other, other_row=0)`` copies ``other``'s row into ``row``; ``head(b)`` is the
-    first b rows as a state sharing storage (a forward of b rows advances them in place)."""
+    """A ROW_STATE state (``init_state(..., rows=True)``): rows at their own positions. ``put``
+    copies ``other``'s row into ``row``; ``head(b)``: the first b rows, sharing storage."""
 
     def put(self, row: int, other: Any, other_row: int = 0) -> None: ...
 
@@ -489,9 +463,8 @@ class RowsState(Protocol):
 
 
 class Quantizer(Protocol):
-    """A ``quantize=`` option of ``llmzoo-generate`` (``llmzoo_plugins.quantize``):
-    ``quantizer(model)`` returns the quantized model; ``save``/``load`` write and read its
-    weights (``<run>/model-<name>.safetensors``) so a run is quantized once."""
+    """A ``quantize=`` option of ``llmzoo-generate``: ``quantizer(model)`` quantizes; ``save`` and
+    ``load`` keep the weights (``<run>/model-<name>.safetensors``) so a run is quantized once."""
 
     name: str
 

@@ -79,13 +79,10 @@ def compile_blocks(model: LanguageModel) -> LanguageModel:
 
 
 def ready_model(model: LanguageModel, strategy: ParallelStrategy, mesh: Any, *, compile: bool) -> LanguageModel:
-    """The one order in which a built model is made ready to train: first the strategy's
-    ``parallelize(model, mesh)`` -- which applies, inside, tensor parallel, then activation
-    checkpointing, then FSDP2 sharding per block (``llmzoo.shared.sharding.shard_stack``), as
-    torchtitan does --, then, with ``trainer.compile``, ``torch.compile`` of each block in
-    place over what the strategy left (torchtitan compiles before FSDP instead; FSDP2
-    supports both, and compiling last keeps strategies free of compile). Parameter names,
-    and so checkpoints, do not change."""
+    """The one order a built model is made ready to train in: the strategy's ``parallelize``
+    (inside: tensor parallel, activation checkpointing, FSDP2 per block, as torchtitan), then
+    with ``trainer.compile`` each block compiled in place (torchtitan compiles before FSDP;
+    FSDP2 takes both). Parameter names, and so checkpoints, do not change."""
     model = cast(LanguageModel, strategy.parallelize(model, mesh))  # its blocks stay ``model.blocks``
     return compile_blocks(model) if compile else model
 

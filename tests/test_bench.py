@@ -6,6 +6,8 @@ import json
 import pytest
 import yaml
 
+import llmzoo
+
 from conftest import FAST, run_cli
 
 
@@ -18,8 +20,10 @@ def test_bench_train_and_memory_records(tmp_path):
     run_cli("llmzoo-bench", "bench.kind=train", "trainer.max_steps=12", "trainer.val_every=12",
             "trainer.log_every_n_steps=2", "trainer.limit_val_batches=2", f"bench.out={out}",
             f"run_dir={tmp_path / 'train'}", *FAST)
-    run_cli("llmzoo-bench", "bench.kind=memory", "data.batch_size=2", "data.seq_len=32", f"bench.out={out}",
-            f"run_dir={tmp_path / 'mem'}")
+    from llmzoo_plugins.bench import run_bench  # the same record from this process (no command start-up)
+
+    run_bench(llmzoo.compose("bench", ["bench.kind=memory", "data.batch_size=2", "data.seq_len=32", f"bench.out={out}",
+                                       f"run_dir={tmp_path / 'mem'}"], validate=False))
     train, memory = records(out)
     for r in (train, memory):
         assert {"config", "device", "versions", "commit", "time"} <= set(r) and "torch" in r["versions"]

@@ -69,6 +69,7 @@ def test_fsdp_activation_checkpointing_gives_the_same_losses(runs, tmp_path):
         assert abs(a - b) < 1e-6
 
 
+@pytest.mark.slow  # ~14 s; fused CE is checked against logits on one process by default (test_objective)
 @pytest.mark.distributed
 def test_fsdp_with_fused_cross_entropy_equals_one_process_with_logits(runs, tmp_path):
     """objective.fused_ce=true reads the head's weight after the model's forward: FSDP keeps

@@ -82,6 +82,7 @@ def test_pipeline_runs_the_objectives_own_loss(tmp_path, objective, data):
         assert abs(m1[1][1] - m2[1][1]) < 1e-5
 
 
+@pytest.mark.slow  # ~21 s: 4 processes on 2 cores; the default run checks TP+SP and FSDP each on 2
 @pytest.mark.distributed
 def test_fsdp_times_tensor_parallel_on_four_processes(single, tmp_path):
     # mesh (data_parallel=2, tensor_parallel=2): each pipeline of data sees 4 of the 8 sequences

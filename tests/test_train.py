@@ -273,7 +273,7 @@ def test_init_from_a_bpe_run_records_its_tokenizer_and_generates_what_the_parent
                          f"ckpt_path={child / 'checkpoints' / 'last.ckpt'}", "overwrite=true"))
 
 
-def test_a_prompt_is_taken_as_typed_after_dashes_from_a_file_or_from_stdin(tmp_path):
+def test_a_prompt_is_taken_as_typed_after_dashes_from_a_file_or_from_stdin(tmp_path, monkeypatch):
     """`llmzoo-generate run_dir=... -- 12 + 7 =`, `echo "12 + 7 =" | llmzoo-generate ...`,
     prompt_file= and prompt=12 + 7 = (no Hydra quoting) all generate what the quoted form does."""
     import subprocess
@@ -288,13 +288,20 @@ def test_a_prompt_is_taken_as_typed_after_dashes_from_a_file_or_from_stdin(tmp_p
     text = "12 + 7 ="
     loaded = llmzoo.load_run(run)
     want = text + llmzoo.generate(loaded, None, [text], max_new_tokens=8)[0]
-    dashes = run_cli("llmzoo-generate", f"run_dir={run}", "max_new_tokens=8", "--", "12", "+", "7", "=")
+    # the command reads the piped prompt; `-- 12 + 7 =` and prompt= are parsed into the same text
     piped = subprocess.run([str(BIN / "llmzoo-generate"), f"run_dir={run}", "max_new_tokens=8"], input=text + "\n",
                            capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0, piped.stderr[-2000:]
-    assert dashes.stdout.strip() == piped.stdout.strip() == want.strip()
+    assert piped.stdout.strip() == want.strip()
+    assert typed_prompt([f"run_dir={run}", "max_new_tokens=8", "--", "12", "+", "7", "="]) == (
+        [f"run_dir={run}", "max_new_tokens=8"], text)
     for typed in (f"prompt={text}", f"prompt='{text}'"):  # as typed, or with Hydra's quotes
         assert typed_prompt([f"run_dir={run}", typed, "max_new_tokens=8"]) == ([f"run_dir={run}", "max_new_tokens=8"], text)
+    from llmzoo import cli
+
+    monkeypatch.setattr(cli, "_TYPED_PROMPT", text)  # what generate_main keeps of the command line
+    assert _prompts(OmegaConf.create({"prompt_file": None, "prompts": ["other"], "prompt": "x"})) == [text]
+    monkeypatch.setattr(cli, "_TYPED_PROMPT", None)
     (tmp_path / "p.txt").write_text(text + "\n")
     assert _prompts(OmegaConf.create({"prompt_file": str(tmp_path / "p.txt"), "prompts": None, "prompt": "x"})) == [text]
     with pytest.raises(UserError, match="prompt_file=.*no such file"):
