@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources as resources
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -370,13 +372,14 @@ def _target_nodes(node: Any, key: str = "") -> Iterable[tuple[str, DictConfig]]:
                 yield from _target_nodes(child, f"{key}[{i}]")
 
 
-_SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+_SIMPLE = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "NoneType": type(None)}
 
 
 def _type_problem(key: str, annotation: Any, v: Any) -> str | None:
     """A value that cannot have its parameter's simple annotation (``int``, ``float | None``, ...)."""
-    names = [a.strip() for a in str(annotation).replace("Optional[", "").rstrip("]").split("|")] \
-        if isinstance(annotation, str) else [getattr(annotation, "__name__", "?")]
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)  # float | None as an object
+    names = [a.strip() for a in str(annotation).replace("Optional[", "").rstrip("]").split("|")] if isinstance(
+        annotation, str) else [getattr(a, "__name__", "?") for a in (typing.get_args(annotation) if union else [annotation])]
     if not names or any(n not in _SIMPLE for n in names) or OmegaConf.is_config(v):
         return None
     for n in names:

@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .errors import DataError  # noqa: F401 - plugins import it from here
 from .interfaces import Tokenizer, TokenizerExtras, TrainableTokenizer
-# Finding and checking input files is shared with the plugins' data modules:
 from .shared.files import (FORMATS, SAVED, ScanReport, all_formats, check_files, is_saved_dataset,  # noqa: F401
-                           plugin_formats, resolve_files)  # (their old home)
+                           plugin_formats, resolve_files)  # shared with the plugins' data modules; here: old home
 from .shared.chat import ChatTemplate  # noqa: F401 - its old home
 
 log = logging.getLogger(__name__)

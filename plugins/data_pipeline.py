@@ -320,6 +320,11 @@ def check_pipeline_config(cfg: DictConfig) -> None:
             extra = f" (or {', '.join(map(str, also))})" if also else ""
             raise UserError(f"{key}={value!r}: must be a whole number >= {low}{extra}")
 
+    from llmzoo.config import node_problems
+
+    problems = node_problems(cfg)  # every filter, dedup, select and executor node against its class
+    if problems:
+        raise UserError("invalid llmzoo-data config:\n  - " + "\n  - ".join(problems))
     if cfg.get("input_format", "jsonl") not in INPUT_FORMATS:
         raise UserError(f"input_format={cfg.get('input_format')!r} is not one of {list(INPUT_FORMATS)}")
     if not isinstance(cfg.get("text_field"), str) or not cfg.text_field:

@@ -529,6 +529,48 @@ def test_config_fuzz_every_numeric_key_of_every_training_option_is_type_checked(
     assert not silent, f"{len(silent)} of {checked} accepted a word:\n" + "\n".join(silent)
 
 
+def test_config_fuzz_every_numeric_key_of_generate_serve_eval_and_data_is_one_message_before_work(tmp_path):
+    """Generated like the training fuzz: each numeric or boolean setting of llmzoo-generate,
+    -serve, -eval and -data set to a word is one UserError naming it, before any run is
+    loaded or any document read (the data filters' settings included)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from llmzoo.cli import _generate
+    from llmzoo.errors import UserError
+    from llmzoo_plugins.data_pipeline import run_pipeline
+    from llmzoo_plugins.evaluation import evaluate
+    from llmzoo_plugins.serve import serve
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "a document of a few words to filter"}) + "\n")
+    missing = f"run_dir={tmp_path / 'no_run'}"
+    apps = {"generate": (_generate, [missing]), "serve": (serve, [missing]), "eval": (evaluate, [missing]),
+            "data_pipeline": (run_pipeline, [f"input={tmp_path / 'in.jsonl'}", "dedup=minhash",
+                                             "filter=[length,gopher_repetition,gopher_quality,c4]"])}
+    checked, wrong = 0, []
+    for app, (work, overrides) in apps.items():
+        base = llmzoo.compose(app, overrides, validate=False)
+        for key, _ in _numeric_leaves(base, ""):
+            key = key.lstrip(".")
+            if key.startswith(("hydra", "eval_task.", "lm_eval.")):  # eval's task settings: not yet checked first
+                continue
+            bad = OmegaConf.create(OmegaConf.to_container(base))
+            with open_dict(bad):
+                OmegaConf.update(bad, key, "not-a-number", force_add=True)
+                if app == "data_pipeline":
+                    bad.output = str(tmp_path / f"out_{checked}")
+            checked += 1
+            try:
+                work(bad)
+                wrong.append(f"{app} {key}: accepted")
+            except UserError as e:
+                if key.split(".")[-1] not in str(e):
+                    wrong.append(f"{app} {key}: the message does not name it: {e}")
+            except Exception as e:  # noqa: BLE001
+                wrong.append(f"{app} {key}: {type(e).__name__}: {e}")
+    assert checked >= 30 and not wrong, "\n".join(wrong)
+    assert not list(tmp_path.glob("out_*/filtered"))  # no document was read
+
+
 @pytest.mark.parametrize("override,expected", [
     ("model.dim=abc", "model.dim must be a positive integer"),  # llmzoo's ConfigError
     ("block=nope", "Could not find 'block/nope'"),          # Hydra's own message (listing the options): exit 2
