@@ -197,11 +197,15 @@ class Task:
 
 
 def task_problems(name: str, node: Any) -> list[str]:
+    from llmzoo.config import Rule, settings_problems
+
     if node.get("kind") not in KINDS:
         return [f"eval_task.{name}.kind={node.get('kind')!r} is not one of {list(KINDS)}"]
     if not isinstance(node.get("k", 0), int) or node.get("k", 0) < 0:
         return [f"eval_task.{name}.k={node.get('k')!r}: the number of in-context examples, an integer >= 0"]
-    return []
+    rules = {"seed": Rule(int, 0), "limit": Rule(int, 1, nullable=True), "max_new_tokens": Rule(int, 1),
+             "chat": Rule(bool)}  # Task's other numbers, checked before the run is loaded
+    return [f"eval_task.{name}.{p}" for p in settings_problems(node, rules, {})]
 
 
 # ----------------------------------------------------------------------------- the app
@@ -216,7 +220,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise UserError("invalid eval config:\n  " + "\n  ".join(problems))
     from llmzoo.config import Rule, check_device, check_settings
 
-    check_settings(cfg, {"batch_size": Rule(int, 1)})
+    check_settings(cfg, {"batch_size": Rule(int, 1), "lm_eval.seed": Rule(int, 0)})
     device = check_device(cfg.get("device")) if cfg.get("device") else None
     run = load_run(cfg.run_dir, cfg.get("checkpoint"))
     if device:
