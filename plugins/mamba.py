@@ -33,7 +33,7 @@ from torch import nn
 
 from llmzoo.shared.decoding import take_rows
 from llmzoo.interfaces import RECURRENT, ROW_STATE, STATEFUL, STATIC_STATE
-from llmzoo.config import node_class
+from llmzoo.config import Rule, node_class, settings_problems
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,9 @@ def ssd_fla(x, dt, a, B, C, heads_per_group: int, state=None):  # pragma: no cov
 def mamba_problems(node: DictConfig, cfg: DictConfig) -> list[str]:
     """Config checks shared by the Mamba mixers and blocks (``check`` on each class). The
     blocks pass their mixer's settings on as ``**kwargs``, so their types are checked here."""
-    problems = [f"{k}={node[k]!r} is not allowed: a whole number >= 1"
-                for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "dt_rank")
-                if k in node and node[k] is not None and (isinstance(node[k], bool) or not isinstance(node[k], int)
-                                                          or node[k] < 1)]
+    whole = Rule(int, 1, nullable=True)
+    problems = settings_problems(node, dict.fromkeys(("d_state", "d_conv", "expand", "headdim", "ngroups",
+                                                      "chunk_size", "dt_rank"), whole), {})
     if problems:
         return problems
     mamba2 = issubclass(node_class(node) or object, (Mamba2Mixer, Mamba2Block))

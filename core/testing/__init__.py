@@ -506,7 +506,8 @@ def check_strategy(overrides: list[str], run_root: Any, *, steps: int = 2, batch
         assert proc.returncode == 0, f"{' '.join(extra)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
         with open(run_dir / "metrics.csv") as fh:
             losses[name] = [float(r["train_loss"]) for r in csv.DictReader(fh) if r.get("train_loss")]
-        replicas = json.loads((run_dir / "run_summary.json").read_text()).get("data_parallel", 1)
+        if name == "strategy":  # the one-process run gets the strategy's global batch
+            replicas = json.loads((run_dir / "run_summary.json").read_text()).get("data_parallel", 1)
     one, other = losses["one"], losses["strategy"]
     assert len(one) == len(other) == steps, f"logged {len(one)} and {len(other)} steps, expected {steps}"
     for step, (a, b) in enumerate(zip(one, other)):
