@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 #: The plugin contract's version (interfaces, hookspecs, capability names); CHANGELOG.md
 #: records every change. A plugin module states the one it was written for with
 #: ``LLMZOO_CONTRACT = "3"``; ``llmzoo plugins`` shows it.
-__contract_version__ = "3"
+__contract_version__ = "3.1"
 
 __all__ = [
     "Batch", "Block", "ChatTemplate", "ConfigError", "Decoder", "LanguageModel", "Loss", "ModelOutput", "Objective",

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, open_dict
 from .config import (CONF_PACKAGE, Rule, check_device, check_settings, list_options, shadowed_options,
                      validate_config)
 from .errors import Interrupted, UserError, debug, reported
-from .interfaces import DecoderExtras, Quantizer
+from .interfaces import DecoderExtras
 from .shared.prompts import prompts_from, typed_prompt
 from .plugins import get_plugin_manager
 
@@ -202,6 +202,7 @@ GENERATE_RULES = {"max_new_tokens": Rule(int, 0), "chat": Rule(bool), "save_quan
 
 def _generate(cfg: DictConfig) -> None:
     from .api import build_decoder, generate_ids, load_run, prompt_ids, ready_decoder
+    from .shared.decoding import quantized
 
     _quiet_libraries()
     if cfg.run_dir is None:
@@ -216,13 +217,14 @@ def _generate(cfg: DictConfig) -> None:
     decoder = build_decoder(run_cfg)
     model = model.to(device)
     if cfg.get("quantize"):
-        model = _quantize(model, cfg, Path(cfg.run_dir))
+        model = quantized(model, cfg.quantize, Path(cfg.run_dir), reuse=cfg.checkpoint is None,
+                          save=bool(cfg.get("save_quantized")))
     run = run._replace(model=model)
     try:
         decoder = ready_decoder(run, decoder)
     except ValueError as e:
         raise UserError(str(e)) from None
-    prompts = _prompts(cfg)
+    prompts = prompts_from(cfg, _TYPED_PROMPT)
     ids = prompt_ids(tokenizer, prompts, chat=bool(cfg.get("chat")))
     t0 = time.perf_counter()
     outs = generate_ids(run, decoder, ids, max_new_tokens=cfg.max_new_tokens)
@@ -236,28 +238,7 @@ def _generate(cfg: DictConfig) -> None:
     print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
 
 
-def _quantize(model, cfg: DictConfig, run_dir: Path):
-    """Quantize with ``cfg.quantize``; reuse (or with save_quantized=true, write) the
-    quantized weights stored in the run folder."""
-    from hydra.utils import instantiate
-
-    quantizer: Quantizer = instantiate(cfg.quantize, _convert_="all")
-    path = run_dir / f"model-{quantizer.name}.safetensors"
-    if path.exists() and cfg.checkpoint is None:
-        print(f"[loading quantized weights from {path}]", file=sys.stderr)
-        return quantizer.load(model, path)
-    model = quantizer(model)
-    if cfg.get("save_quantized"):
-        quantizer.save(model, path)
-        print(f"[quantized weights saved to {path}]", file=sys.stderr)
-    return model
-
-
 _TYPED_PROMPT: str | None = None  # the prompt as typed on the command line (``--`` or ``prompt=``)
-
-
-def _prompts(cfg: DictConfig) -> list[str]:
-    return prompts_from(cfg, _TYPED_PROMPT)
 
 
 def generate_main() -> None:

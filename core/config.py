@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
-from .interfaces import BlockExtras, implied
+from .interfaces import PACKED, BlockExtras, ObjectiveExtras, implied
 from .plugins import get_plugin_manager
 
 CONF_PACKAGE = "llmzoo_conf"
@@ -157,6 +157,9 @@ def core_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"objective={_choice(cfg, 'objective')} needs batch fields {sorted(wanted - provided)}, which "
                         f"data={_choice(cfg, 'data')} does not provide (it provides {sorted(provided)}); "
                         + (f"use {' or '.join(fits)}" if fits else "choose a data module that provides them"))
+    if cfg.data.get("packing") == "document" and packing_problems(cfg):
+        problems.append("data.packing=document keeps packed documents apart, which this run cannot: "
+                        f"{'; '.join(packing_problems(cfg))}; use data.packing=concat, none or auto")
     owners = [g for g in ("objective", "parallel") if _owns_step(cfg[g])]
     if len(owners) > 1:
         problems.append(f"objective={_choice(cfg, 'objective')} and parallel={_choice(cfg, 'parallel')} both own the "
@@ -171,6 +174,24 @@ def core_problems(cfg: DictConfig) -> list[str]:
                     f"but block={_choice(cfg, 'block')}: {part} lacks {sorted(required - caps)} (it has {sorted(caps)})"
                 )
     return problems
+
+
+def packing_problems(cfg: DictConfig) -> list[str]:
+    """Why the configured stack cannot train on packed rows with document boundaries (empty: it can)."""
+    why = [f"block={_choice(cfg, 'block')}: {part} lacks the 'packed' capability"
+           for part, caps in (block_capabilities(cfg) or {"the block": frozenset()}).items() if PACKED not in caps]
+    if ObjectiveExtras.of(node_class(cfg.objective)).inputs is not None:
+        why.append(f"objective={_choice(cfg, 'objective')} builds its own model inputs")
+    if _owns_step(cfg.parallel):
+        why.append(f"parallel={_choice(cfg, 'parallel')} runs the model its own way (it owns the step)")
+    return why
+
+
+def packing_of(cfg: DictConfig) -> Any:
+    """``data.packing`` as it runs: ``auto`` is ``document`` where the stack can keep packed
+    documents apart (``packing_problems`` finds nothing), else the data module's unpacked way."""
+    packing = cfg.data.get("packing")
+    return "document" if packing == "auto" and not packing_problems(cfg) else packing
 
 
 def _owns_step(node: Any) -> bool:

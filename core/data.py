@@ -7,7 +7,6 @@ the bad records are dropped and counted, never silently.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,13 +14,15 @@ from typing import Any, Iterator, cast
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from .errors import DataError  # noqa: F401 - plugins import it from here
-from .interfaces import Tokenizer, TokenizerExtras, TrainableTokenizer
+from .interfaces import IGNORE_INDEX, Tokenizer, TokenizerExtras, TrainableTokenizer
 from .shared.files import (FORMATS, SAVED, ScanReport, all_formats, check_files, is_saved_dataset,  # noqa: F401
-                           plugin_formats, resolve_files)  # shared with the plugins' data modules; here: old home
+                           load_saved_dataset, plugin_formats, resolve_files, text_column)  # shared with the plugins' data modules; here: old home
 from .shared.chat import ChatTemplate  # noqa: F401 - its old home
+from .shared.sampling import ResumableSampler, data_rank  # noqa: F401 - shared with the plugins' data modules
 
 log = logging.getLogger(__name__)
 
@@ -34,56 +35,18 @@ def _read_records(fmt: str, files: list[str], skip_bad: bool, options: dict, sta
             yield {"text": record["text"]}
 
 
-# ----------------------------------------------------------------------------- sampling
-def data_rank(trainer: Any) -> tuple[int, int]:
-    """(this process's data rank, number of data ranks): the data-parallel ones. The
-    processes of one tensor-parallel or pipeline group share a rank: same batches."""
-    if trainer is None:
-        return 0, 1
-    kw = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-    return int(kw.get("rank", trainer.global_rank)), int(kw.get("num_replicas", trainer.world_size))
-
-
-class ResumableSampler(Sampler[int]):
-    """Shuffles with seed + epoch, splits across ranks, and can start mid-epoch.
-
-    Each epoch uses the same number of samples on every rank (a whole number of
-    global batches); ``start_batch`` skips the batches a resumed run already saw.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1):
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, 0
-        self.epoch_offset = 0  # the data epoch minus Lightning's epoch counter (set on resume)
-        self.per_rank = (n // (batch_size * world_size)) * batch_size
-        if self.per_rank == 0:
-            raise DataError(f"only {n} sequences: fewer than one global batch of "
-                            f"{batch_size} x {world_size} processes; lower data.batch_size or data.seq_len")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch + self.epoch_offset
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        mine = order[: self.per_rank * self.world_size][self.rank:: self.world_size]
-        start, self.start_batch = self.start_batch * self.batch_size, 0
-        return iter(mine[start:].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
 # ----------------------------------------------------------------------------- the data module
+PACKINGS = ("auto", "document", "concat", "none")
+
+
 class TextDataModule(L.LightningDataModule):
-    """Tokenized, packed language-modelling data. Batches are dicts with ``input_ids``
-    and ``labels`` (B, seq_len); documents are joined with the tokenizer's eos (and
-    start with its bos when the tokenizer's ``add_bos`` says so)."""
+    """Tokenized language-modelling data. Batches are dicts with ``input_ids`` and ``labels``
+    (B, seq_len); documents end with the tokenizer's eos (and start with its bos when the
+    tokenizer's ``add_bos`` says so). ``packing``: ``concat`` joins them into rows of seq_len
+    tokens; ``document`` makes the same rows and adds ``doc_ids`` (B, seq_len), so attention and
+    recurrent states stay inside each document and no document's first token is a target;
+    ``none`` gives each document its own row, cut to seq_len and padded; ``auto`` (resolved
+    before the run, ``llmzoo.config.packing_of``) is document where the stack allows it, else concat."""
 
     provides = frozenset({"input_ids", "labels"})
 
@@ -91,8 +54,11 @@ class TextDataModule(L.LightningDataModule):
                  seq_len: int = 128, batch_size: int = 16, val_fraction: float = 0.05, max_val_sequences: int = 256,
                  num_workers: int = 0, skip_bad_records: bool = False, cache_dir: str | None = None,
                  sample_by: str = "line", seed: int = 0, work_dir: str | None = None,
-                 format_options: dict | None = None):
+                 format_options: dict | None = None, packing: str = "concat"):
         super().__init__()
+        if packing not in PACKINGS:
+            raise DataError(f"data.packing={packing!r} is not one of {list(PACKINGS)}")
+        self.packing = "concat" if packing == "auto" else packing
         self.tokenizer = tokenizer
         self.path, self.format, self.text_field, self.seq_len = path, format, text_field, seq_len
         self.batch_size, self.val_fraction, self.max_val_sequences = batch_size, val_fraction, max_val_sequences
@@ -110,7 +76,7 @@ class TextDataModule(L.LightningDataModule):
         if os.environ.get("CI"):
             datasets.disable_progress_bars()
         if self.format == SAVED or (self.format in (None, "auto") and is_saved_dataset(self.path)):
-            return self._load_saved()
+            return load_saved_dataset(self.path, self.text_field, self.skip_bad_records, self.cache_dir)
         files, fmt = resolve_files(self.path, self.format)
         if fmt in plugin_formats():
             return self._load_plugin_format(files, fmt)
@@ -119,7 +85,7 @@ class TextDataModule(L.LightningDataModule):
         files = check_files(files, fmt, self.text_field, self.skip_bad_records, self.work_dir / "clean_data")
         if fmt == "arrow":
             ds = datasets.load_dataset("arrow", data_files=files, split="train", cache_dir=self.cache_dir)
-            return self._text_column(ds, files[0])
+            return text_column(ds, self.text_field, files[0], self.skip_bad_records, self.path)
         if fmt == "text":
             ds = datasets.load_dataset("text", data_files=files, split="train", cache_dir=self.cache_dir,
                                        sample_by=self.sample_by)
@@ -154,52 +120,6 @@ class TextDataModule(L.LightningDataModule):
         ds = datasets.Dataset.from_generator(_read_records, cache_dir=self.cache_dir, gen_kwargs={
             "fmt": fmt, "files": files, "skip_bad": self.skip_bad_records, "options": options, "stamp": stamp})
         return ds.select_columns(["text"])
-
-    def _load_saved(self):
-        """A ``save_to_disk`` folder (Arrow files and JSON metadata: nothing is executed);
-        of a DatasetDict, its "train" split (or its only one). Its Arrow files are read
-        like data.format=arrow, so datasets' caches go to its cache folder, never into the
-        user's folder."""
-        import datasets
-
-        folder = Path(self.path)
-        if not is_saved_dataset(folder):
-            raise DataError(f"data.path={self.path!r}: not a folder written by datasets' save_to_disk (no state.json "
-                            "or dataset_dict.json)")
-        try:
-            if (folder / "dataset_dict.json").is_file():
-                splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
-                if "train" not in splits and len(splits) != 1:
-                    raise DataError(f"data.path={self.path!r}: a DatasetDict with splits {splits} and no 'train' split")
-                folder = folder / ("train" if "train" in splits else splits[0])
-            names = [f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise DataError(f"data.path={self.path!r}: broken save_to_disk metadata ({type(e).__name__}: {e})") from None
-        if any(Path(n).name != n for n in names):
-            raise DataError(f"{folder / 'state.json'}: refused: data file names must be plain file names")
-        ds = datasets.load_dataset("arrow", data_files=[str(folder / n) for n in names], split="train",
-                                   cache_dir=self.cache_dir)
-        return self._text_column(ds, self.path)
-
-    def _text_column(self, ds, where: Any):
-        """Only ``text_field`` (renamed "text"), checked to be text; null or empty rows
-        dropped (null ones only with ``skip_bad_records``)."""
-        feature = ds.features.get(self.text_field)
-        if feature is None:
-            raise DataError(f"{where}: no column {self.text_field!r} (columns: {ds.column_names}); set data.text_field")
-        if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise DataError(f"{where}: column {self.text_field!r} holds {feature}, not text; set data.text_field")
-        ds = ds.select_columns([self.text_field])
-        if self.text_field != "text":
-            ds = ds.rename_column(self.text_field, "text")
-        nulls = [i for i, t in enumerate(ds["text"]) if t is None]
-        if nulls and not self.skip_bad_records:
-            raise DataError(f"{where}: row {nulls[0]}: {self.text_field!r} is null ({len(nulls)} rows are); fix them, "
-                            "or set data.skip_bad_records=true to drop them")
-        ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, desc="dropping empty records")
-        if len(ds) == 0:
-            raise DataError(f"data.path={self.path!r}: every record is empty")
-        return ds
 
     def prepare_data(self) -> None:  # called on rank 0 only: fills the datasets cache
         if self.train_ds is None:
@@ -236,9 +156,15 @@ class TextDataModule(L.LightningDataModule):
             return {"ids": [bos + ids + [eos] for ids in encode_batch(batch["text"])]}
 
         def pack(batch):
+            if self.packing == "none":
+                return {"input_ids": [ids[:L_] for ids in batch["ids"]]}
             flat = [i for ids in batch["ids"] for i in ids]
             n = len(flat) // L_
-            return {"input_ids": [flat[k * L_:(k + 1) * L_] for k in range(n)]}
+            rows = {"input_ids": [flat[k * L_:(k + 1) * L_] for k in range(n)]}
+            if self.packing == "document":
+                doc = [d for d, ids in enumerate(batch["ids"]) for _ in ids]
+                rows["doc_ids"] = [doc[k * L_:(k + 1) * L_] for k in range(n)]
+            return rows
 
         ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {name}")
         ds = ds.map(pack, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"packing {name}")
@@ -247,10 +173,20 @@ class TextDataModule(L.LightningDataModule):
         return ds.with_format("torch")
 
     # loaders -------------------------------------------------------------------
-    @staticmethod
-    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if self.packing == "none":  # padded to the longest row, padding never a target
+            lens = torch.tensor([len(r["input_ids"]) for r in rows])
+            ids = torch.full((len(rows), int(lens.max())), self.tokenizer.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :lens[i]] = r["input_ids"]
+            keep = torch.arange(ids.shape[1]) < lens[:, None]
+            return {"input_ids": ids, "labels": ids.masked_fill(~keep, IGNORE_INDEX)}
         ids = torch.stack([r["input_ids"] for r in rows]).long()
-        return {"input_ids": ids, "labels": ids}
+        if self.packing != "document":
+            return {"input_ids": ids, "labels": ids}
+        doc = torch.stack([r["doc_ids"] for r in rows]).long()
+        starts = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)  # a document's first token: no target
+        return {"input_ids": ids, "labels": ids.masked_fill(starts, IGNORE_INDEX), "doc_ids": doc}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_ds, batch_size=self.batch_size, sampler=self.train_sampler,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -109,6 +110,38 @@ class ModelOutput:
 
 
 @dataclass
+class Segments:
+    """Documents packed into the rows of a batch (``data.packing=document``), handed by
+    ``LanguageModel.forward(..., segments=)`` to every block (and ffn) with the PACKED capability.
+
+    doc_ids: (B, T) long, the document of each token: one contiguous run per document, -1 on padding.
+    positions: (B, T) long, each token's position inside its document (0 at its first token).
+    A PACKED block gives each document what it gives alone: attention within a document with
+    rotary positions at ``positions``, recurrent states reset where ``positions == 0``. Masks
+    derived from them are kept in ``cache`` (built once per batch, shared by the layers).
+    """
+
+    doc_ids: torch.Tensor
+    positions: torch.Tensor
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, doc_ids: torch.Tensor) -> "Segments":
+        """Segments of the (B, T) document ids, positions counted from each document's start."""
+        index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+        starts = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True)
+        return cls(doc_ids, index - torch.where(starts, index, 0).cummax(1).values)
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where query t may see key s: same document and s <= t."""
+        if "mask" not in self.cache:
+            T = self.doc_ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
+            self.cache["mask"] = ((self.doc_ids[:, :, None] == self.doc_ids[:, None, :]) & causal)[:, None]
+        return self.cache["mask"]
+
+
+@dataclass
 class Metric:
     """A logged figure that says how it combines over processes and micro-batches:
     ``"mean"`` (weighted by each part's ``Objective.weight`` where a strategy splits a
@@ -184,7 +217,9 @@ class Block(Protocol):
     When ``state`` (from ``init_state``) is given, the block reads and advances it so
     that feeding a sequence in pieces (e.g. one token at a time) gives the same
     outputs as one forward over the whole sequence. All rows of a batch share one
-    position: the state holds ``pos`` tokens for every row.
+    position: the state holds ``pos`` tokens for every row. A block with the PACKED
+    capability is also called as ``forward(x, segments=Segments)`` (packed training rows,
+    no state); other blocks never get ``segments``.
     """
 
     capabilities: frozenset[str]
@@ -221,6 +256,9 @@ ROW_STATE = "row_state"
 # whose column-/row-wise split keeps the math unchanged (parallel=tp; a mixer or ffn
 # declares its own plan, ResidualBlock joins them).
 TENSOR_PARALLEL = "tensor_parallel"
+# forward(x, segments=Segments) keeps the documents packed into a row apart: each gives what
+# it gives alone (data.packing=document; llmzoo.testing.check_block tests it).
+PACKED = "packed"
 
 #: What a capability implies: every kind of decode state is a decode state. Applied by
 #: ``capabilities_of`` -- at compose time and at run time alike -- so a block that declares

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .interfaces import BlockExtras, capabilities_of
+from .interfaces import PACKED, BlockExtras, Segments, capabilities_of
 
 
 class RMSNorm(nn.Module):
@@ -89,10 +89,14 @@ class ResidualBlock(nn.Module):
             plan.update({"ffn_norm": "norm", **{f"ffn.{k}": v for k, v in (ffn.tensor_parallel_plan or {}).items()}})
         return plan
 
-    def forward(self, x: torch.Tensor, *, state: Any = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), state=state)
+    def forward(self, x: torch.Tensor, *, state: Any = None, segments: Segments | None = None) -> torch.Tensor:
+        if segments is not None:  # packed rows: the mixer keeps documents apart; a PACKED ffn is told too
+            x = x + self.mixer(self.mixer_norm(x), segments=segments)
+            kw = {"segments": segments} if PACKED in capabilities_of(self.ffn) else {}
+        else:
+            x, kw = x + self.mixer(self.mixer_norm(x), state=state), {}
         if self.ffn_norm is not None:  # with the ffn
-            x = x + self.ffn(self.ffn_norm(x))
+            x = x + self.ffn(self.ffn_norm(x), **kw)
         return x
 
     def init_state(self, batch_size: int, max_len: int, *, device=None, dtype=None, **kw: Any) -> Any:

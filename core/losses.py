@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .interfaces import Batch, Loss, Objective, ObjectiveExtras
+from .interfaces import Batch, Loss, Objective, ObjectiveExtras, Segments
 from .shared import moved
 
 
@@ -44,7 +44,12 @@ def run_objective(model: Any, objective: Objective, batch: Batch) -> Loss:
     if extras.prepare is not None:
         with torch.no_grad():
             batch = extras.prepare(model, batch)
-    kwargs = {} if "logits" in extras.reads else {"logits": False}
+    kwargs: dict[str, Any] = {} if "logits" in extras.reads else {"logits": False}
+    if "doc_ids" in batch:  # packed rows (data.packing=document)
+        if extras.inputs is not None:
+            raise ValueError(f"{type(objective).__name__} builds its own model inputs: it cannot take packed rows "
+                             "(set data.packing=none or concat)")
+        kwargs["segments"] = Segments.of(batch["doc_ids"])
     return objective.loss(model(model_inputs(objective, batch), **kwargs), batch)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .interfaces import BlockExtras, ModelOutput, capabilities_of
+from .interfaces import PACKED, BlockExtras, ModelOutput, Segments, capabilities_of
 from .layers import RMSNorm, flops_of
 
 
@@ -18,7 +18,8 @@ class LanguageModel(nn.Module):
     ``blocks`` is a sequence of modules implementing ``llmzoo.interfaces.Block``
     (build them one per layer: a shared instance would share weights).
     ``forward(input_ids (B, T), states=None) -> ModelOutput(logits (B, T, V), aux_loss)``.
-    With ``states`` from ``init_states`` the call advances them (incremental decoding).
+    With ``states`` from ``init_states`` the call advances them (incremental decoding);
+    with ``segments`` (``llmzoo.interfaces.Segments``) each row holds packed documents.
     ``logits=False`` skips the head: the output carries ``hidden`` and ``head_weight`` for a
     loss that forms the logits itself, chunk by chunk (``llmzoo.shared.losses.linear_cross_entropy``).
     """
@@ -77,9 +78,15 @@ class LanguageModel(nn.Module):
                 reset()
 
     def forward(self, input_ids: torch.Tensor, *, states: list[Any] | None = None,
-                logits: bool = True) -> ModelOutput:
+                logits: bool = True, segments: Segments | None = None) -> ModelOutput:
         x = self.embedding(input_ids)
-        for i, block in enumerate(self.blocks):
+        if segments is not None:  # packed rows: every block must keep their documents apart
+            if states is not None or PACKED not in self.capabilities:
+                raise ValueError("packed rows (segments) need blocks with the 'packed' capability and no decode "
+                                 f"states; these blocks have {sorted(self.capabilities)}")
+            for block in self.blocks:
+                x = block(x, segments=segments)
+        for i, block in enumerate(self.blocks if segments is None else ()):
             x = block(x, state=None if states is None else states[i])
         hidden = self.norm(x)
         aux = None

@@ -29,13 +29,13 @@ from .shared.flops import device_peak_flops, mfu
 from .api import (CONFIG_FILE, TOKENIZER_DIR, Run, build_adapter, build_model, build_objective, build_strategy,
                   build_tokenizer, check_checkpoint_path, generate, load_foreign, load_local, prompt_ids,
                   safe_torch_load, save_final, tokenizer_files, weights_only_loads)
-from .config import validate_config
+from .config import packing_of, validate_config
 from .data import data_rank
 from .errors import CheckpointError, Interrupted, NonFiniteError, RunFolderError, UserError
 from .model import LanguageModel
 from .interfaces import (BlockExtras, DataModuleExtras, Metric, Objective, ObjectiveExtras, ParallelStrategy,
                          StrategyExtras, Tokenizer, TokenizerExtras, TrainSampler, as_metric)
-from .losses import model_inputs, run_objective
+from .losses import batch_weight, model_inputs, run_objective
 from .shared.sharding import clip_grad_norm_
 from .plugins import get_plugin_manager
 
@@ -140,6 +140,12 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.automatic_optimization:
             loss = run_objective(self.model, self.objective, batch)
+            if self.trainer.world_size > 1 and self._objective_extras.weight is not None:
+                # a mean over every process's tokens, as one process takes it: the processes count
+                # different tokens (packed documents, padding) and their gradients are averaged
+                w = batch_weight(self.objective, batch).float().to(loss.value.device)
+                total = self.trainer.strategy.reduce(w.clone(), reduce_op="sum")
+                loss.value = loss.value * w * self.trainer.world_size / total
             self.last_loss = loss.value.detach()  # read by callbacks before the optimizer step (NaN guard)
         else:
             assert self._train_step is not None
@@ -622,6 +628,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: tuple[int | None, dict | None
                 with open_dict(cfg):
                     cfg.tokenizer = start.cfg.tokenizer
     tokenizer = start.tokenizer if start else build_tokenizer(cfg)
+    if cfg.data.get("packing") == "auto":  # resolved and recorded where the stack keeps documents apart
+        cfg.data.packing = packing_of(cfg)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, work_dir=str(run_dir), _convert_="all")
     if not TokenizerExtras.of(tokenizer).is_trained:
         data.prepare_data()  # trains the tokenizer; its vocabulary size sizes the model

@@ -5,7 +5,12 @@ Attention backends (``backend:``):
   reference  explicit softmax(QK^T / sqrt(d)) V in float32 -- the ground truth
   sdpa       torch.nn.functional.scaled_dot_product_attention
   flash      flash-attn's kernels (CUDA, fp16/bf16, flash-attn installed)
+  flex       torch's compiled flex_attention (packed rows: a block-causal block mask; CUDA
+             for training, its backward does not run on CPU)
   auto       flash when it can run on the input, else sdpa
+Packed rows (``segments``, data.packing=document): attention stays inside each document and
+the rotary positions restart with it; flash takes its varlen path, flex a block mask built
+once per batch, reference and sdpa a dense (B, 1, T, T) mask (the reference).
 Separate q, k, v and out projections, named and laid out as Llama's (q_proj, ...), so
 Hugging Face ``LlamaForCausalLM`` weights map one to one (``llmzoo_plugins.hf_models``,
 ``llmzoo import-hf`` / ``export-hf``) and tensor parallelism splits q, k and v column-wise by
@@ -26,12 +31,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.shared.decoding import take_rows
-from llmzoo.interfaces import KV_CACHE, ROW_STATE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK
+from llmzoo.interfaces import (KV_CACHE, PACKED, ROW_STATE, STATEFUL, STATIC_STATE, TENSOR_PARALLEL, TREE_MASK,
+                               Segments)
 from llmzoo.layers import ResidualBlock, RMSNorm, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "sdpa", "flash")
+BACKENDS = ("auto", "reference", "sdpa", "flash", "flex")
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -367,13 +373,77 @@ def flash_available() -> bool:
     return torch.cuda.is_available()
 
 
-KERNELS = {"reference": attention_reference, "sdpa": attention_sdpa, "flash": attention_flash}
+def attention_flex(q, k, v, mask=None):
+    """Unpacked rows through flex_attention: the plain causal (or the given dense) mask."""
+    return attention_sdpa(q, k, v, mask)
 
 
-def pick_backend(requested: str, x: torch.Tensor) -> str:
+KERNELS = {"reference": attention_reference, "sdpa": attention_sdpa, "flash": attention_flash, "flex": attention_flex}
+
+
+# ----------------------------------------------------------------------------- packed rows
+def packed_mask(segments: Segments, window: int | None) -> torch.Tensor:
+    """(B, 1, T, T) bool: same document, causal, and with ``window`` less than window tokens back."""
+    mask = segments.mask()
+    if window:
+        key = ("window", window)
+        if key not in segments.cache:
+            t = torch.arange(mask.shape[-1], device=mask.device)
+            segments.cache[key] = mask & (t[None, :] > t[:, None] - window)
+        mask = segments.cache[key]
+    return mask
+
+
+_flex = None
+
+
+def flex_block_mask(segments: Segments, window: int | None):
+    """flex_attention's BlockMask of the packed rows, built once per batch (kept in ``segments.cache``)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = ("flex", window)
+    if key not in segments.cache:
+        doc = segments.doc_ids
+        B, T = doc.shape
+
+        def same_document(b, h, q_idx, kv_idx):
+            keep = (doc[b, q_idx] == doc[b, kv_idx]) & (kv_idx <= q_idx)
+            return keep & (kv_idx > q_idx - window) if window else keep
+
+        segments.cache[key] = create_block_mask(same_document, B, None, T, T, device=doc.device)
+    return segments.cache[key]
+
+
+def attention_packed(backend: str, q, k, v, segments: Segments, window: int | None):
+    """Attention of packed rows (q: (B, H, T, hd), k, v: (B, H_kv, T, hd)), documents kept apart."""
+    if backend == "flex":
+        global _flex
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if _flex is None:
+            _flex = torch.compile(flex_attention, dynamic=False)
+        return _flex(q, k, v, block_mask=flex_block_mask(segments, window), enable_gqa=q.shape[1] != k.shape[1])
+    if backend == "flash":  # pragma: no cover - CUDA only, see tests/gpu
+        from flash_attn import flash_attn_varlen_func
+
+        B, H, T, hd = q.shape
+        starts = (segments.positions.flatten() == 0).nonzero().flatten()
+        cu = F.pad(starts, (0, 1), value=B * T).to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v)]
+        out = flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=True,
+                                     window_size=(window - 1, 0) if window else (-1, -1))
+        return out.view(B, T, H, hd).transpose(1, 2)
+    return KERNELS[backend](q, k, v, packed_mask(segments, window))
+
+
+def pick_backend(requested: str, x: torch.Tensor, packed: bool = False) -> str:
     flash_ok = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and flash_available()
+    if requested == "flex" and packed and not x.is_cuda and torch.is_grad_enabled():
+        raise RuntimeError("attention backend 'flex' cannot train on CPU (flex_attention has no CPU backward); "
+                           "use backend=auto (sdpa with a dense document mask there)")
     if requested == "auto":
-        return "flash" if flash_ok else "sdpa"
+        return "flash" if flash_ok else "flex" if packed and x.is_cuda else "sdpa"
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
             "attention backend 'flash' needs flash-attn installed, a CUDA tensor and fp16/bf16 "
@@ -393,7 +463,7 @@ class Attention(nn.Module):
     itself and the window - 1 keys before it: Mistral).
     """
 
-    capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK, TENSOR_PARALLEL, ROW_STATE})
+    capabilities = frozenset({KV_CACHE, STATEFUL, STATIC_STATE, TREE_MASK, TENSOR_PARALLEL, ROW_STATE, PACKED})
     # Tensor parallel: whole heads per process (n_kv_heads divisible by the degree).
     tensor_parallel_plan = {"q": "colwise", "k": "colwise", "v": "colwise", "out": "rowwise"}
 
@@ -429,28 +499,42 @@ class Attention(nn.Module):
         """RoPE on q, k: (B, T, H, hd) -> (B, H, T, hd). ``kernels=liger`` swaps in a fused kernel."""
         return apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, *, state: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, state: KVCache | None = None,
+                segments: Segments | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         # -1: the heads this process holds (all of them unless tensor parallel)
         q, k, v = self.q(x).view(B, T, -1, hd), self.k(x).view(B, T, -1, hd), self.v(x).view(B, T, -1, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        positions = torch.arange(T, device=x.device) if state is None else state.positions(T, x.device)
-        cos, sin = (self.cos[:T], self.sin[:T]) if state is None else (self.cos[positions], self.sin[positions])
+        if segments is not None:  # packed rows: positions restart with each document
+            positions = segments.positions
+        else:
+            positions = torch.arange(T, device=x.device) if state is None else state.positions(T, x.device)
+        cos, sin = (self.cos[:T], self.sin[:T]) if state is None and segments is None else \
+            (self.cos[positions], self.sin[positions])
         q, k = self.rotary(q, k, cos, sin)
         v = v.transpose(1, 2)
+        if segments is not None:
+            y = attention_packed(self._backend(x, packed=True), q, k, v, segments, self.sliding_window)
+            return self.out(y.transpose(1, 2).reshape(B, T, -1))
         mask = None
         if state is not None:
             k, v, mask = state.append(k, v)
         if self.sliding_window and k.shape[2] > self.sliding_window:
             mask = window_mask(positions, k.shape[2], self.sliding_window, mask)
-        if self.backend_used is None:
-            self.backend_used = pick_backend(self.backend, x)
-            if self.layer_idx == 0:
-                log.info("attention backend: %s (requested %s)", self.backend_used, self.backend)
-        y = KERNELS[self.backend_used](q, k, v, mask)
+        y = KERNELS[self._backend(x)](q, k, v, mask)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _backend(self, x: torch.Tensor, packed: bool = False) -> str:
+        """The kernel for this call: picked once (once for packed rows, once for the rest), logged once."""
+        key = "backend_packed" if packed else "backend_used"
+        if getattr(self, key, None) is None:
+            setattr(self, key, pick_backend(self.backend, x, packed))
+            if self.layer_idx == 0:
+                log.info("attention backend%s: %s (requested %s)", " (packed rows)" if packed else "",
+                         getattr(self, key), self.backend)
+        return getattr(self, key)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections, plus QK^T and AV over the full context (as dense kernels compute them)."""

@@ -8,9 +8,13 @@ jsonl records, checked line by line, tokenized through the tokenizer's chat temp
   prompts       {"prompt", "answer" (optional, for rule-based rewards)}
                 -> prompt_ids (left-padded), prompt_lens, and the answers
 
-Samples are not packed: each record is one row, right-padded to the longest in its
-batch (so no sample attends across another's boundary); records longer than
-``seq_len`` are cut (their prompt must fit). A bad record stops the run with
+``packing`` (instructions): ``document`` packs samples into rows of at most ``seq_len``
+tokens, first-fit-decreasing, with ``doc_ids`` so that no sample attends across another's
+boundary (the blocks need the ``packed`` capability); ``concat`` packs alike without
+boundaries; ``none`` gives each record its own row, right-padded to the longest in its
+batch; ``auto`` is document where the stack allows it, else none. Preferences and prompts are padded
+(``none`` only: packing pairs is not built yet). Records longer than ``seq_len`` are cut (their
+prompt must fit). A bad record stops the run with
 ``file:line`` and what is wrong, or -- with ``skip_bad_records`` -- is dropped and
 reported. Records are small, so they are read into memory (not Hugging Face datasets).
 """
@@ -150,9 +154,44 @@ def encode_record(tokenizer, rec: dict, kind: str, seq_len: int) -> dict[str, li
     return out
 
 
+def pack_first_fit(rows: list[dict], seq_len: int, documents: bool) -> list[dict]:
+    """Samples (input_ids, labels) packed into rows of at most ``seq_len`` tokens, longest
+    first, each into the first row with room (first-fit-decreasing); with ``documents`` each
+    row also gets ``doc_ids`` (0, 1, ... per sample)."""
+    bins: list[list[dict]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        n = len(row["input_ids"])
+        at = next((i for i, free in enumerate(room) if free >= n), None)
+        if at is None:
+            bins.append([]), room.append(seq_len)
+            at = len(bins) - 1
+        bins[at].append(row)
+        room[at] -= n
+    packed = []
+    for parts in bins:
+        out = {k: [t for r in parts for t in r[k]] for k in ("input_ids", "labels")}
+        if documents:
+            out["doc_ids"] = [d for d, r in enumerate(parts) for _ in r["input_ids"]]
+        packed.append(out)
+    return packed
+
+
 def pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
+
+
+PACKINGS = ("auto", "document", "concat", "none")
+
+
+def packing_problem(kind: str, packing: str) -> list[str]:
+    if packing not in PACKINGS:
+        return [f"data.packing={packing!r} is not one of {list(PACKINGS)}"]
+    if kind != "instructions" and packing != "none":
+        return [f"data.packing={packing}: only instruction samples are packed; data.kind={kind} rows are padded "
+                "(packing=none)"]
+    return []
 
 
 PROVIDES = {"instructions": frozenset({"input_ids", "labels"}),
@@ -168,14 +207,19 @@ class RecordsDataModule(L.LightningDataModule):
 
     @staticmethod
     def check(node: Any, cfg: Any) -> list[str]:
-        return [] if node.get("kind") in KINDS else [f"data.kind={node.get('kind')!r} is not one of {list(KINDS)}"]
+        if node.get("kind") not in KINDS:
+            return [f"data.kind={node.get('kind')!r} is not one of {list(KINDS)}"]
+        return packing_problem(node.get("kind"), node.get("packing", "none"))
 
     def __init__(self, tokenizer: Any, *, path: str, kind: str, seq_len: int, batch_size: int = 8,
                  val_fraction: float = 0.05, seed: int = 0, skip_bad_records: bool = False, num_workers: int = 0,
-                 work_dir: str | None = None):
+                 work_dir: str | None = None, packing: str = "none"):
         super().__init__()
         if kind not in KINDS:
             raise DataError(f"data.kind={kind!r} is not one of {list(KINDS)}")
+        if packing_problem(kind, packing):
+            raise DataError(packing_problem(kind, packing)[0])
+        self.packing = "none" if packing == "auto" else packing  # auto unresolved: the stack cannot pack
         self.tokenizer, self.path, self.kind, self.seq_len = tokenizer, path, kind, seq_len
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
         self.skip_bad, self.num_workers = skip_bad_records, num_workers
@@ -204,6 +248,13 @@ class RecordsDataModule(L.LightningDataModule):
         random.Random(self.seed).shuffle(rows)
         n_val = int(len(rows) * self.val_fraction)
         self.val_rows, self.train_rows = rows[:n_val], rows[n_val:]
+        if self.packing in ("document", "concat"):
+            samples = len(self.train_rows)
+            self.train_rows = pack_first_fit(self.train_rows, self.seq_len, self.packing == "document")
+            self.val_rows = pack_first_fit(self.val_rows, self.seq_len, self.packing == "document")
+            fill = sum(len(r["input_ids"]) for r in self.train_rows) / (self.seq_len * max(1, len(self.train_rows)))
+            log.info("packing=%s: %d samples in %d rows of %d tokens (%.0f%% filled)", self.packing, samples,
+                     len(self.train_rows), self.seq_len, 100 * fill)
         rank, world = data_rank(self.trainer)
         self.train_sampler = ResumableSampler(len(self.train_rows), self.batch_size, seed=self.seed, rank=rank,
                                               world_size=world)
@@ -218,8 +269,11 @@ class RecordsDataModule(L.LightningDataModule):
     def collate(self, rows: list[dict]) -> dict[str, Any]:
         pad_id = self.tokenizer.pad_id
         if self.kind == "instructions":
-            return {"input_ids": pad([r["input_ids"] for r in rows], pad_id),
-                    "labels": pad([r["labels"] for r in rows], IGNORE_INDEX)}
+            batch = {"input_ids": pad([r["input_ids"] for r in rows], pad_id),
+                     "labels": pad([r["labels"] for r in rows], IGNORE_INDEX)}
+            if self.packing == "document":  # padding is document -1
+                batch["doc_ids"] = pad([r["doc_ids"] for r in rows], -1)
+            return batch
         if self.kind == "prompts":
             return {"prompt_ids": pad([r["prompt_ids"] for r in rows], pad_id, left=True),
                     "prompt_lens": torch.tensor([len(r["prompt_ids"]) for r in rows]),

@@ -18,6 +18,11 @@ Backends (``backend:``):
   auto       cuda when it can run, else triton (Mamba-2), else torch
 Decoding keeps a conv state (the last d_conv - 1 inputs) and the SSM state h: memory
 and time per token do not grow with the context.
+
+Packed rows (``segments``, data.packing=document): the conv sees no input of an earlier
+document and the state h starts from zero at each document's first token (decay cut to 0
+there; in SSD the segment sums cut at boundaries). The CUDA kernels are not used for packed
+rows: they run on the torch path.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.shared.decoding import take_rows
-from llmzoo.interfaces import RECURRENT, ROW_STATE, STATEFUL, STATIC_STATE
+from llmzoo.interfaces import PACKED, RECURRENT, ROW_STATE, STATEFUL, STATIC_STATE, Segments
 from llmzoo.config import Rule, node_class, settings_problems
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
@@ -44,19 +49,22 @@ BACKENDS = ("auto", "reference", "torch", "cuda", "triton", "compile")
 # ============================================================================ Mamba-1 scans
 # x, dt: (b, T, d); A: (d, n); B, C: (b, T, n); h: (b, d, n)
 
-def selective_scan_reference(x, dt, A, B, C, h0=None):
-    """One step at a time: h_t = exp(dt_t A) h_t-1 + dt_t B_t x_t; y_t = h_t C_t."""
+def selective_scan_reference(x, dt, A, B, C, h0=None, starts=None):
+    """One step at a time: h_t = exp(dt_t A) h_t-1 + dt_t B_t x_t; y_t = h_t C_t.
+    ``starts`` (b, T) bool: h_t-1 is dropped there (a packed document begins)."""
     b, T, d = x.shape
     h = torch.zeros(b, d, A.shape[1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
     ys = []
     for t in range(T):
         decay = torch.exp(dt[:, t, :, None].float() * A)
+        if starts is not None:
+            decay = decay * ~starts[:, t, None, None]
         h = decay * h + (dt[:, t] * x[:, t]).float()[:, :, None] * B[:, t, None, :].float()
         ys.append((h * C[:, t, None, :].float()).sum(-1))
     return torch.stack(ys, 1).to(x.dtype), h
 
 
-def selective_scan_fast(x, dt, A, B, C, h0=None):
+def selective_scan_fast(x, dt, A, B, C, h0=None, starts=None):
     """Same result as ``selective_scan_reference``, faster on CPU: decays and inputs of
     all steps are computed at once, leaving one fused multiply-add per step.
 
@@ -65,7 +73,10 @@ def selective_scan_fast(x, dt, A, B, C, h0=None):
     and a log-space cumulative sum -- see benchmarks/README.md.)
     """
     b, T, d = x.shape
-    decay = torch.exp(dt.float()[..., None] * A).unbind(1)  # T x (b, d, n)
+    decay = torch.exp(dt.float()[..., None] * A)
+    if starts is not None:  # packed documents: no state carried into a document's first token
+        decay = decay * ~starts[:, :, None, None]
+    decay = decay.unbind(1)  # T x (b, d, n)
     inp = ((dt * x).float()[..., None] * B.float()[:, :, None, :]).unbind(1)
     h = torch.zeros(b, d, A.shape[1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
     hs = []
@@ -117,24 +128,31 @@ def selective_scan_compiled(x, dt, A, B, C, h0=None, chunk: int = 128):
 # ============================================================================ Mamba-2 scans
 # x: (b, T, h, p); dt: (b, T, h); a: (h,); B, C: (b, T, h, n); state: (b, h, p, n)
 
-def ssd_reference(x, dt, a, B, C, h0=None):
-    """One step at a time: h_t = exp(dt_t a) h_t-1 + dt_t x_t B_t^T; y_t = h_t C_t."""
+def ssd_reference(x, dt, a, B, C, h0=None, starts=None):
+    """One step at a time: h_t = exp(dt_t a) h_t-1 + dt_t x_t B_t^T; y_t = h_t C_t.
+    ``starts`` (b, T) bool: h_t-1 is dropped there (a packed document begins)."""
     b, T, H, P = x.shape
     h = torch.zeros(b, H, P, B.shape[-1], dtype=torch.float32, device=x.device) if h0 is None else h0.float()
     ys = []
     for t in range(T):
         decay = torch.exp(dt[:, t].float() * a)[:, :, None, None]
+        if starts is not None:
+            decay = decay * ~starts[:, t, None, None, None]
         h = decay * h + torch.einsum("bhp,bhn->bhpn", (x[:, t] * dt[:, t, :, None]).float(), B[:, t].float())
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t].float()))
     return torch.stack(ys, 1).to(x.dtype), h
 
 
-def ssd_chunked(x, dt, a, B, C, h0=None, chunk: int = 64):
+def ssd_chunked(x, dt, a, B, C, h0=None, chunk: int = 64, starts=None):
     """Mamba-2's chunked SSD form; same result as ``ssd_reference``.
 
     Inside a chunk, y_t = sum_{s<=t} (C_t . B_s) exp(cs_t - cs_s) dt_s x_s with cs the
     cumulative sum of dt*a (an attention-like product). Each chunk's end state is
     passed on to the next chunk, whose outputs add C_t exp(cs_t) h_in.
+
+    ``starts`` (b, T) bool marks packed documents' first tokens: with r_t the number of
+    starts in the chunk up to t, s reaches t only when r_s = r_t, the incoming state
+    reaches t only when r_t = 0, and s reaches the chunk's end state only when r_s = r_end.
     """
     b, T, H, P = x.shape
     chunk = max(1, min(chunk, T))
@@ -147,17 +165,26 @@ def ssd_chunked(x, dt, a, B, C, h0=None, chunk: int = 64):
     xdt = x.float().view(b, c, chunk, H, P) * dtf[..., None]
     Bc, Cc = B.float().view(b, c, chunk, H, N), C.float().view(b, c, chunk, H, N)
     cs = torch.cumsum(dtf * a, dim=2)  # (b, c, l, h)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    seg = (cs[:, :, :, None, :] - cs[:, :, None, :, :]).masked_fill(~causal[None, None, :, :, None], float("-inf"))
+    reach = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()[None, None]  # (1, 1, t, s)
+    carry_in = carry_out = carry_on = None  # packed rows: what crosses no document start (b, c, l[, ...])
+    if starts is not None:
+        r = torch.cumsum(F.pad(starts, (0, pad)).view(b, c, chunk).long(), dim=2)
+        reach = reach & (r[:, :, :, None] == r[:, :, None, :])
+        carry_in, carry_out, carry_on = r == 0, r == r[:, :, -1:], r[:, :, -1] == 0
+    seg = (cs[:, :, :, None, :] - cs[:, :, None, :, :]).masked_fill(~reach[..., None], float("-inf"))
     scores = torch.einsum("bcthn,bcshn->bctsh", Cc, Bc) * torch.exp(seg)
     y = torch.einsum("bctsh,bcshp->bcthp", scores, xdt)
-    chunk_states = torch.einsum("bcshn,bcsh,bcshp->bchpn", Bc, torch.exp(cs[:, :, -1:] - cs), xdt)
+    to_end = torch.exp(cs[:, :, -1:] - cs)
+    chunk_states = torch.einsum("bcshn,bcsh,bcshp->bchpn", Bc, to_end if carry_out is None else
+                                to_end * carry_out[..., None], xdt)
     h = torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device) if h0 is None else h0.float()
     h_in = []
     for i in range(c):
         h_in.append(h)
-        h = torch.exp(cs[:, i, -1])[:, :, None, None] * h + chunk_states[:, i]
-    y = y + torch.einsum("bcthn,bchpn,bcth->bcthp", Cc, torch.stack(h_in, 1), torch.exp(cs))
+        decay = torch.exp(cs[:, i, -1]) if carry_on is None else torch.exp(cs[:, i, -1]) * carry_on[:, i, None]
+        h = decay[:, :, None, None] * h + chunk_states[:, i]
+    from_start = torch.exp(cs) if carry_in is None else torch.exp(cs) * carry_in[..., None]
+    y = y + torch.einsum("bcthn,bchpn,bcth->bcthp", Cc, torch.stack(h_in, 1), from_start)
     return y.reshape(b, c * chunk, H, P)[:, :T].to(x.dtype), h
 
 
@@ -231,10 +258,19 @@ class MambaState:
         return MambaState(self.conv[:rows], self.ssm[:rows])
 
 
-def causal_conv(u: torch.Tensor, conv: nn.Conv1d, state: MambaState | None) -> torch.Tensor:
-    """Depthwise causal conv over time. u: (B, T, C) -> (B, T, C); advances state.conv."""
-    u = u.transpose(1, 2)
+def causal_conv(u: torch.Tensor, conv: nn.Conv1d, state: MambaState | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv over time. u: (B, T, C) -> (B, T, C); advances state.conv.
+    ``positions`` (B, T) of packed documents: the output at t takes no input from before
+    its document's start (lag j counts only where positions[t] >= j)."""
     k = conv.kernel_size[0]
+    if positions is not None:
+        windows = F.pad(u.transpose(1, 2), (k - 1, 0)).unfold(-1, k, 1)  # (B, C, T, k): lags k-1 ... 0
+        lags = torch.arange(k - 1, -1, -1, device=u.device)
+        inside = (positions[:, None, :, None] >= lags).to(u.dtype)
+        out = torch.einsum("bctk,ck->bct", windows * inside, conv.weight[:, 0].to(u.dtype))
+        return (out + conv.bias.to(u.dtype)[:, None] if conv.bias is not None else out).transpose(1, 2)
+    u = u.transpose(1, 2)
     history = state.conv if state is not None else u.new_zeros(u.shape[0], u.shape[1], k - 1)
     padded = torch.cat([history.to(u.dtype), u], dim=-1)
     if state is not None:
@@ -337,7 +373,7 @@ class MambaMixer(nn.Module):
     """Mamba-1 selective SSM mixer. (B, T, D) -> (B, T, D)."""
 
     check = staticmethod(mamba_problems)
-    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE, ROW_STATE})
+    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE, ROW_STATE, PACKED})
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | None = None,
                  backend: str = "auto", layer_idx: int = 0):
@@ -361,13 +397,19 @@ class MambaMixer(nn.Module):
         self.D.fill_(1.0)
         self.dt_proj.bias.copy_(inverse_softplus(sample_dt(self.d_inner)))
 
-    def forward(self, x: torch.Tensor, *, state: MambaState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, state: MambaState | None = None,
+                segments: Segments | None = None) -> torch.Tensor:
+        positions = segments.positions if segments is not None else None
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs = F.silu(causal_conv(xs, self.conv1d, state))
+        xs = F.silu(causal_conv(xs, self.conv1d, state, positions))
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log.float())
         backend = pick_backend(self.backend, x, state is None)
+        if positions is not None:  # packed documents: the step loops reset h at each start
+            scan = selective_scan_reference if backend == "reference" else selective_scan_fast
+            y, _ = scan(xs, dt, A, B, C, starts=positions == 0)
+            return self.out_proj((y + xs * self.D.to(xs.dtype)) * F.silu(z))
         if not self._logged and self.layer_idx == 0:
             log.info("mamba backend: %s (requested %s)", backend, self.backend)
             self._logged = True
@@ -418,7 +460,7 @@ class Mamba2Mixer(nn.Module):
     """Mamba-2 (SSD) mixer with multi-head scalar decays. (B, T, D) -> (B, T, D)."""
 
     check = staticmethod(mamba_problems)
-    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE, ROW_STATE})
+    capabilities = frozenset({RECURRENT, STATEFUL, STATIC_STATE, ROW_STATE, PACKED})
 
     def __init__(self, dim: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 32,
                  ngroups: int = 1, chunk_size: int = 64, backend: str = "auto", layer_idx: int = 0):
@@ -447,17 +489,21 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(1, 16)))
         self.D.fill_(1.0)
 
-    def forward(self, x: torch.Tensor, *, state: MambaState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, state: MambaState | None = None,
+                segments: Segments | None = None) -> torch.Tensor:
         b, T, _ = x.shape
         H, P, N, G = self.nheads, self.headdim, self.d_state, self.ngroups
+        positions = segments.positions if segments is not None else None
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        xBC = F.silu(causal_conv(xBC, self.conv1d, state))
+        xBC = F.silu(causal_conv(xBC, self.conv1d, state, positions))
         xs, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.reshape(b, T, H, P)
         B, C = B.reshape(b, T, G, N), C.reshape(b, T, G, N)
         dt = F.softplus(dt + self.dt_bias)
         a = -torch.exp(self.A_log.float())
         backend = pick_backend(self.backend, x, state is None, triton=True)
+        if positions is not None:  # packed documents: the torch scans, cut at each start
+            backend = "reference" if backend == "reference" else "torch"
         if not self._logged and self.layer_idx == 0:
             log.info("mamba2 backend: %s (requested %s)", backend, self.backend)
             self._logged = True
@@ -473,7 +519,7 @@ class Mamba2Mixer(nn.Module):
             step_by_step = backend == "reference" or T == 1  # one decode step: the recurrence is cheapest
             scan = ssd_reference if step_by_step else ssd_chunked
             kw = {} if step_by_step else {"chunk": self.chunk_size}
-            y, h = scan(xs, dt, a, Bh, Ch, h0, **kw)
+            y, h = scan(xs, dt, a, Bh, Ch, h0, starts=None if positions is None else positions == 0, **kw)
             if state is not None:
                 state.ssm.copy_(h.detach())
         y = y + xs * self.D.to(xs.dtype)[:, None]

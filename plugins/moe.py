@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llmzoo.config import target_class
-from llmzoo.interfaces import TENSOR_PARALLEL, capabilities_of, summed
+from llmzoo.interfaces import PACKED, TENSOR_PARALLEL, Segments, capabilities_of, summed
 from llmzoo.layers import ResidualBlock, SwiGLU, swiglu_hidden
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class MoE(nn.Module):
     """(B, T, D) -> (B, T, D). Experts are SwiGLU MLPs stored as stacked weights."""
 
     check = staticmethod(moe_problems)
+    capabilities = frozenset({PACKED})  # told of packed rows: its aux losses skip padding
 
     def __init__(self, dim: int, n_experts: int = 8, top_k: int = 2, hidden: int | None = None,
                  n_shared: int = 0, gating: str = "softmax_norm", capacity_factor: float | None = None,
@@ -169,7 +170,9 @@ class MoE(nn.Module):
         return "gather" if n_tokens * self.top_k <= self.n_experts else "torch"
 
     # --------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, segments: Segments | None = None) -> torch.Tensor:
+        """Packed rows (``segments``): routing is per token as ever; the balance and z losses
+        and the load figures count real tokens only (not padding, doc id -1)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router(x)
@@ -190,6 +193,9 @@ class MoE(nn.Module):
         if not self.training:  # evaluation and decoding: no auxiliary losses or statistics to pay for
             self._aux, self.stats = None, {}
             return out.reshape(shape)
+        if segments is not None:
+            real = segments.doc_ids.flatten() >= 0
+            probs, experts, logits = probs[real], experts[real], logits[real]
         balance = switch_balance_loss(probs, experts, self.n_experts)
         z = logits.float().logsumexp(-1).square().mean()
         self._aux = self.balance_loss_weight * balance + self.z_loss_weight * z

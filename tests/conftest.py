@@ -50,8 +50,10 @@ def tiny_cfg(*overrides):
 
 # Two fp32 AdamW steps on a fixed global batch: the runs that parallel strategies are
 # compared against (tests/test_fsdp.py, tests/test_parallel.py).
+# data.packing=concat: the same rows for every strategy, the pipeline (which does not take packed
+# rows) included; tests/test_ddp.py and the example strategy compare packed (document) runs.
 PARALLEL_COMMON = [*FAST, "trainer.max_steps=2", "trainer.val_every=0", "trainer.log_every_n_steps=1",
-                   "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3"]
+                   "trainer.accelerator=cpu", "optim.warmup_steps=1", "seed=3", "data.packing=concat"]
 
 
 def logged(run_dir, column="train_loss"):

@@ -69,7 +69,7 @@ def test_pipeline_runs_the_objectives_own_loss(tmp_path, objective, data):
     """SFT (padded rows, unequal labelled tokens per micro-batch) and DPO (pairs, a frozen
     reference on the last stage) under a 2-stage pipeline: the same losses as one process,
     because each micro-batch's loss is weighted by its share of the batch's tokens/pairs."""
-    common = [*COMMON, f"objective={objective}", f"data={data}", "data.batch_size=4"]
+    common = [*COMMON, f"objective={objective}", f"data={data}", "data.batch_size=4", "data.packing=none"]
     train_run("parallel=single", f"run_dir={tmp_path / 'one'}", *common)
     run_cli("llmzoo-train", "parallel=pipeline", "trainer.devices=2", "parallel.microbatches=2",
             f"run_dir={tmp_path / 'pp'}", *common)

@@ -281,7 +281,7 @@ def test_a_prompt_is_taken_as_typed_after_dashes_from_a_file_or_from_stdin(tmp_p
     from omegaconf import OmegaConf
 
     from conftest import BIN
-    from llmzoo.cli import _prompts, typed_prompt
+    from llmzoo.shared.prompts import prompts_from, typed_prompt
 
     run = tmp_path / "run"
     train_run(f"run_dir={run}", *FAST, "trainer.max_steps=20", "trainer.val_every=0")
@@ -297,12 +297,11 @@ def test_a_prompt_is_taken_as_typed_after_dashes_from_a_file_or_from_stdin(tmp_p
         [f"run_dir={run}", "max_new_tokens=8"], text)
     for typed in (f"prompt={text}", f"prompt='{text}'"):  # as typed, or with Hydra's quotes
         assert typed_prompt([f"run_dir={run}", typed, "max_new_tokens=8"]) == ([f"run_dir={run}", "max_new_tokens=8"], text)
-    from llmzoo import cli
 
-    monkeypatch.setattr(cli, "_TYPED_PROMPT", text)  # what generate_main keeps of the command line
-    assert _prompts(OmegaConf.create({"prompt_file": None, "prompts": ["other"], "prompt": "x"})) == [text]
-    monkeypatch.setattr(cli, "_TYPED_PROMPT", None)
+    # what generate_main keeps of the command line (cli._TYPED_PROMPT) wins over the config's prompts
+    assert prompts_from(OmegaConf.create({"prompt_file": None, "prompts": ["other"], "prompt": "x"}), text) == [text]
     (tmp_path / "p.txt").write_text(text + "\n")
-    assert _prompts(OmegaConf.create({"prompt_file": str(tmp_path / "p.txt"), "prompts": None, "prompt": "x"})) == [text]
+    assert prompts_from(OmegaConf.create({"prompt_file": str(tmp_path / "p.txt"), "prompts": None, "prompt": "x"}),
+                        None) == [text]
     with pytest.raises(UserError, match="prompt_file=.*no such file"):
-        _prompts(OmegaConf.create({"prompt_file": str(tmp_path / "nope.txt"), "prompts": None, "prompt": "x"}))
+        prompts_from(OmegaConf.create({"prompt_file": str(tmp_path / "nope.txt"), "prompts": None, "prompt": "x"}), None)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..interfaces import ROW_STATE, STATEFUL, capabilities_of
+from ..interfaces import ROW_STATE, STATEFUL, Quantizer, capabilities_of
 from .losses import prompt_response_batch, token_logprobs
 
 if TYPE_CHECKING:
@@ -440,3 +440,24 @@ def accept(sampler: Sampler, proposals: list[int], qs: list[torch.Tensor], ps: t
     else:
         last = ps[n]
     return n, int(last.argmax()) if sampler.greedy else int(sampler.draw(last[None] / last.sum()))
+
+
+def quantized(model: Any, node: Any, run_dir: Any, *, reuse: bool, save: bool) -> Any:
+    """``model`` quantized by the ``quantize`` config node (llmzoo-generate, -serve): with
+    ``reuse``, the quantized weights stored in the run folder are loaded when there; with
+    ``save``, they are written there."""
+    import sys
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+
+    quantizer: Quantizer = instantiate(node, _convert_="all")
+    path = Path(run_dir) / f"model-{quantizer.name}.safetensors"
+    if path.exists() and reuse:
+        print(f"[loading quantized weights from {path}]", file=sys.stderr)
+        return quantizer.load(model, path)
+    model = quantizer(model)
+    if save:
+        quantizer.save(model, path)
+        print(f"[quantized weights saved to {path}]", file=sys.stderr)
+    return model

@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 
@@ -108,7 +109,7 @@ def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, cle
     for f in files:
         if os.path.getsize(f) == 0:
             raise DataError(f"{f}: file is empty")
-    if fmt == "arrow":  # binary tables: their column is checked once loaded (TextDataModule._text_column)
+    if fmt == "arrow":  # binary tables: their column is checked once loaded (text_column)
         return files
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -158,3 +159,52 @@ def check_files(files: list[str], fmt: str, text_field: str, skip_bad: bool, cle
             raise DataError(f"{f}: no usable records")
         out.append(f)
     return out
+
+
+# ----------------------------------------------------------------------------- Arrow tables
+def load_saved_dataset(path: str, text_field: str, skip_bad: bool, cache_dir: str | None) -> Any:
+    """A ``save_to_disk`` folder (Arrow files and JSON metadata: nothing is executed);
+    of a DatasetDict, its "train" split (or its only one). Its Arrow files are read
+    like data.format=arrow, so datasets' caches go to its cache folder, never into the
+    user's folder. Returns ``text_column``'s dataset."""
+    import datasets
+
+    folder = Path(path)
+    if not is_saved_dataset(folder):
+        raise DataError(f"data.path={path!r}: not a folder written by datasets' save_to_disk (no state.json "
+                        "or dataset_dict.json)")
+    try:
+        if (folder / "dataset_dict.json").is_file():
+            splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+            if "train" not in splits and len(splits) != 1:
+                raise DataError(f"data.path={path!r}: a DatasetDict with splits {splits} and no 'train' split")
+            folder = folder / ("train" if "train" in splits else splits[0])
+        names = [f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise DataError(f"data.path={path!r}: broken save_to_disk metadata ({type(e).__name__}: {e})") from None
+    if any(Path(n).name != n for n in names):
+        raise DataError(f"{folder / 'state.json'}: refused: data file names must be plain file names")
+    ds = datasets.load_dataset("arrow", data_files=[str(folder / n) for n in names], split="train",
+                               cache_dir=cache_dir)
+    return text_column(ds, text_field, path, skip_bad, path)
+
+
+def text_column(ds: Any, text_field: str, where: Any, skip_bad: bool, path: str) -> Any:
+    """Only ``text_field`` of the dataset ``ds`` (renamed "text"), checked to be text; null
+    or empty rows dropped (null ones only with ``skip_bad``)."""
+    feature = ds.features.get(text_field)
+    if feature is None:
+        raise DataError(f"{where}: no column {text_field!r} (columns: {ds.column_names}); set data.text_field")
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{where}: column {text_field!r} holds {feature}, not text; set data.text_field")
+    ds = ds.select_columns([text_field])
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    nulls = [i for i, t in enumerate(ds["text"]) if t is None]
+    if nulls and not skip_bad:
+        raise DataError(f"{where}: row {nulls[0]}: {text_field!r} is null ({len(nulls)} rows are); fix them, "
+                        "or set data.skip_bad_records=true to drop them")
+    ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, desc="dropping empty records")
+    if len(ds) == 0:
+        raise DataError(f"data.path={path!r}: every record is empty")
+    return ds

@@ -20,10 +20,10 @@ def checkpointed(block: nn.Module) -> None:
     forward = block.forward
 
     @functools.wraps(forward)
-    def run(x, *, state=None):
+    def run(x, *, state=None, **kw):  # kw: segments of packed rows
         if state is not None or not torch.is_grad_enabled():
-            return forward(x, state=state)
-        return checkpoint(forward, x, use_reentrant=False)
+            return forward(x, state=state, **kw)
+        return checkpoint(forward, x, use_reentrant=False, **kw)
 
     block.forward = run
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..model import LanguageModel
 from ..shared.decoding import ancestor_mask
+from ..interfaces import capabilities_of
 
 BlockFactory = Callable[[], nn.Module]
 
@@ -276,6 +277,48 @@ def check_gradients(block: Any, dim: int, seq_len: int = 8) -> None:
     block.zero_grad(set_to_none=True)
 
 
+def check_packed(block: Any, dim: int, lengths: tuple[int, ...] = (5, 1, 9, 3), pad: int = 2,
+                 atol: float = 1e-5) -> None:
+    """A block with the ``packed`` capability, given documents of ``lengths`` packed into one
+    row (then ``pad`` padding tokens, document -1) with ``Segments``: each document's output,
+    and the gradient of a loss on it with respect to the input and every parameter, equal
+    that document run alone (float32, within ``atol`` relative to the largest magnitude)."""
+    from ..interfaces import Segments
+
+    T = sum(lengths) + pad
+    x = _randn(1, T, dim, seed=11).requires_grad_(True)
+    w = _randn(1, T, dim, seed=12)  # a fixed linear loss: its gradient is w
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((pad,), -1)])[None]
+    params = [p for p in block.parameters() if p.requires_grad]
+    block.zero_grad(set_to_none=True)
+    packed = block(x, segments=Segments.of(doc))
+    (packed[:, : sum(lengths)] * w[:, : sum(lengths)]).sum().backward()
+    packed_grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    alone_grads = [torch.zeros_like(p) for p in params]
+    start, x_grad = 0, torch.zeros_like(x)
+    for n in lengths:
+        block.zero_grad(set_to_none=True)
+        xd = x.detach()[:, start:start + n].clone().requires_grad_(True)
+        out = block(xd)
+        scale = out.abs().max().item() or 1.0
+        d = _max_diff(out, packed[:, start:start + n]) / scale
+        assert d <= atol, f"packed document at {start}..{start + n} differs from the document alone by {d:.3g} (relative)"
+        (out * w[:, start:start + n]).sum().backward()
+        assert xd.grad is not None, "the block's output does not depend on its input"
+        x_grad[:, start:start + n] = xd.grad
+        alone_grads = [a + (torch.zeros_like(p) if p.grad is None else p.grad) for a, p in zip(alone_grads, params)]
+        start += n
+    scale = x_grad.abs().max().item() or 1.0
+    assert x.grad is not None, "the block's packed output does not depend on its input"
+    d = _max_diff(x.grad[:, : sum(lengths)], x_grad[:, : sum(lengths)]) / scale
+    assert d <= atol, f"input gradient of packed documents differs from the documents alone by {d:.3g} (relative)"
+    for (name, _), a, b in zip(((n, p) for n, p in block.named_parameters() if p.requires_grad), packed_grads,
+                               alone_grads):
+        d = _max_diff(a, b) / (b.abs().max().item() or 1.0)
+        assert d <= atol, f"gradient of {name} with packed documents differs from the documents alone by {d:.3g}"
+    block.zero_grad(set_to_none=True)
+
+
 def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: float = 1e-5) -> None:
     """Run every conformance check on blocks built by ``make_block`` (a no-argument factory)."""
     torch.manual_seed(0)
@@ -295,6 +338,8 @@ def check_block(make_block: BlockFactory, dim: int, *, seq_len: int = 16, atol: 
             check_tree_state(block, dim, lengths=(5, 2, 8), rows=True, atol=atol)
         if "static_state" in block.capabilities:
             check_tree_state(block, dim, atol=atol, static=True)
+    if "packed" in capabilities_of(block):
+        check_packed(block, dim, atol=atol)
     check_state_dict_roundtrip(make_block, dim)
     check_dtype_move(block, dim)
     check_gradients(block, dim)

@@ -32,7 +32,8 @@ class ConvState:
 class ShortConv(nn.Module):
     """(B, T, D) -> (B, T, D): in-projection, causal depthwise conv of width k, gate, out-projection."""
 
-    capabilities = frozenset({"recurrent", "stateful"})
+    # "packed": packed training rows (data.packing=document) keep their documents apart
+    capabilities = frozenset({"recurrent", "stateful", "packed"})
 
     def __init__(self, dim: int, kernel_size: int = 4):
         super().__init__()
@@ -42,8 +43,14 @@ class ShortConv(nn.Module):
         self.proj_out = nn.Linear(dim, dim, bias=False)
         self.proj_out.residual_out = True
 
-    def forward(self, x: torch.Tensor, *, state: ConvState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, state: ConvState | None = None, segments=None) -> torch.Tensor:
         u, gate = self.proj_in(x).chunk(2, dim=-1)
+        if segments is not None:  # packed rows: y[t] takes x[t - j] only from t's own document
+            windows = F.pad(u.transpose(1, 2), (self.k - 1, 0)).unfold(-1, self.k, 1)  # (B, D, T, k)
+            lags = torch.arange(self.k - 1, -1, -1, device=x.device)
+            inside = (segments.positions[:, None, :, None] >= lags).to(u.dtype)
+            y = torch.einsum("bdtk,dk->btd", windows * inside, self.conv.weight[:, 0]) + self.conv.bias
+            return self.proj_out(y * F.silu(gate))
         u = u.transpose(1, 2)  # (B, D, T)
         history = u.new_zeros(u.shape[0], u.shape[1], self.k - 1) if state is None else state.history
         padded = torch.cat([history, u], dim=-1)
