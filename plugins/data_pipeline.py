@@ -303,7 +303,7 @@ def build_filters(cfg: DictConfig, out: Path) -> list:
 
 # What an llmzoo-data run writes into its output folder, and the marker that says so:
 # overwrite=true removes these names only, and only where the marker is.
-WRITTEN = ("filtered", "removed", "dedup", "data", "logs", "report.json")
+WRITTEN = ("filtered", "removed", "dedup", "data", "logs", "tokens", "report.json")
 MARKER = ".llmzoo-data.json"
 INPUT_FORMATS = ("jsonl", "parquet")
 
@@ -429,6 +429,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     if not src.exists():
         raise UserError(f"input={src}: no such file or folder")
     counter = token_counter(cfg.get("tokens", "byte"))  # checked before any work
+    if cfg.get("tokenize"):
+        run_tokenizer("tokenize", cfg.tokenize)
     folder, glob = (str(src.parent), src.name) if src.is_file() else (str(src), None)
     out = Path(str(cfg.output))
     key = settings_key(cfg)
@@ -507,6 +509,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         report["input"] = scan
     if resumed:
         report["resumed"] = True
+    if cfg.get("tokenize"):
+        report["token_shards"] = write_shards(out, cfg.tokenize)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / MARKER).write_text(json.dumps({**marker, "finished": True}))  # only now does it hold a result
     return report
@@ -554,23 +558,58 @@ def normalise(doc: Document) -> str:
     return " ".join(doc.text.lower().split())
 
 
+def run_tokenizer(key: str, spec: Any) -> tuple[str, Any]:
+    """(name, tokenizer) of a run folder, or of a tokenizer option (``byte``) that needs no training."""
+    from omegaconf import OmegaConf
+
+    from llmzoo.api import CONFIG_FILE, TOKENIZER_DIR, check_stored_config
+    from hydra.utils import instantiate
+
+    from llmzoo.config import conf_docs, target_class
+    from llmzoo.interfaces import TokenizerExtras
+
+    run = Path(str(spec))
+    if (run / CONFIG_FILE).exists() and (run / TOKENIZER_DIR).is_dir():
+        cfg = check_stored_config(OmegaConf.load(run / CONFIG_FILE), run / CONFIG_FILE)
+        tok = target_class(cfg.tokenizer).load(str(run / TOKENIZER_DIR))
+        return f"{cfg.tokenizer._target_.rsplit('.', 1)[-1]} of {run}", tok
+    if "/" not in str(spec):
+        node = next((d.doc for d in conf_docs() if d.group == "tokenizer" and d.name == str(spec)), None)
+        try:
+            tok = instantiate(OmegaConf.create(node), _convert_="all") if node is not None else None
+        except Exception:  # noqa: BLE001 - an option that needs more than its own node: said below
+            tok = None
+        if tok is not None and TokenizerExtras.of(tok).is_trained:
+            return f"tokenizer={spec}", tok
+    raise UserError(f"{key}={spec}: not a run folder (no {CONFIG_FILE} and {TOKENIZER_DIR}/) nor a tokenizer option "
+                    "that needs no training; give an llmzoo run folder or e.g. byte")
+
+
 def token_counter(tokens: str | None):
     """(name, text -> token count) for the report: ``byte`` counts UTF-8 bytes (the tokens
     of ``tokenizer=byte``); a run folder counts with that run's tokenizer."""
     if tokens in (None, "byte"):
         return "byte", lambda text: len(text.encode("utf-8"))
-    from omegaconf import OmegaConf
+    name, tok = run_tokenizer("tokens", tokens)
+    return name, lambda text: len(tok.encode(text))
 
-    from llmzoo.api import CONFIG_FILE, TOKENIZER_DIR, check_stored_config
-    from llmzoo.config import target_class
 
-    run = Path(str(tokens))
-    if not (run / CONFIG_FILE).exists() or not (run / TOKENIZER_DIR).is_dir():
-        raise UserError(f"tokens={tokens}: not a run folder (no {CONFIG_FILE} and {TOKENIZER_DIR}/); "
-                        "give tokens=byte or an llmzoo run folder")
-    cfg = check_stored_config(OmegaConf.load(run / CONFIG_FILE), run / CONFIG_FILE)
-    tok = target_class(cfg.tokenizer).load(str(run / TOKENIZER_DIR))
-    return f"{cfg.tokenizer._target_.rsplit('.', 1)[-1]} of {run}", lambda text: len(tok.encode(text))
+def write_shards(out: Path, spec: Any) -> dict[str, Any]:
+    """The kept documents (out/data) as token shards in out/tokens (``tokenize=``), with their counts."""
+    import shutil
+
+    from llmzoo.shared.tokens import write_token_shards
+
+    name, tok = run_tokenizer("tokenize", spec)
+    files = sorted((out / "data").glob("*.jsonl"))
+    texts = (json.loads(line)["text"] for f in files for line in f.read_text(encoding="utf-8").splitlines()
+             if line.strip())
+    if (out / "tokens").exists():
+        shutil.rmtree(out / "tokens")  # a resumed or repeated run writes them anew
+    index = write_token_shards(texts, tok, out / "tokens")
+    return {"path": str(out / "tokens"), "tokenizer": name, "tokens": sum(s["n_tokens"] for s in index["shards"]),
+            "shards": [{"file": s["tokens"], "tokens": s["n_tokens"], "documents": s["n_docs"]}
+                       for s in index["shards"]]}
 
 
 def make_report(out: Path, counter=None) -> dict[str, Any]:
@@ -611,7 +650,13 @@ def _app(cfg: DictConfig) -> None:
             print(f"  {name:>20}: removed {r['removed_documents']} documents ({r['removed_characters']} characters, "
                   f"{r['removed_tokens']} tokens)")
         print(f"tokens counted with: {report['tokens_counted_with']}")
-        print(f"train on it: llmzoo-train data.path={report['data']} data.format=jsonl", file=sys.stderr)
+        if "token_shards" in report:
+            t = report["token_shards"]
+            print(f"token shards ({t['tokenizer']}): {t['tokens']} tokens in {len(t['shards'])} shards, "
+                  + ", ".join(f"{s['file']} {s['tokens']}" for s in t["shards"][:8]))
+            print(f"train on them: llmzoo-train data=tokens data.path={t['path']}", file=sys.stderr)
+        else:
+            print(f"train on it: llmzoo-train data.path={report['data']} data.format=jsonl", file=sys.stderr)
 
 
 def main() -> None:

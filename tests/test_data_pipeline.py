@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -190,9 +191,14 @@ def test_report_counts_tokens_with_a_runs_tokenizer(tmp_path, single_process_run
 
     rng = random.Random(5)
     docs = [prose(rng) for _ in range(4)] + ["Too short."]
-    report = run(tmp_path, docs, "filter=[length]", "dedup=none", f"tokens={single_process_run}")
+    report = run(tmp_path, docs, "filter=[length]", "dedup=none", f"tokens={single_process_run}",
+                 f"tokenize={single_process_run}")
     tok = load_run(single_process_run).tokenizer
     assert report["kept_tokens"] == sum(len(tok.encode(t)) for t in docs[:4])
+    # tokenize=: the kept documents as token shards (each document ends with eos), counted per shard
+    shards = report["token_shards"]
+    assert shards["tokens"] == sum(s["tokens"] for s in shards["shards"]) == report["kept_tokens"] + 4
+    assert [s["documents"] for s in shards["shards"]] == [4] and Path(shards["path"], "index.json").is_file()
     assert report["removed"]["length"]["removed_tokens"] == len(tok.encode("Too short."))
     assert run(tmp_path, docs, "filter=[length]", "dedup=none", name="bytes")["kept_tokens"] == \
         sum(len(t.encode()) for t in docs[:4])
