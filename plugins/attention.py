@@ -7,7 +7,9 @@ Attention backends (``backend:``):
   flash      flash-attn's kernels (CUDA, fp16/bf16, flash-attn installed)
   flex       torch's compiled flex_attention (packed rows: a block-causal block mask; CUDA
              for training, its backward does not run on CPU)
-  auto       flash when it can run on the input, else sdpa
+  auto       flash when it can run on the input, else sdpa; for packed rows sdpa with the
+             dense document mask (flex and flash's varlen path are chosen by name: neither has
+             been run on a GPU yet)
 Packed rows (``segments``, data.packing=document): attention stays inside each document and
 the rotary positions restart with it; flash takes its varlen path, flex a block mask built
 once per batch, reference and sdpa a dense (B, 1, T, T) mask (the reference).
@@ -442,8 +444,8 @@ def pick_backend(requested: str, x: torch.Tensor, packed: bool = False) -> str:
     if requested == "flex" and packed and not x.is_cuda and torch.is_grad_enabled():
         raise RuntimeError("attention backend 'flex' cannot train on CPU (flex_attention has no CPU backward); "
                            "use backend=auto (sdpa with a dense document mask there)")
-    if requested == "auto":
-        return "flash" if flash_ok else "flex" if packed and x.is_cuda else "sdpa"
+    if requested == "auto":  # packed rows: the dense-mask SDPA (flex and flash's varlen path not yet run on a GPU)
+        return "sdpa" if packed else "flash" if flash_ok else "sdpa"
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
             "attention backend 'flash' needs flash-attn installed, a CUDA tensor and fp16/bf16 "
