@@ -376,7 +376,8 @@ def flash_available() -> bool:
 
 
 def attention_flex(q, k, v, mask=None):
-    """Unpacked rows through flex_attention: the plain causal (or the given dense) mask."""
+    """``backend=flex`` on unpacked rows: flex_attention only serves packed rows (its block
+    mask), so plain causal or cache masks go to SDPA."""
     return attention_sdpa(q, k, v, mask)
 
 
@@ -425,7 +426,7 @@ def attention_packed(backend: str, q, k, v, segments: Segments, window: int | No
         if _flex is None:
             _flex = torch.compile(flex_attention, dynamic=False)
         return _flex(q, k, v, block_mask=flex_block_mask(segments, window), enable_gqa=q.shape[1] != k.shape[1])
-    if backend == "flash":  # pragma: no cover - CUDA only, see tests/gpu
+    if backend == "flash":  # pragma: no cover - CUDA only; not run yet (no GPU test covers it)
         from flash_attn import flash_attn_varlen_func
 
         B, H, T, hd = q.shape
